@@ -1,0 +1,44 @@
+// Quantize / dequantize one or more blocks to a tier (CPU, ATen). Bit-identical to kvprec/formats.py, the
+// pure-torch reference; python_tests/test_formats.py checks that on awkward shapes.
+//
+// Algorithm for one quantization group g (keys: the T positions of one channel of a block; values: G
+// consecutive channels of one token), with qmax = 2^bits - 1 and all arithmetic in FP32:
+//   zero  = fp16_round_down(min g)                  so that zero <= every x
+//   scale = fp16_round_up((max g - zero) / qmax)     so that zero + qmax * scale >= every x
+//   code  = clamp(round_half_even((x - zero) / scale), 0, qmax)     (code = 0 where scale == 0)
+//   x'    = code * scale + zero                      (a multiply then an add: no fused multiply-add)
+// Because the stored FP16 scale and zero cover [min, max], no code is clipped and
+//   |x - x'| <= scale / 2  (plus the FP32 rounding of the two operations, <= 2^-23 * (|x| + scale)).
+// Inputs must be finite and within the FP16 range (|x| <= 65504), since scale and zero are FP16.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "kvprec/formats.h"
+
+namespace kvprec {
+
+struct QuantizedBlock {
+  at::Tensor codes;  // integer tiers: uint8 packed codes [N, T, D*bits/8]; float tiers: data [N, T, D] in the tier dtype
+  at::Tensor scale;  // integer tiers: FP16, keys [N, D], values [N, T, D/G]; float tiers: undefined
+  at::Tensor zero;   // same shape as scale
+};
+
+// The torch dtype that a float tier stores; throws for integer tiers.
+at::ScalarType tier_float_dtype(Tier tier);
+
+// keys x [N, T, D] (float dtype) -> codes, scale/zero per (n, channel).
+QuantizedBlock quantize_keys(const at::Tensor& x, Tier tier);
+// values x [N, T, D] -> codes, scale/zero per (n, token, group of group_size channels).
+QuantizedBlock quantize_values(const at::Tensor& x, Tier tier, int64_t group_size);
+
+// Back to `dtype`, shape [N, T, head_dim]. Dequantization computes x' in FP32, then casts once.
+at::Tensor dequantize_keys(const QuantizedBlock& q, Tier tier, int64_t head_dim, at::ScalarType dtype);
+at::Tensor dequantize_values(const QuantizedBlock& q, Tier tier, int64_t head_dim, int64_t group_size,
+                             at::ScalarType dtype);
+
+// Pack / unpack codes along the last axis: codes uint8 [..., D] in [0, qmax] <-> packed uint8 [..., D*bits/8].
+at::Tensor pack_codes(const at::Tensor& codes, Tier tier);
+at::Tensor unpack_codes(const at::Tensor& packed, Tier tier, int64_t head_dim);
+
+}  // namespace kvprec

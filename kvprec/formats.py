@@ -1,0 +1,284 @@
+"""Storage formats: precision tiers, bit layouts, and the pure-torch quantize/dequantize reference.
+
+This module is the CPU default and the oracle: the C++ kernels (csrc/core/quantize.cpp) and the GPU kernels
+must match it bit for bit. The constants mirror csrc/include/kvprec/formats.h (checked by
+python_tests/test_formats.py).
+
+Layout of one sealed block of T positions and D channels, for one (batch row, KV head):
+
+* float tiers (FP32/FP16/BF16): K and V as ``[T, D]`` in the tier dtype, no metadata.
+* integer tiers (INT8/INT4/INT2): asymmetric codes in ``[0, qmax]``, ``x ~= code * scale + zero``;
+  keys per channel within the block (KIVI, arXiv:2402.02750: key outlier channels persist), scale/zero
+  FP16 ``[D]``; values per token in groups of G channels, scale/zero FP16 ``[T, D/G]``. Codes are packed
+  along head_dim, little end first: INT4 two per byte (element 2j in the low nibble), INT2 four per byte.
+
+Quantization of one group g, all arithmetic in FP32 (qmax = 2^bits - 1)::
+
+    zero  = fp16_round_down(min g)
+    scale = fp16_round_up((max g - zero) / qmax)
+    code  = clamp(round_half_even((x - zero) / scale), 0, qmax)        (0 where scale == 0)
+    x'    = code * scale + zero                                          (multiply, then add)
+
+Rounding zero down and scale up makes the stored FP16 pair cover [min g, max g], so no code is clipped and
+the element error is ``|x - x'| <= scale / 2`` up to FP32 rounding (<= 2^-23 (|x| + scale) per operation).
+Inputs must be finite and FP16-representable in magnitude (|x| <= 65504), since scale and zero are FP16.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FP16_MAX = 65504.0
+
+
+class Tier(enum.IntEnum):
+    """A precision tier; the integer value is the tier id used by the native code and the block table."""
+
+    FP32 = 0
+    FP16 = 1
+    BF16 = 2
+    INT8 = 3
+    INT4 = 4
+    INT2 = 5
+
+    @property
+    def bits(self) -> int:
+        """Storage bits per element of K or V data, metadata excluded."""
+        return _BITS[self]
+
+    @property
+    def is_integer(self) -> bool:
+        return self in (Tier.INT8, Tier.INT4, Tier.INT2)
+
+    @property
+    def qmax(self) -> int:
+        """Largest code of an integer tier (2^bits - 1); 0 for float tiers."""
+        return (1 << self.bits) - 1 if self.is_integer else 0
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // self.bits if self.is_integer else 0
+
+    @property
+    def effective_bits(self) -> float:
+        """Precision in bits comparable with a float mantissa p (unit roundoff 2^-p).
+
+        Floats: 24 / 11 / 8 (mantissa with its implicit bit). Integers: the worst-case error relative to the
+        group's half-range is (step/2)/(range/2) = 1/qmax, so p = log2(qmax): 7.99 / 3.91 / 1.58.
+        """
+        return _FLOAT_MANTISSA[self] if not self.is_integer else math.log2(self.qmax)
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        if self.is_integer:
+            raise ValueError(f"tier {self.name.lower()} is an integer tier and has no float dtype")
+        return _FLOAT_DTYPE[self]
+
+    @classmethod
+    def parse(cls, value: "Tier | str | int") -> "Tier":
+        """Accepts a Tier, its name ('int4', 'INT4') or its id; raises ValueError naming what is accepted."""
+        if isinstance(value, Tier):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                pass
+        elif isinstance(value, int) and 0 <= value < len(cls):
+            return cls(value)
+        raise ValueError(f"tier: {value!r} is not a tier; accepted {', '.join(t.name.lower() for t in cls)}")
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+_BITS = {Tier.FP32: 32, Tier.FP16: 16, Tier.BF16: 16, Tier.INT8: 8, Tier.INT4: 4, Tier.INT2: 2}
+_FLOAT_MANTISSA = {Tier.FP32: 24.0, Tier.FP16: 11.0, Tier.BF16: 8.0}
+_FLOAT_DTYPE = {Tier.FP32: torch.float32, Tier.FP16: torch.float16, Tier.BF16: torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Block size T (power of two), head_dim D (multiple of 4) and value group size G (divides D)."""
+
+    block_size: int = 64
+    head_dim: int = 128
+    group_size: int = 32
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: {self.block_size} is not accepted; use a power of two (default 64)")
+        if self.head_dim <= 0 or self.head_dim % 4:
+            raise ValueError(f"head_dim: {self.head_dim} is not accepted; kvprec needs a positive multiple of 4 "
+                             "(INT2 packs 4 per byte)")
+        if self.group_size <= 0 or self.head_dim % self.group_size:
+            raise ValueError(f"group_size: {self.group_size} must divide head_dim {self.head_dim}")
+
+    def metadata_bytes(self, tier: Tier) -> int:
+        """FP16 scale and zero: keys per channel [D], values per (token, group) [T, D/G]."""
+        if not tier.is_integer:
+            return 0
+        return 2 * 2 * self.head_dim + 2 * 2 * self.block_size * (self.head_dim // self.group_size)
+
+    def page_bytes(self, tier: Tier) -> int:
+        """Bytes of one page: K and V of one block of one (batch row, KV head), metadata included."""
+        return 2 * self.block_size * self.head_dim * tier.bits // 8 + self.metadata_bytes(tier)
+
+
+@dataclass
+class QuantizedBlock:
+    """codes: integer tiers uint8 [N, T, D*bits/8]; float tiers the data [N, T, D] in the tier dtype.
+    scale, zero: FP16, keys [N, D], values [N, T, D/G]; None for float tiers."""
+
+    codes: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    zero: Optional[torch.Tensor] = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Directed rounding to FP16, on the bit pattern: one ulp step toward -inf / +inf where round-to-nearest
+# went the wrong way. The IEEE half bit pattern is monotone in magnitude within each sign.
+
+def _step_fp16(h: torch.Tensor, toward_negative: bool) -> torch.Tensor:
+    u = h.view(torch.int16).to(torch.int32) & 0xFFFF
+    is_zero = (u == 0) | (u == 0x8000)
+    negative = (u & 0x8000) != 0
+    if toward_negative:
+        stepped = torch.where(negative, u + 1, u - 1)
+        stepped = torch.where(is_zero, torch.full_like(u, 0x8001), stepped)
+    else:
+        stepped = torch.where(negative, u - 1, u + 1)
+        stepped = torch.where(is_zero, torch.full_like(u, 0x0001), stepped)
+    stepped = torch.where(stepped >= 0x8000, stepped - 0x10000, stepped)
+    return stepped.to(torch.int16).view(torch.float16)
+
+
+def fp16_round_down(x: torch.Tensor) -> torch.Tensor:
+    """Largest FP16 value <= x (x FP32)."""
+    h = x.to(torch.float16)
+    return torch.where(h.float() > x, _step_fp16(h, toward_negative=True), h)
+
+
+def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
+    """Smallest FP16 value >= x (x FP32)."""
+    h = x.to(torch.float16)
+    return torch.where(h.float() < x, _step_fp16(h, toward_negative=False), h)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _checked_fp32(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() != 3:
+        raise ValueError(f"{what}: expected a [N, T, D] tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{what}: expected a floating dtype (float32, float16, bfloat16), got {x.dtype}")
+    xf = x.float()
+    if xf.numel():
+        amax = xf.abs().max().item()
+        if not math.isfinite(amax) or amax > FP16_MAX:
+            raise ValueError(f"{what}: integer tiers store FP16 scales, so values must be finite with "
+                             f"|x| <= 65504; got max |x| = {amax}")
+    return xf
+
+
+def _quantize_groups(xf: torch.Tensor, dim: int, qmax: int):
+    """Quantize FP32 ``xf`` with one (scale, zero) per slice along ``dim``; returns codes uint8, scale, zero."""
+    mn = xf.amin(dim=dim, keepdim=True)
+    mx = xf.amax(dim=dim, keepdim=True)
+    zero = fp16_round_down(mn)
+    zf = zero.float()
+    # Divide by a full tensor, not a Python scalar: a scalar divisor may be turned into a reciprocal multiply.
+    scale = fp16_round_up((mx - zf) / torch.full_like(mx, float(qmax)))
+    sf = scale.float()
+    safe = torch.where(sf > 0, sf, torch.ones_like(sf))
+    codes = torch.round((xf - zf) / safe).clamp_(0, qmax)
+    codes = torch.where(sf > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
+    return codes, scale.squeeze(dim), zero.squeeze(dim)
+
+
+def pack_codes(codes: torch.Tensor, tier: Tier) -> torch.Tensor:
+    """uint8 codes [..., D] in [0, qmax] -> packed uint8 [..., D*bits/8], element k*i+j at bits j*bits."""
+    tier = Tier.parse(tier)
+    per = tier.codes_per_byte
+    if per == 1:
+        return codes.contiguous()
+    if codes.shape[-1] % per:
+        raise ValueError(f"pack_codes: last dimension {codes.shape[-1]} is not a multiple of {per}")
+    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * tier.bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, tier: Tier, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: packed uint8 [..., D*bits/8] -> codes uint8 [..., D]."""
+    tier = Tier.parse(tier)
+    per = tier.codes_per_byte
+    if packed.shape[-1] * per != head_dim:
+        raise ValueError(f"unpack_codes: packed last dimension {packed.shape[-1]} does not hold head_dim "
+                         f"{head_dim} codes of {tier}")
+    if per == 1:
+        return packed.contiguous()
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * tier.bits
+    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & tier.qmax
+    return c.reshape(*packed.shape[:-1], head_dim).to(torch.uint8)
+
+
+def quantize_keys(x: torch.Tensor, tier: Tier | str | int) -> QuantizedBlock:
+    """Keys [N, T, D] -> per-channel (over the T positions of the block) quantized block."""
+    tier = Tier.parse(tier)
+    if not tier.is_integer:
+        return QuantizedBlock(x.to(tier.float_dtype).contiguous())
+    xf = _checked_fp32(x, "quantize_keys: x")
+    codes, scale, zero = _quantize_groups(xf, dim=1, qmax=tier.qmax)
+    return QuantizedBlock(pack_codes(codes, tier), scale, zero)
+
+
+def quantize_values(x: torch.Tensor, tier: Tier | str | int, group_size: int) -> QuantizedBlock:
+    """Values [N, T, D] -> per-token quantized block with groups of ``group_size`` channels."""
+    tier = Tier.parse(tier)
+    if not tier.is_integer:
+        return QuantizedBlock(x.to(tier.float_dtype).contiguous())
+    xf = _checked_fp32(x, "quantize_values: x")
+    n, t, d = xf.shape
+    if group_size <= 0 or d % group_size:
+        raise ValueError(f"quantize_values: group_size {group_size} must divide head_dim {d}")
+    codes, scale, zero = _quantize_groups(xf.reshape(n, t, d // group_size, group_size), dim=3, qmax=tier.qmax)
+    return QuantizedBlock(pack_codes(codes.reshape(n, t, d), tier), scale, zero)
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    y = codes.float() * scale.float()
+    y = y + zero.float()
+    return y.to(dtype)
+
+
+def dequantize_keys(q: QuantizedBlock, tier: Tier | str | int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Back to ``dtype`` [N, T, D]: x' = code * scale[channel] + zero[channel], in FP32, cast once."""
+    tier = Tier.parse(tier)
+    if not tier.is_integer:
+        return q.codes.to(dtype)
+    codes = unpack_codes(q.codes, tier, head_dim)
+    return _dequantize(codes, q.scale.unsqueeze(1), q.zero.unsqueeze(1), dtype)
+
+
+def dequantize_values(q: QuantizedBlock, tier: Tier | str | int, head_dim: int, group_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Back to ``dtype`` [N, T, D]: x' = code * scale[token, group] + zero[token, group]."""
+    tier = Tier.parse(tier)
+    if not tier.is_integer:
+        return q.codes.to(dtype)
+    if group_size <= 0 or head_dim % group_size:
+        raise ValueError(f"dequantize_values: group_size {group_size} must divide head_dim {head_dim}")
+    codes = unpack_codes(q.codes, tier, head_dim)
+    n, t, d = codes.shape
+    codes = codes.reshape(n, t, d // group_size, group_size)
+    return _dequantize(codes, q.scale.unsqueeze(-1), q.zero.unsqueeze(-1), dtype).reshape(n, t, d)
+
+
+def element_error_bound(scale: torch.Tensor) -> torch.Tensor:
+    """The stated bound on |x - x'| for elements of a group with FP16 ``scale``: scale / 2."""
+    return scale.float() / 2

@@ -1,0 +1,167 @@
+"""The one op registry: every kvprec op, its pure-torch reference, and the backends that implement it.
+
+Callers use the functions here (or ``torch.ops.kvprec.*`` for the native kernels directly). Each function
+takes ``backend="auto" | "torch" | "cpp" | "cuda" | "triton"``:
+
+* ``torch``  the pure-torch reference (kvprec/formats.py and friends): the CPU default and the test oracle;
+* ``cpp``    the C++ CPU kernel in the native library (bit-identical to the reference);
+* ``cuda``   the CUDA kernel in the native library (built with KVPREC_CUDA, tensors on a GPU);
+* ``triton`` a Triton kernel (tensors on a GPU, or any device under TRITON_INTERPRET=1);
+* ``auto``   cuda, then triton, then torch, each only after its capability check.
+
+An explicitly requested backend that is unavailable raises a clear error; nothing falls back silently.
+:func:`resolve_backend` returns which backend runs, so callers and benchmarks can report it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import _ops  # noqa: F401  (registers the fake kernels)
+from . import formats
+from ._native import NATIVE_ERROR, cuda_kernels_available, native_available
+from .formats import QuantizedBlock, Tier
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+_AUTO_ORDER = ("cuda", "triton", "torch")
+
+
+@dataclass
+class OpEntry:
+    """One op: its reference, the native op name (if any) and optional Triton launcher."""
+
+    name: str
+    reference: Callable
+    native: Optional[str] = None  # "kvprec::<name>" if the native library implements it
+    triton: Optional[Callable] = None
+    notes: Dict[str, str] = field(default_factory=dict)
+
+
+REGISTRY: Dict[str, OpEntry] = {}
+
+
+def register(name: str, reference: Callable, native: Optional[str] = None) -> OpEntry:
+    if name in REGISTRY:
+        raise ValueError(f"op {name!r} is already registered")
+    REGISTRY[name] = OpEntry(name, reference, native)
+    return REGISTRY[name]
+
+
+def register_triton(name: str, launcher: Callable) -> None:
+    """Attach a Triton launcher to an op (from kvprec/triton_ops, never at import of triton_kernels)."""
+    REGISTRY[name].triton = launcher
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _why_unavailable(entry: OpEntry, backend: str, device: torch.device) -> Optional[str]:
+    if backend == "torch":
+        return None
+    if backend in ("cpp", "cuda"):
+        if entry.native is None:
+            return "the native library has no kernel for this op"
+        if not native_available():
+            return f"the native library did not load ({NATIVE_ERROR})"
+        key = "CPU" if backend == "cpp" else "CUDA"
+        if backend == "cpp" and device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device}"
+        if backend == "cuda" and (device.type != "cuda" or not cuda_kernels_available()):
+            return f"needs CUDA tensors and a build with KVPREC_CUDA (device {device}, CUDA kernels built: " \
+                   f"{cuda_kernels_available()})"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(entry.native, key):
+            return f"no {key} kernel registered for {entry.native}"
+        return None
+    if backend == "triton":
+        if entry.triton is None:
+            return "no Triton kernel is registered for this op"
+        if not _triton_usable(device):
+            return f"Triton needs a CUDA device or TRITON_INTERPRET=1 (device {device})"
+        return None
+    return f"unknown backend; accepted {', '.join(BACKENDS)}"
+
+
+def resolve_backend(name: str, backend: str, device: torch.device) -> str:
+    """The backend that will run op ``name`` for tensors on ``device``; raises if ``backend`` cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not accepted; use one of {', '.join(BACKENDS)}")
+    entry = REGISTRY[name]
+    if backend == "auto":
+        for candidate in _AUTO_ORDER:
+            if _why_unavailable(entry, candidate, device) is None:
+                return candidate
+        raise RuntimeError(f"{name}: no backend available on {device}")  # torch always is; defensive
+    why = _why_unavailable(entry, backend, device)
+    if why is not None:
+        raise RuntimeError(f"{name}: backend={backend!r} is unavailable: {why}")
+    return backend
+
+
+# ------------------------------------------------------------------------------------------------------
+# Storage-format ops
+
+register("quantize_keys", formats.quantize_keys, native="kvprec::quantize_keys")
+register("quantize_values", formats.quantize_values, native="kvprec::quantize_values")
+register("dequantize_keys", formats.dequantize_keys, native="kvprec::dequantize_keys")
+register("dequantize_values", formats.dequantize_values, native="kvprec::dequantize_values")
+
+
+def _block_from_native(out, tier: Tier) -> QuantizedBlock:
+    codes, scale, zero = out
+    return QuantizedBlock(codes, scale, zero) if tier.is_integer else QuantizedBlock(codes)
+
+
+def _meta_or_empty(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else torch.empty(0, dtype=torch.float16, device=like.device)
+
+
+def quantize_keys(x: torch.Tensor, tier, *, backend: str = "auto") -> QuantizedBlock:
+    """Keys [N, T, D] -> QuantizedBlock (per-channel scale/zero [N, D]). See kvprec.formats for the format."""
+    tier = Tier.parse(tier)
+    b = resolve_backend("quantize_keys", backend, x.device)
+    if b == "torch":
+        return formats.quantize_keys(x, tier)
+    if b == "triton":
+        return REGISTRY["quantize_keys"].triton(x, tier)
+    return _block_from_native(torch.ops.kvprec.quantize_keys(x, int(tier)), tier)
+
+
+def quantize_values(x: torch.Tensor, tier, group_size: int, *, backend: str = "auto") -> QuantizedBlock:
+    """Values [N, T, D] -> QuantizedBlock (per token and group of ``group_size`` channels)."""
+    tier = Tier.parse(tier)
+    b = resolve_backend("quantize_values", backend, x.device)
+    if b == "torch":
+        return formats.quantize_values(x, tier, group_size)
+    if b == "triton":
+        return REGISTRY["quantize_values"].triton(x, tier, group_size)
+    return _block_from_native(torch.ops.kvprec.quantize_values(x, int(tier), group_size), tier)
+
+
+def dequantize_keys(q: QuantizedBlock, tier, head_dim: int, dtype: torch.dtype, *,
+                    backend: str = "auto") -> torch.Tensor:
+    tier = Tier.parse(tier)
+    b = resolve_backend("dequantize_keys", backend, q.codes.device)
+    if b == "torch":
+        return formats.dequantize_keys(q, tier, head_dim, dtype)
+    if b == "triton":
+        return REGISTRY["dequantize_keys"].triton(q, tier, head_dim, dtype)
+    return torch.ops.kvprec.dequantize_keys(q.codes, _meta_or_empty(q.scale, q.codes), _meta_or_empty(q.zero, q.codes),
+                                            int(tier), head_dim, dtype)
+
+
+def dequantize_values(q: QuantizedBlock, tier, head_dim: int, group_size: int, dtype: torch.dtype, *,
+                      backend: str = "auto") -> torch.Tensor:
+    tier = Tier.parse(tier)
+    b = resolve_backend("dequantize_values", backend, q.codes.device)
+    if b == "torch":
+        return formats.dequantize_values(q, tier, head_dim, group_size, dtype)
+    if b == "triton":
+        return REGISTRY["dequantize_values"].triton(q, tier, head_dim, group_size, dtype)
+    return torch.ops.kvprec.dequantize_values(q.codes, _meta_or_empty(q.scale, q.codes),
+                                              _meta_or_empty(q.zero, q.codes), int(tier), head_dim, group_size, dtype)

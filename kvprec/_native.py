@@ -8,7 +8,7 @@ import torch  # noqa: F401  (the extension has no RUNPATH to torch/lib: torch mu
 
 log = logging.getLogger("kvprec")
 
-_BUILD_HINT = ("build it with `pip install torch==2.13.0 && pip install --no-build-isolation -e .` in the kvprec "
+BUILD_HINT = ("build it with `pip install torch==2.13.0 && pip install --no-build-isolation -e .` in the kvprec "
                "checkout (see README.md)")
 
 try:
@@ -35,4 +35,4 @@ def require_native(what: str) -> None:
     """Raise a clear error naming ``what`` if the native library is not loaded."""
     if NATIVE_ERROR is not None:
         raise RuntimeError(f"{what} needs the kvprec native library, which did not load ({NATIVE_ERROR}); "
-                           f"{_BUILD_HINT}")
+                           f"{BUILD_HINT}")

@@ -57,6 +57,11 @@ def _dequantize_values_fake(codes, scale, zero, tier, head_dim, group_size, dtyp
     return codes.new_empty((codes.shape[0], codes.shape[1], head_dim), dtype=dtype)
 
 
+@_fake("kvprec::tier_table")
+def _tier_table_fake():
+    return torch.empty((len(Tier), 4), dtype=torch.int64)
+
+
 def registered_fakes() -> dict:
     return dict(_FAKES)
 

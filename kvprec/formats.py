@@ -231,7 +231,7 @@ def quantize_keys(x: torch.Tensor, tier: Tier | str | int) -> QuantizedBlock:
     """Keys [N, T, D] -> per-channel (over the T positions of the block) quantized block."""
     tier = Tier.parse(tier)
     if not tier.is_integer:
-        return QuantizedBlock(x.to(tier.float_dtype).contiguous())
+        return QuantizedBlock(x.to(tier.float_dtype, copy=True).contiguous())
     xf = _checked_fp32(x, "quantize_keys: x")
     codes, scale, zero = _quantize_groups(xf, dim=1, qmax=tier.qmax)
     return QuantizedBlock(pack_codes(codes, tier), scale, zero)
@@ -241,7 +241,7 @@ def quantize_values(x: torch.Tensor, tier: Tier | str | int, group_size: int) ->
     """Values [N, T, D] -> per-token quantized block with groups of ``group_size`` channels."""
     tier = Tier.parse(tier)
     if not tier.is_integer:
-        return QuantizedBlock(x.to(tier.float_dtype).contiguous())
+        return QuantizedBlock(x.to(tier.float_dtype, copy=True).contiguous())
     xf = _checked_fp32(x, "quantize_values: x")
     n, t, d = xf.shape
     if group_size <= 0 or d % group_size:
@@ -260,7 +260,7 @@ def dequantize_keys(q: QuantizedBlock, tier: Tier | str | int, head_dim: int, dt
     """Back to ``dtype`` [N, T, D]: x' = code * scale[channel] + zero[channel], in FP32, cast once."""
     tier = Tier.parse(tier)
     if not tier.is_integer:
-        return q.codes.to(dtype)
+        return q.codes.to(dtype, copy=True)
     codes = unpack_codes(q.codes, tier, head_dim)
     return _dequantize(codes, q.scale.unsqueeze(1), q.zero.unsqueeze(1), dtype)
 
@@ -270,7 +270,7 @@ def dequantize_values(q: QuantizedBlock, tier: Tier | str | int, head_dim: int, 
     """Back to ``dtype`` [N, T, D]: x' = code * scale[token, group] + zero[token, group]."""
     tier = Tier.parse(tier)
     if not tier.is_integer:
-        return q.codes.to(dtype)
+        return q.codes.to(dtype, copy=True)
     if group_size <= 0 or head_dim % group_size:
         raise ValueError(f"dequantize_values: group_size {group_size} must divide head_dim {head_dim}")
     codes = unpack_codes(q.codes, tier, head_dim)

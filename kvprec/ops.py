@@ -22,7 +22,7 @@ import torch
 
 from . import _ops  # noqa: F401  (registers the fake kernels)
 from . import formats
-from ._native import NATIVE_ERROR, cuda_kernels_available, native_available
+from ._native import BUILD_HINT, NATIVE_ERROR, cuda_kernels_available, native_available
 from .formats import QuantizedBlock, Tier
 
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
@@ -68,7 +68,7 @@ def _why_unavailable(entry: OpEntry, backend: str, device: torch.device) -> Opti
         if entry.native is None:
             return "the native library has no kernel for this op"
         if not native_available():
-            return f"the native library did not load ({NATIVE_ERROR})"
+            return f"the native library did not load ({NATIVE_ERROR}); {BUILD_HINT}"
         key = "CPU" if backend == "cpp" else "CUDA"
         if backend == "cpp" and device.type != "cpu":
             return f"the cpp backend runs on CPU tensors, got {device}"

@@ -140,7 +140,7 @@ at::Tensor unpack_codes(const at::Tensor& packed, Tier tier, int64_t head_dim) {
 }
 
 QuantizedBlock quantize_keys(const at::Tensor& x, Tier tier) {
-  if (!tier_is_integer(tier)) return {x.to(tier_float_dtype(tier)).contiguous(), {}, {}};
+  if (!tier_is_integer(tier)) return {x.to(tier_float_dtype(tier), /*non_blocking=*/false, /*copy=*/true).contiguous(), {}, {}};
   at::Tensor xf = checked_fp32(x, "quantize_keys: x");
   const int64_t n = xf.size(0), t = xf.size(1), d = xf.size(2);
   auto opts = xf.options();
@@ -158,7 +158,7 @@ QuantizedBlock quantize_keys(const at::Tensor& x, Tier tier) {
 }
 
 QuantizedBlock quantize_values(const at::Tensor& x, Tier tier, int64_t group_size) {
-  if (!tier_is_integer(tier)) return {x.to(tier_float_dtype(tier)).contiguous(), {}, {}};
+  if (!tier_is_integer(tier)) return {x.to(tier_float_dtype(tier), /*non_blocking=*/false, /*copy=*/true).contiguous(), {}, {}};
   at::Tensor xf = checked_fp32(x, "quantize_values: x");
   const int64_t n = xf.size(0), t = xf.size(1), d = xf.size(2);
   TORCH_CHECK(group_size > 0 && d % group_size == 0, "quantize_values: group_size ", group_size,
@@ -185,7 +185,7 @@ namespace {
 // x'[i] = code[i] * scale[group(i)] + zero[group(i)], computed in FP32, for codes [N, T, D].
 at::Tensor dequantize_impl(const QuantizedBlock& q, Tier tier, int64_t head_dim, at::ScalarType dtype, bool keys,
                            int64_t group_size) {
-  if (!tier_is_integer(tier)) return q.codes.to(dtype);
+  if (!tier_is_integer(tier)) return q.codes.to(dtype, /*non_blocking=*/false, /*copy=*/true);
   at::Tensor codes = unpack_codes(q.codes.to(at::kCPU), tier, head_dim);
   TORCH_CHECK(codes.dim() == 3, "dequantize: codes must be [N, T, D*bits/8]");
   const int64_t n = codes.size(0), t = codes.size(1), d = head_dim;

@@ -187,8 +187,9 @@ def _checked_fp32(x: torch.Tensor, what: str) -> torch.Tensor:
 
 def _quantize_groups(xf: torch.Tensor, dim: int, qmax: int):
     """Quantize FP32 ``xf`` with one (scale, zero) per slice along ``dim``; returns codes uint8, scale, zero."""
-    mn = xf.amin(dim=dim, keepdim=True)
-    mx = xf.amax(dim=dim, keepdim=True)
+    # + 0.0 turns -0 into +0: the stored bits must not depend on which zero a reduction returns.
+    mn = xf.amin(dim=dim, keepdim=True) + 0.0
+    mx = xf.amax(dim=dim, keepdim=True) + 0.0
     zero = fp16_round_down(mn)
     zf = zero.float()
     # Divide by a full tensor, not a Python scalar: a scalar divisor may be turned into a reciprocal multiply.

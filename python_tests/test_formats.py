@@ -158,3 +158,14 @@ def test_unknown_backend_is_refused():
 
 def test_auto_backend_on_cpu_is_the_reference():
     assert ops.resolve_backend("quantize_keys", "auto", torch.device("cpu")) == "torch"
+
+
+@native
+def test_signed_zeros_store_the_same_bits():
+    """A group whose min or max is a zero of either sign stores +0 bits in every implementation."""
+    x = torch.tensor([0.0, -0.0, 1.0, 2.0, -0.0, 0.0, 0.0, -0.0]).reshape(1, 8, 1).repeat(1, 1, 4)
+    x[..., 1] = -x[..., 1].abs()  # channel 1: values <= 0 with max a zero
+    for tier in INT_TIERS:
+        ref, cpp = ops.quantize_keys(x, tier, backend="torch"), ops.quantize_keys(x, tier, backend="cpp")
+        assert same_bits(ref.zero, cpp.zero) and same_bits(ref.scale, cpp.scale) and torch.equal(ref.codes, cpp.codes)
+        assert not torch.signbit(ref.zero[0, 0]) and not torch.signbit(ref.scale[0, 1])

@@ -52,6 +52,8 @@ void quantize_group(const float* x, int64_t n, int64_t stride, int qmax, uint8_t
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
   }
+  mn = mn + 0.0f;  // -0 -> +0: the stored bits must not depend on which zero came first
+  mx = mx + 0.0f;
   const c10::Half z = fp16_round_down(mn);
   const float zf = static_cast<float>(z);
   const float s = (mx - zf) / static_cast<float>(qmax);
@@ -140,6 +142,9 @@ at::Tensor unpack_codes(const at::Tensor& packed, Tier tier, int64_t head_dim) {
 }
 
 QuantizedBlock quantize_keys(const at::Tensor& x, Tier tier) {
+#ifdef KVPREC_WITH_CUDA
+  if (x.is_cuda()) return quantize_keys_cuda(x, tier);
+#endif
   if (!tier_is_integer(tier)) return {x.to(tier_float_dtype(tier), /*non_blocking=*/false, /*copy=*/true).contiguous(), {}, {}};
   at::Tensor xf = checked_fp32(x, "quantize_keys: x");
   const int64_t n = xf.size(0), t = xf.size(1), d = xf.size(2);
@@ -158,6 +163,9 @@ QuantizedBlock quantize_keys(const at::Tensor& x, Tier tier) {
 }
 
 QuantizedBlock quantize_values(const at::Tensor& x, Tier tier, int64_t group_size) {
+#ifdef KVPREC_WITH_CUDA
+  if (x.is_cuda()) return quantize_values_cuda(x, tier, group_size);
+#endif
   if (!tier_is_integer(tier)) return {x.to(tier_float_dtype(tier), /*non_blocking=*/false, /*copy=*/true).contiguous(), {}, {}};
   at::Tensor xf = checked_fp32(x, "quantize_values: x");
   const int64_t n = xf.size(0), t = xf.size(1), d = xf.size(2);
@@ -211,11 +219,17 @@ at::Tensor dequantize_impl(const QuantizedBlock& q, Tier tier, int64_t head_dim,
 }  // namespace
 
 at::Tensor dequantize_keys(const QuantizedBlock& q, Tier tier, int64_t head_dim, at::ScalarType dtype) {
+#ifdef KVPREC_WITH_CUDA
+  if (q.codes.is_cuda()) return dequantize_keys_cuda(q, tier, head_dim, dtype);
+#endif
   return dequantize_impl(q, tier, head_dim, dtype, /*keys=*/true, 0);
 }
 
 at::Tensor dequantize_values(const QuantizedBlock& q, Tier tier, int64_t head_dim, int64_t group_size,
                              at::ScalarType dtype) {
+#ifdef KVPREC_WITH_CUDA
+  if (q.codes.is_cuda()) return dequantize_values_cuda(q, tier, head_dim, group_size, dtype);
+#endif
   if (tier_is_integer(tier))
     TORCH_CHECK(group_size > 0 && head_dim % group_size == 0, "dequantize_values: group_size ", group_size,
                 " must divide head_dim ", head_dim);

@@ -53,6 +53,16 @@ TORCH_LIBRARY_IMPL(kvprec, CPU, m) {
   m.impl("dequantize_values", &dequantize_values_cpu);
 }
 
+#ifdef KVPREC_WITH_CUDA
+// The same entry points dispatch to the CUDA kernels for CUDA tensors (csrc/core/quantize.cpp).
+TORCH_LIBRARY_IMPL(kvprec, CUDA, m) {
+  m.impl("quantize_keys", &quantize_keys_cpu);
+  m.impl("quantize_values", &quantize_values_cpu);
+  m.impl("dequantize_keys", &dequantize_keys_cpu);
+  m.impl("dequantize_values", &dequantize_values_cpu);
+}
+#endif
+
 // tier_table(): one row per tier id: [bits, qmax, codes_per_byte, effective_bits * 1e6] (int64), so the Python
 // mirror of formats.h can be checked against the header itself.
 TORCH_LIBRARY_IMPL(kvprec, CompositeExplicitAutograd, m) {

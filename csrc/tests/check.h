@@ -2,6 +2,10 @@
 // location and keeps going; a test's main returns kvprec_test::finish(), non-zero if any check failed.
 #pragma once
 
+// c10's glog-style logging defines CHECK too: include it first, then take the name for this harness, so the
+// result does not depend on include order.
+#include <c10/util/Logging.h>
+
 #include <cmath>
 #include <cstdio>
 #include <exception>
@@ -47,6 +51,9 @@ inline int finish(const char* name) {
 
 }  // namespace kvprec_test
 
+#undef CHECK
+#undef CHECK_NEAR
+#undef CHECK_THROWS
 #define CHECK(cond) ::kvprec_test::record(static_cast<bool>(cond), #cond, __FILE__, __LINE__)
 #define CHECK_NEAR(a, b, tol)                                                                                \
   ::kvprec_test::record(std::fabs(static_cast<double>(a) - static_cast<double>(b)) <= static_cast<double>(tol), \

@@ -41,4 +41,13 @@ at::Tensor dequantize_values(const QuantizedBlock& q, Tier tier, int64_t head_di
 at::Tensor pack_codes(const at::Tensor& codes, Tier tier);
 at::Tensor unpack_codes(const at::Tensor& packed, Tier tier, int64_t head_dim);
 
+#ifdef KVPREC_WITH_CUDA
+// CUDA kernels (csrc/cuda/), same formats bit for bit; the functions above dispatch to them for CUDA tensors.
+QuantizedBlock quantize_keys_cuda(const at::Tensor& x, Tier tier);
+QuantizedBlock quantize_values_cuda(const at::Tensor& x, Tier tier, int64_t group_size);
+at::Tensor dequantize_keys_cuda(const QuantizedBlock& q, Tier tier, int64_t head_dim, at::ScalarType dtype);
+at::Tensor dequantize_values_cuda(const QuantizedBlock& q, Tier tier, int64_t head_dim, int64_t group_size,
+                                  at::ScalarType dtype);
+#endif
+
 }  // namespace kvprec

@@ -1,0 +1,72 @@
+// C++ tests of the storage formats: tier constants, page bytes by hand, the element error bound of the CPU
+// quantizers, pack/unpack round trips, and clear errors on bad input. (Bit-exactness against the torch
+// reference is checked from Python: python_tests/test_formats.py.)
+#include <ATen/ATen.h>
+
+#include "check.h"
+#include "kvprec/formats.h"
+#include "kvprec/quantize.h"
+
+using namespace kvprec;
+
+static void test_constants() {
+  CHECK(tier_bits(Tier::INT4) == 4 && tier_qmax(Tier::INT4) == 15 && tier_codes_per_byte(Tier::INT2) == 4);
+  CHECK_NEAR(tier_effective_bits(Tier::INT8), std::log2(255.0), 1e-12);
+  CHECK(tier_effective_bits(Tier::FP16) > tier_effective_bits(Tier::BF16));
+  CHECK(tier_from_name("int2") == Tier::INT2);
+  CHECK_THROWS(tier_from_name("int3"), "accepted fp32, fp16, bf16, int8, int4, int2");
+  CHECK_THROWS(tier_from_index(6), "is not a tier");
+  BlockGeometry g{64, 128, 32};
+  CHECK(g.page_bytes(Tier::INT4) == 9728);  // 2 * 64*128/2 + 2*2*128 + 2*2*64*4
+  CHECK(g.page_bytes(Tier::FP16) == 32768);
+  CHECK_THROWS((BlockGeometry{48, 128, 32}.check()), "power of two");
+  CHECK_THROWS((BlockGeometry{64, 66, 2}.check()), "multiple of 4");
+  CHECK_THROWS((BlockGeometry{64, 64, 24}.check()), "must divide head_dim");
+}
+
+static void test_error_bound() {
+  at::manual_seed(3);
+  for (Tier tier : {Tier::INT8, Tier::INT4, Tier::INT2}) {
+    for (int64_t t : {1, 7, 123}) {
+      at::Tensor x = at::randn({2, t, 64}) * at::linspace(0.1, 30.0, 64);
+      QuantizedBlock k = quantize_keys(x, tier);
+      at::Tensor err_k = (dequantize_keys(k, tier, 64, at::kFloat) - x).abs();
+      at::Tensor bound_k = k.scale.to(at::kFloat).unsqueeze(1) / 2;
+      // scale/2, plus FP32 rounding of the two operations (see quantize.h)
+      CHECK((err_k <= bound_k + std::ldexp(1.0, -21) * (x.abs() + 2 * bound_k)).all().item<bool>());
+      QuantizedBlock v = quantize_values(x, tier, 16);
+      at::Tensor err_v = (dequantize_values(v, tier, 64, 16, at::kFloat) - x).abs().reshape({2, t, 4, 16});
+      at::Tensor bound_v = v.scale.to(at::kFloat).unsqueeze(-1) / 2;
+      CHECK((err_v <= bound_v + std::ldexp(1.0, -21) * (x.reshape({2, t, 4, 16}).abs() + 2 * bound_v)).all().item<bool>());
+      CHECK(k.codes.size(2) == 64 * tier_bits(tier) / 8);
+    }
+  }
+}
+
+static void test_float_tiers_and_packing() {
+  at::Tensor x = at::randn({1, 5, 8}).to(at::kHalf);
+  QuantizedBlock f = quantize_keys(x, Tier::FP32);
+  CHECK(f.codes.scalar_type() == at::kFloat && !f.scale.defined());
+  CHECK(at::equal(dequantize_keys(f, Tier::FP32, 8, at::kHalf), x));
+  for (Tier tier : {Tier::INT8, Tier::INT4, Tier::INT2}) {
+    at::Tensor codes = at::randint(0, tier_qmax(tier) + 1, {3, 4, 16}, at::kByte);
+    at::Tensor packed = pack_codes(codes, tier);
+    CHECK(packed.size(-1) == 16 * tier_bits(tier) / 8);
+    CHECK(at::equal(unpack_codes(packed, tier, 16), codes));
+  }
+}
+
+static void test_bad_input() {
+  CHECK_THROWS(quantize_keys(at::full({1, 4, 4}, 1e6), Tier::INT4), "|x| <= 65504");
+  CHECK_THROWS(quantize_keys(at::full({1, 4, 4}, NAN), Tier::INT4), "finite");
+  CHECK_THROWS(quantize_keys(at::zeros({4, 4}), Tier::INT4), "[N, T, D]");
+  CHECK_THROWS(quantize_values(at::zeros({1, 4, 8}), Tier::INT8, 3), "group_size 3 must divide head_dim 8");
+}
+
+int main() {
+  test_constants();
+  test_error_bound();
+  test_float_tiers_and_packing();
+  test_bad_input();
+  return kvprec_test::finish("test_formats");
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up kvprec from a fresh clone: pinned torch (the CPU wheel; an unpinned torch would pull a multi-GB CUDA
+# build), the Python dependencies, then the native build (C++ core, kvprec._C, demos and C++ tests) in
+# build/python. On a machine whose torch is already right (the GPU machine), KVPREC_KEEP_TORCH=1 skips the pin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ "${KVPREC_KEEP_TORCH:-0}" != "1" ]; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+if [ "${KVPREC_OFFLINE:-0}" != "1" ]; then
+  "$PY" -m pip install -q "transformers==5.23.0" "triton==3.9.0" numpy scipy matplotlib pytest pytest-benchmark \
+    "scikit-build-core>=0.10" "cmake>=3.26" ninja
+fi
+# --no-build-isolation: build against the torch installed above, not one resolved in an isolated env.
+"$PY" -m pip install -q --no-build-isolation --no-deps -e .
+"$PY" -c "import kvprec; assert kvprec.native_available(), kvprec._native.NATIVE_ERROR; print('kvprec', kvprec.__version__, 'native library loaded')"

@@ -7,9 +7,11 @@ import torch  # noqa: F401  (must precede the native library: it has no RUNPATH 
 
 from ._native import cuda_kernels_available, native_available, require_native
 from .formats import BlockGeometry, QuantizedBlock, Tier
+from .buffer import MemoryReport, MixedPrecisionBuffer
 from . import ops
 
 __version__ = "0.1.0"
 
 __all__ = ["Tier", "BlockGeometry", "QuantizedBlock", "ops", "native_available", "cuda_kernels_available",
            "require_native", "__version__"]
+__all__ += ["MixedPrecisionBuffer", "MemoryReport"]

@@ -95,7 +95,7 @@ class MemoryReport:
                  f"{'shadow (host)':<26}{self.shadow_bytes:>16,}",
                  f"{'reserved (pools)':<26}{self.reserved_bytes:>16,}",
                  f"{self.tokens} tokens, {self.elements:,} elements: {self.bits_per_element:.3f} bits/element, "
-                 f"{self.compression_vs_fp16:.2f}x smaller than fp16"]
+                 f"compression vs fp16 {self.compression_vs_fp16:.2f}x"]
         return "\n".join(rows)
 
 
@@ -178,17 +178,20 @@ class MixedPrecisionBuffer:
     def default_tier(self) -> Tier:
         return Tier(self._impl.default_tier())
 
-    # State queries are methods, as in C++ (options above are properties).
+    @property
     def has_shadow(self) -> bool:
         return self._impl.has_shadow()
 
+    @property
     def seq_len(self) -> int:
         """L, positions held (sealed and tail)."""
         return self._impl.seq_len()
 
+    @property
     def num_sealed_blocks(self) -> int:
         return self._impl.num_sealed_blocks()
 
+    @property
     def tail_len(self) -> int:
         """L - num_sealed_blocks * T: positions in the model-dtype tail."""
         return self._impl.tail_len()
@@ -224,7 +227,7 @@ class MixedPrecisionBuffer:
 
     def gather(self, start: int = 0, end: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Positions [start, end) (default: all) in the model dtype: K, V [B, H, end - start, D]."""
-        return self._impl.gather(int(start), self.seq_len() if end is None else int(end))
+        return self._impl.gather(int(start), self.seq_len if end is None else int(end))
 
     def attend(self, q: torch.Tensor, mask: Optional[torch.Tensor] = None, *, scale: Optional[float] = None,
                sliding_window: int = 0, softcap: Optional[float] = None, block_mass: bool = False):
@@ -281,5 +284,5 @@ class MixedPrecisionBuffer:
     def __repr__(self) -> str:
         return (f"MixedPrecisionBuffer(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
                 f"block_size={self.block_size}, group_size={self.group_size}, dtype={self.dtype}, "
-                f"device={self.device}, default_tier={self.default_tier}, shadow={self.has_shadow()}, "
-                f"seq_len={self.seq_len()})")
+                f"device={self.device}, default_tier={self.default_tier}, shadow={self.has_shadow}, "
+                f"seq_len={self.seq_len})")

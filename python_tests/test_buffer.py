@@ -54,7 +54,7 @@ def test_pages_match_reference_bit_for_bit(device, seq_len, head_dim, batch):
     choices = torch.tensor([int(Tier.INT8), int(Tier.INT4), int(Tier.INT2), int(Tier.FP16)], dtype=torch.int8)
     seal = choices[torch.randint(0, 4, (batch, heads, n), generator=g)]
     buf.append(k, v, seal)
-    assert buf.seq_len() == seq_len and buf.num_sealed_blocks() == n == seq_len // block
+    assert buf.seq_len == seq_len and buf.num_sealed_blocks == n == seq_len // block
     assert torch.equal(buf.tiers(), seal)
     assert torch.equal(buf.tail_keys(), k[:, :, n * block:]) and torch.equal(buf.tail_values(), v[:, :, n * block:])
     tiers = seal.permute(2, 0, 1).reshape(-1)
@@ -81,7 +81,7 @@ def test_pages_match_reference_bit_for_bit(device, seq_len, head_dim, batch):
 def _check_within_bound(buf, tier, x_k, x_v, k, v):
     """|x - x'| <= scale/2 + 2^-22 (|x| + scale): the bound of kvprec.formats plus the FP32 rounding of the
     multiply and the add of x' = code * scale + zero (2^-23 each)."""
-    n, t, group = buf.num_sealed_blocks(), buf.block_size, buf.group_size
+    n, t, group = buf.num_sealed_blocks, buf.block_size, buf.group_size
     pages = buf.pages().permute(2, 0, 1).reshape(-1).long()
     p = buf.pool(tier)
     ks = formats.element_error_bound(p.k_scale[pages]).unsqueeze(1)                          # [N, 1, D]
@@ -101,12 +101,12 @@ def test_append_in_chunks_round_trips(chunk, tier):
     for pos in range(0, length, chunk):
         buf.append(k[:, :, pos:pos + chunk], v[:, :, pos:pos + chunk])
         end = min(pos + chunk, length)
-        assert (buf.seq_len(), buf.num_sealed_blocks(), buf.tail_len()) == (end, end // t, end % t)
+        assert (buf.seq_len, buf.num_sealed_blocks, buf.tail_len) == (end, end // t, end % t)
     gk, gv = buf.gather()
     assert gk.dtype == dtype and gk.shape == k.shape
     if tier.is_integer:
         _check_within_bound(buf, tier, k, v, gk, gv)
-        sealed = buf.num_sealed_blocks() * t
+        sealed = buf.num_sealed_blocks * t
         assert torch.equal(gk[:, :, sealed:], k[:, :, sealed:])  # the tail is the model dtype: exact
     else:
         assert torch.equal(gk, k) and torch.equal(gv, v)
@@ -203,16 +203,16 @@ def test_crop_across_a_block_boundary():
         buf.append(k, v)
         before = buf.block(1)[0]
         buf.crop(21)
-        assert (buf.seq_len(), buf.num_sealed_blocks(), buf.tail_len()) == (21, 1, 5)
+        assert (buf.seq_len, buf.num_sealed_blocks, buf.tail_len) == (21, 1, 5)
         # Unsealing is exact from the shadow and lossy (the dequantized block) without it.
         assert torch.equal(buf.tail_keys(), k[:, :, t:t + 5] if shadow else before[:, :, :5])
         assert shadow or not torch.equal(buf.tail_keys(), k[:, :, t:t + 5])
         assert buf.memory().tier_pages["int4"] == b * h
         new = _randn(b, h, 30, d, seed=10)
         buf.append(new, new)
-        assert buf.seq_len() == 51 and torch.equal(buf.tail_keys(), new[:, :, 27:])
+        assert buf.seq_len == 51 and torch.equal(buf.tail_keys(), new[:, :, 27:])
         buf.crop(1000)  # past the end: no-op
-        assert buf.seq_len() == 51
+        assert buf.seq_len == 51
     with pytest.raises(ValueError, match="crop: new_len"):
         buf.crop(-2)
 
@@ -307,7 +307,7 @@ def test_attend_low_precision_within_2x_of_torch(dtype):
     buf.append(_randn(b, hkv, length, d, dtype=dtype, seed=20), _randn(b, hkv, length, d, dtype=dtype, seed=21))
     q = _randn(b, hq, nq, d, dtype=dtype, seed=22)
     # FP32 reference on exactly what attend reads: each block dequantized to FP32, then the tail.
-    n = buf.num_sealed_blocks()
+    n = buf.num_sealed_blocks
     blocks = [buf.block(i, torch.float32) for i in range(n)]
     k32 = torch.cat([x[0] for x in blocks] + [buf.tail_keys().float()], 2)
     v32 = torch.cat([x[1] for x in blocks] + [buf.tail_values().float()], 2)
@@ -355,7 +355,7 @@ def test_bad_calls_are_refused_and_change_nothing():
         buf.append(x, x, torch.full((b, h, 1), 9, dtype=torch.int8))
     with pytest.raises(ValueError, match="65504"):
         buf.append(x * 1e5, x)
-    assert buf.seq_len() == 0
+    assert buf.seq_len == 0
     buf.append(x, x)
     with pytest.raises(ValueError, match="block: index 1"):
         buf.block(1)
@@ -378,4 +378,4 @@ def test_bad_calls_are_refused_and_change_nothing():
         buf.attend(q, torch.ones(b, 2, 20, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"Q <= seq_len"):
         buf.attend(_randn(b, 4, 21, d))
-    assert buf.seq_len() == 20 and buf.batch == b
+    assert buf.seq_len == 20 and buf.batch == b

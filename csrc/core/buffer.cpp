@@ -103,7 +103,12 @@ std::pair<QuantizedBlock, QuantizedBlock> read_pages(const Pool& pool, Tier tier
 // Rows of one block grouped by tier: rows[tier] are flat (b * H + h) indices, in increasing order.
 using RowsByTier = std::array<std::vector<int64_t>, kNumTiers>;
 
-const char* scalar_name(at::ScalarType d) { return c10::toString(d); }
+// The rows of block j of a block-major table (or of one block's tiers, j = 0), grouped by tier.
+RowsByTier rows_by_tier(const std::vector<int8_t>& table_tier, int64_t j, int64_t rows) {
+  RowsByTier out;
+  for (int64_t r = 0; r < rows; ++r) out[table_tier[j * rows + r]].push_back(r);
+  return out;
+}
 
 }  // namespace
 
@@ -141,17 +146,6 @@ struct MixedPrecisionBuffer::State {
   const Pool& pool(Tier t) const { return pools[tier_index(t)]; }
 };
 
-namespace {
-
-// The block table's rows of block j, grouped by tier.
-RowsByTier rows_by_tier(const std::vector<int8_t>& table_tier, int64_t j, int64_t rows) {
-  RowsByTier out;
-  for (int64_t r = 0; r < rows; ++r) out[table_tier[j * rows + r]].push_back(r);
-  return out;
-}
-
-}  // namespace
-
 MixedPrecisionBuffer::MixedPrecisionBuffer(const BufferOptions& options) : opts_(options) {
   TORCH_CHECK_VALUE(opts_.batch >= 1, "batch: ", opts_.batch, " is not accepted; expected >= 1");
   TORCH_CHECK_VALUE(opts_.kv_heads >= 1, "kv_heads: ", opts_.kv_heads, " is not accepted; expected >= 1");
@@ -160,7 +154,7 @@ MixedPrecisionBuffer::MixedPrecisionBuffer(const BufferOptions& options) : opts_
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, e.what());  // c10::ValueError: Python sees a ValueError, like formats.py's
   }
-  TORCH_CHECK_VALUE(is_float_model_dtype(opts_.dtype), "dtype: ", scalar_name(opts_.dtype),
+  TORCH_CHECK_VALUE(is_float_model_dtype(opts_.dtype), "dtype: ", c10::toString(opts_.dtype),
                     " is not accepted; the model dtype must be float32, float16 or bfloat16");
   const int64_t ti = static_cast<int64_t>(opts_.default_tier);
   TORCH_CHECK_VALUE(ti >= 0 && ti < kNumTiers, "default_tier: id ", ti, " is not a tier; accepted 0..5");
@@ -186,13 +180,13 @@ void check_kv(const at::Tensor& x, const char* name, const BufferOptions& o) {
                     "append: ", name, " has shape ", x.sizes(), "; expected [B, H, n, D] = [", o.batch, ", ",
                     o.kv_heads, ", n, ", o.head_dim, "]");
   TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "append: ", name, " has dtype ",
-                    scalar_name(x.scalar_type()), "; expected a floating dtype (float32, float16, bfloat16)");
+                    c10::toString(x.scalar_type()), "; expected a floating dtype (float32, float16, bfloat16)");
 }
 
 // Tier ids tensor `tiers` (int8, shape `shape`) checked and copied to the host; `lowest` is -1 where "leave as
 // is" is allowed.
 at::Tensor checked_tier_ids(const at::Tensor& tiers, const char* what, at::IntArrayRef shape, int lowest) {
-  TORCH_CHECK_VALUE(tiers.scalar_type() == at::kChar, what, ": dtype ", scalar_name(tiers.scalar_type()),
+  TORCH_CHECK_VALUE(tiers.scalar_type() == at::kChar, what, ": dtype ", c10::toString(tiers.scalar_type()),
                     " is not accepted; expected int8 tier ids");
   TORCH_CHECK_VALUE(tiers.sizes() == shape, what, ": shape ", tiers.sizes(), " is not accepted; expected ", shape);
   at::Tensor host = tiers.to(at::kCPU).contiguous();
@@ -337,7 +331,7 @@ std::pair<at::Tensor, at::Tensor> MixedPrecisionBuffer::block(int64_t index, at:
   TORCH_CHECK_VALUE(index >= 0 && index < num_blocks_, "block: index ", index, " is out of range; ", num_blocks_,
                     " sealed blocks");
   if (dtype == at::ScalarType::Undefined) dtype = opts_.dtype;
-  TORCH_CHECK_VALUE(is_float_model_dtype(dtype), "block: dtype ", scalar_name(dtype),
+  TORCH_CHECK_VALUE(is_float_model_dtype(dtype), "block: dtype ", c10::toString(dtype),
                     " is not accepted; expected float32, float16 or bfloat16");
   const int64_t B = opts_.batch, H = opts_.kv_heads, T = opts_.block_size, D = opts_.head_dim;
   const RowsByTier rows = rows_by_tier(state_->table_tier, index, B * H);
@@ -499,7 +493,7 @@ void MixedPrecisionBuffer::crop(int64_t new_len) {
 void MixedPrecisionBuffer::index_batch(const at::Tensor& idx) {
   TORCH_CHECK_VALUE(idx.defined() && idx.dim() == 1 && (idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt),
                     "index_batch: idx must be a 1-D int64 (or int32) tensor of batch rows, got ",
-                    idx.defined() ? scalar_name(idx.scalar_type()) : "undefined", " ",
+                    idx.defined() ? c10::toString(idx.scalar_type()) : "undefined", " ",
                     idx.defined() ? idx.sizes() : at::IntArrayRef{});
   TORCH_CHECK_VALUE(idx.numel() >= 1, "index_batch: idx is empty; expected at least one batch row");
   const at::Tensor host = idx.to(at::kCPU).to(at::kLong).contiguous();

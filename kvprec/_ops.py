@@ -62,6 +62,78 @@ def _tier_table_fake():
     return torch.empty((len(Tier), 4), dtype=torch.int64)
 
 
+# ------------------------------------------------------------------------------------------------------
+# Analysis ops (csrc/python/ops_analysis.cpp): curvature and precision mapping
+
+def _curvature_dtype(*xs):
+    return torch.float64 if all(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _check_attention_ranks(op, q, k):
+    torch._check(q.dim() in (3, 4), lambda: f"{op}: q must be [Hq, Q, D] or [B, Hq, Q, D]")
+    torch._check(k.dim() == q.dim(), lambda: f"{op}: k must have q's rank")
+    torch._check(q.shape[-3] % k.shape[-3] == 0, lambda: f"{op}: query heads must be a multiple of KV heads")
+
+
+@_fake("kvprec::attention_curvature")
+def _attention_curvature_fake(q, k, v, scale, causal):
+    _check_attention_ranks("attention_curvature", q, k)
+    shape = (*q.shape[:-1], k.shape[-2])
+    dtype = _curvature_dtype(q, k, v)
+    return tuple(q.new_empty(shape, dtype=dtype) for _ in range(4))
+
+
+@_fake("kvprec::curvature_reduce")
+def _curvature_reduce_fake(q, k, v, scale, causal, block_size, query_reduce="mean", block_reduce="max"):
+    _check_attention_ranks("curvature_reduce", q, k)
+    torch._check(block_size >= 1, lambda: "curvature_reduce: block_size must be >= 1")
+    n = k.shape[-2]
+    return (q.new_empty(k.shape[:-1], dtype=torch.float64),
+            q.new_empty((*k.shape[:-2], (n + block_size - 1) // block_size), dtype=torch.float64))
+
+
+@_fake("kvprec::attention_locality")
+def _attention_locality_fake(q, k, scale, causal, window=64, anchor_factor=4.0, anchor_fraction=0.9,
+                             cluster_threshold=0.8, top_clusters=4):
+    _check_attention_ranks("attention_locality", q, k)
+    heads = q.shape[:-2]
+    f64 = torch.float64
+    return (q.new_empty(heads, dtype=f64), q.new_empty(heads, dtype=f64),
+            q.new_empty((*heads, k.shape[-2]), dtype=torch.bool), q.new_empty(heads, dtype=f64),
+            q.new_empty(k.shape[:-1], dtype=torch.int64), q.new_empty(k.shape[:-2], dtype=torch.int64),
+            q.new_empty(heads, dtype=f64))
+
+
+@_fake("kvprec::required_bits")
+def _required_bits_fake(kappa, c, head_dim, eps):
+    return kappa.new_empty(kappa.shape, dtype=torch.float64)
+
+
+@_fake("kvprec::map_tiers")
+def _map_tiers_fake(bits, candidates, block_size, head_dim, group_size):
+    return bits.new_empty(bits.shape, dtype=torch.int8)
+
+
+@_fake("kvprec::tier_errors")
+def _tier_errors_fake(kappa, candidates, c, head_dim):
+    return kappa.new_empty((*kappa.shape, len(candidates)), dtype=torch.float64)
+
+
+def _knapsack_fake(op, errors):
+    torch._check(errors.dim() == 2, lambda: f"{op}: errors must be [items, choices]")
+    return errors.new_empty((errors.shape[0],), dtype=torch.int64), errors.new_empty((4,), dtype=torch.float64)
+
+
+@_fake("kvprec::knapsack_tiers")
+def _knapsack_tiers_fake(errors, costs, budget, method="auto"):
+    return _knapsack_fake("knapsack_tiers", errors)
+
+
+@_fake("kvprec::knapsack_min_bytes")
+def _knapsack_min_bytes_fake(errors, costs, max_error, method="auto"):
+    return _knapsack_fake("knapsack_min_bytes", errors)
+
+
 def registered_fakes() -> dict:
     return dict(_FAKES)
 

@@ -165,3 +165,19 @@ def dequantize_values(q: QuantizedBlock, tier, head_dim: int, group_size: int, d
         return REGISTRY["dequantize_values"].triton(q, tier, head_dim, group_size, dtype)
     return torch.ops.kvprec.dequantize_values(q.codes, _meta_or_empty(q.scale, q.codes),
                                               _meta_or_empty(q.zero, q.codes), int(tier), head_dim, group_size, dtype)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Analysis ops: curvature (kvprec/analysis/curvature.py) and precision mapping (kvprec/precision.py). Their
+# entry points live in those modules; the references registered here are the CPU default and the oracle.
+from .analysis import curvature as _curvature  # noqa: E402
+from . import precision as _precision  # noqa: E402
+
+register("attention_curvature", _curvature.attention_curvature_reference, native="kvprec::attention_curvature")
+register("curvature_reduce", _curvature.curvature_reduce_reference, native="kvprec::curvature_reduce")
+register("attention_locality", _curvature.attention_locality_reference, native="kvprec::attention_locality")
+register("required_bits", _precision.required_bits_reference, native="kvprec::required_bits")
+register("map_tiers", _precision.map_tiers_reference, native="kvprec::map_tiers")
+register("tier_errors", _precision.tier_errors_reference, native="kvprec::tier_errors")
+register("knapsack_tiers", _precision.knapsack_tiers_reference, native="kvprec::knapsack_tiers")
+register("knapsack_min_bytes", _precision.knapsack_min_bytes_reference, native="kvprec::knapsack_min_bytes")

@@ -276,7 +276,7 @@ void LocalityOptions::check() const {
 
 std::pair<at::Tensor, int64_t> leader_clusters(const at::Tensor& keys, double threshold) {
   TORCH_CHECK_VALUE(keys.dim() == 2, "leader_clusters: keys must be [N, D], got shape ", keys.sizes());
-  at::Tensor x = keys.to(at::kDouble).contiguous();
+  at::Tensor x = keys.to(at::kDouble).cpu().contiguous();  // a sequential scan: host code
   at::Tensor norm = x.norm(2, -1, /*keepdim=*/true);
   x = at::where(norm > 0, x / norm.clamp_min(std::numeric_limits<double>::min()), at::zeros_like(x)).contiguous();
   const int64_t n = x.size(0), d = x.size(1);
@@ -360,8 +360,8 @@ LocalityPatterns attention_locality(const at::Tensor& q, const at::Tensor& k, do
   out.recency_uniform = heads(at::full({in.B, in.Hkv, in.G}, uniform / Q, f64));
   out.anchor_mask = heads(anchor);
   out.anchor_share = heads(anchor_share);
-  out.cluster_id = kv(ids);
-  out.cluster_count = kv(counts);
+  out.cluster_id = kv(ids.to(q.device()));
+  out.cluster_count = kv(counts.to(q.device()));
   out.cluster_top_share = heads(top);
   return out;
 }

@@ -128,17 +128,12 @@ at::Tensor unpack_codes(const at::Tensor& packed, Tier tier, int64_t head_dim) {
   TORCH_CHECK(packed.size(-1) * per_byte == head_dim, "unpack_codes: packed last dimension ", packed.size(-1),
               " does not hold head_dim ", head_dim, " codes of ", tier_name(tier));
   if (per_byte == 1) return packed.contiguous();
-  at::Tensor p = packed.contiguous();
-  auto out_sizes = p.sizes().vec();
+  // Vectorised over the whole tensor: code i of a byte is (byte >> (bits * i)) & (2^bits - 1).
+  at::Tensor shifts = at::arange(per_byte, packed.options().dtype(at::kByte)) * bits;
+  at::Tensor codes = at::bitwise_and(at::bitwise_right_shift(packed.unsqueeze(-1), shifts), (1 << bits) - 1);
+  auto out_sizes = packed.sizes().vec();
   out_sizes.back() = head_dim;
-  at::Tensor out = at::empty(out_sizes, p.options());
-  const uint8_t* src = p.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  const uint8_t mask = static_cast<uint8_t>((1 << bits) - 1);
-  const int64_t n_in = p.numel();
-  for (int64_t j = 0; j < n_in; ++j)
-    for (int i = 0; i < per_byte; ++i) dst[j * per_byte + i] = static_cast<uint8_t>((src[j] >> (bits * i)) & mask);
-  return out;
+  return codes.reshape(out_sizes);
 }
 
 QuantizedBlock quantize_keys(const at::Tensor& x, Tier tier) {
@@ -190,30 +185,24 @@ QuantizedBlock quantize_values(const at::Tensor& x, Tier tier, int64_t group_siz
 
 namespace {
 
-// x'[i] = code[i] * scale[group(i)] + zero[group(i)], computed in FP32, for codes [N, T, D].
+// x'[i] = code[i] * scale[group(i)] + zero[group(i)] in FP32 for codes [N, T, D], as two separate ATen ops
+// (a multiply, then an add: two roundings, exactly as the torch reference), then one cast to dtype.
 at::Tensor dequantize_impl(const QuantizedBlock& q, Tier tier, int64_t head_dim, at::ScalarType dtype, bool keys,
                            int64_t group_size) {
   if (!tier_is_integer(tier)) return q.codes.to(dtype, /*non_blocking=*/false, /*copy=*/true);
-  at::Tensor codes = unpack_codes(q.codes.to(at::kCPU), tier, head_dim);
+  at::Tensor codes = unpack_codes(q.codes.to(at::kCPU), tier, head_dim).to(at::kFloat);
   TORCH_CHECK(codes.dim() == 3, "dequantize: codes must be [N, T, D*bits/8]");
   const int64_t n = codes.size(0), t = codes.size(1), d = head_dim;
-  at::Tensor scale = q.scale.to(at::kCPU).contiguous(), zero = q.zero.to(at::kCPU).contiguous();
-  at::Tensor out = at::empty({n, t, d}, codes.options().dtype(at::kFloat));
-  const uint8_t* pc = codes.data_ptr<uint8_t>();
-  const auto* ps = scale.data_ptr<at::Half>();
-  const auto* pz = zero.data_ptr<at::Half>();
-  float* po = out.data_ptr<float>();
-  const int64_t groups = keys ? 0 : d / group_size;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < t; ++j)
-      for (int64_t c = 0; c < d; ++c) {
-        const int64_t m = keys ? i * d + c : (i * t + j) * groups + c / group_size;
-        const int64_t e = (i * t + j) * d + c;
-        float y = static_cast<float>(pc[e]) * static_cast<float>(ps[m]);
-        y = y + static_cast<float>(pz[m]);
-        po[e] = y;
-      }
-  return out.to(dtype);
+  at::Tensor scale = q.scale.to(at::kCPU).to(at::kFloat), zero = q.zero.to(at::kCPU).to(at::kFloat);
+  if (keys) {
+    TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.size(1) == d, "dequantize_keys: scale must be [N, D]");
+    return at::add(at::mul(codes, scale.unsqueeze(1)), zero.unsqueeze(1)).to(dtype);
+  }
+  const int64_t groups = d / group_size;
+  TORCH_CHECK(scale.dim() == 3 && scale.size(0) == n && scale.size(1) == t && scale.size(2) == groups,
+              "dequantize_values: scale must be [N, T, D/G]");
+  at::Tensor y = at::add(at::mul(codes.view({n, t, groups, group_size}), scale.unsqueeze(-1)), zero.unsqueeze(-1));
+  return y.view({n, t, d}).to(dtype);
 }
 
 }  // namespace

@@ -168,7 +168,7 @@ def dp_cells(errors: torch.Tensor, costs: torch.Tensor, budget: Optional[int] = 
 
 def _dp_cells(c: np.ndarray, budget: Optional[int]) -> int:
     _, unit, max_units = _units(c)
-    cols = max_units if budget is None else min((budget - int(c.min(axis=1).sum())) // unit, max_units)
+    cols = max_units if budget is None else min(max((budget - int(c.min(axis=1).sum())) // unit, 0), max_units)
     return c.shape[0] * (cols + 1)
 
 

@@ -59,7 +59,7 @@ Units to_units(const KnapsackProblem& p) {
 
 int64_t columns_for(const KnapsackProblem& p, const Units& u, int64_t budget) {
   if (budget < 0) return u.max_units;
-  return std::min((budget - p.min_cost()) / u.unit, u.max_units);
+  return std::clamp<int64_t>((budget - p.min_cost()) / u.unit, 0, u.max_units);  // an infeasible budget: 0
 }
 
 void fill_totals(const KnapsackProblem& p, KnapsackSolution& s) {

@@ -13,7 +13,8 @@ For one query q [D] over keys K [N, D] and values V [N, Dv] with softmax scale s
 
 Shapes: q [Hq, Q, D] or [B, Hq, Q, D]; k [Hkv, N, D], v [Hkv, N, Dv] with q's rank and batch. GQA: query head h
 reads KV head h // (Hq // Hkv). causal: query i sits at position p_i = N - Q + i and sees t <= p_i (Q <= N).
-Arithmetic in FP64; results FP32, or FP64 when every input is FP64.
+Arithmetic in FP64; results FP32, or FP64 when every input is FP64. Entry points take ``backend``: "auto" on CPU
+runs this reference (direct differences, simple and slow); "cpp" runs the native kernel (chunked, one fused pass).
 
 Locality patterns (definitions in csrc/include/kvprec/curvature.h, repeated here), with n_i the positions query i
 sees (causal p_i + 1, else N):
@@ -130,7 +131,12 @@ def _closed_form(op: str, q, k, v, scale: float, causal: bool):
     a = _attention(q4, k4, g, s, causal)
     vr = v4.repeat_interleave(g, dim=1)                                   # [B, Hq, N, Dv]
     o = a @ vr                                                            # [B, Hq, Q, Dv]
-    dist = (vr.unsqueeze(2) - o.unsqueeze(3)).norm(dim=-1)               # ||v_t - o_i||, [B, Hq, Q, N]
+    # ||v_t - o_i|| as a direct difference (no cancellation: the oracle for the native expansion), in chunks of
+    # queries so the [B, Hq, C, N, Dv] difference stays near 2^24 elements.
+    b, hq, nq, n = a.shape
+    step = max(1, (1 << 24) // max(1, b * hq * n * vr.shape[-1]))
+    dist = torch.cat([(vr.unsqueeze(2) - o[:, :, i:i + step].unsqueeze(3)).norm(dim=-1)
+                      for i in range(0, nq, step)], dim=2)                   # [B, Hq, Q, N]
     qn = q4.norm(dim=-1, keepdim=True)
     jac = s * a * dist * qn
     hess = s * s * a * (1 - 2 * a).abs() * dist * qn ** 2

@@ -8,10 +8,22 @@ import torch  # noqa: F401  (must precede the native library: it has no RUNPATH 
 from ._native import cuda_kernels_available, native_available, require_native
 from .formats import BlockGeometry, QuantizedBlock, Tier
 from .buffer import MemoryReport, MixedPrecisionBuffer
-from . import ops
+from . import ops, policy
 
 __version__ = "0.1.0"
 
-__all__ = ["Tier", "BlockGeometry", "QuantizedBlock", "ops", "native_available", "cuda_kernels_available",
-           "require_native", "__version__"]
+# The Hugging Face drop-in needs transformers (an optional dependency): loaded on first use, not at import.
+_HF_NAMES = {"AdaptiveCache": "cache", "enable": "attention", "enabled": "attention"}
+
+
+def __getattr__(name):
+    if name in _HF_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_HF_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module 'kvprec' has no attribute {name!r}")
+
+
+__all__ = ["Tier", "BlockGeometry", "QuantizedBlock", "ops", "policy", "native_available", "cuda_kernels_available",
+           "require_native", "AdaptiveCache", "enable", "enabled", "__version__"]
 __all__ += ["MixedPrecisionBuffer", "MemoryReport"]

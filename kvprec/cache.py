@@ -1,0 +1,377 @@
+"""AdaptiveCache: a Hugging Face ``Cache`` whose layers store K/V in a MixedPrecisionBuffer.
+
+Use::
+
+    cache = kvprec.AdaptiveCache(model.config, policy="sink_window:window=256")
+    with kvprec.enabled(model):
+        out = model.generate(**inputs, past_key_values=cache)
+
+Each layer owns one buffer (created at its first update from the K/V shape, dtype and device): blocks of
+``block_size`` positions, sealed when full into the tier the policy assigns per (batch row, KV head), the
+newest positions in an unsealed tail in the model dtype. ``update()`` returns a :class:`KVHandle`, not tensors,
+while the model runs the "kvprec" attention function (kvprec/attention.py), which attends over the stored
+tiers one block at a time. When the model runs another attention implementation the layer returns the K/V
+gathered back to the model dtype (correct, slow, warned once).
+
+Only decoder families whose attention passes the cache's return value straight to the attention function are
+accepted (SUPPORTED_MODEL_TYPES); others are refused at construction rather than failing later on a handle.
+Sliding-window layers (Mistral, Qwen2/3, Gemma 2/3) keep every position; the window is applied by the mask and
+the attention's ``sliding_window`` argument.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import policy as policy_lib
+from ._native import require_native
+from .attention_ref import ReadCounter, attend_blocks
+from .formats import BlockGeometry, Tier
+from .policy.base import AttentionStats, SealStats
+
+#: ``config.model_type`` of the text decoder, for the families whose attention modules hand ``update()``'s
+#: return value to the attention function unchanged (checked in transformers 5.23, HF_INTEGRATION.md).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2")
+
+BACKENDS = ("auto", "cpp", "torch")
+
+
+def text_config(config):
+    """The decoder's text config (itself for text-only models)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def check_supported(config) -> None:
+    model_type = getattr(text_config(config), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"kvprec does not support model_type {model_type!r}: its attention must pass the cache's "
+                         f"handle to the attention function, which is checked for {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+class KVHandle:
+    """What ``AdaptiveLayer.update`` returns for key and value: a reference to the layer, read by the "kvprec"
+    attention function. Anything else that treats it as a tensor gets an error saying what went wrong."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: "AdaptiveLayer"):
+        self.layer = layer
+
+    def __getattr__(self, name):
+        raise AttributeError(f"a kvprec KVHandle (layer {self.layer.layer_idx}) has no {name!r}: the cache returned "
+                             "a handle, so the model must run the 'kvprec' attention; use kvprec.enable(model)")
+
+    def __repr__(self):
+        return f"KVHandle(layer={self.layer.layer_idx}, seq_len={self.layer.get_seq_length()})"
+
+
+class AdaptiveLayer(CacheLayerMixin):
+    """One layer of an :class:`AdaptiveCache` over one MixedPrecisionBuffer (``self.buffer``)."""
+
+    is_compileable = False
+    is_croppable = True  # exact with a shadow; without one, a crop inside an integer block dequantizes it
+    is_sliding = False   # every position is kept, also for sliding-window layers
+
+    def __init__(self, cache: "AdaptiveCache", layer_idx: int):
+        super().__init__()
+        self.cache, self.layer_idx = cache, layer_idx
+        self.buffer = None
+        self.rows = 0  # batch rows held (not `batch_size`: Cache.batch_size reads that name from layers)
+        self.stats: Optional[AttentionStats] = None
+        self.geometry: Optional[BlockGeometry] = None
+
+    # ---- members the policies use (kvprec/policy/base.py) ------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.cache.block_size
+
+    @property
+    def wants_attention_mass(self) -> bool:
+        return self.stats is not None
+
+    def tiers(self) -> torch.Tensor:
+        """int8 [B, H_kv, n_sealed]."""
+        if self.buffer is None:
+            return torch.zeros(0, 0, 0, dtype=torch.int8)
+        return self.buffer.tiers().cpu()
+
+    def set_block_tiers(self, index: int, tiers: torch.Tensor) -> None:
+        self.buffer.set_block_tiers(index, tiers.to(torch.int8).cpu())
+
+    def memory(self):
+        return self.buffer.memory()
+
+    # ---- the HF layer interface ----------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        from .buffer import MixedPrecisionBuffer
+
+        b, h, _, d = key_states.shape
+        try:
+            self.geometry = BlockGeometry(self.cache.block_size, d, self.cache.group_size)
+        except ValueError as exc:
+            raise ValueError(f"AdaptiveCache layer {self.layer_idx} (head_dim {d}): {exc}") from exc
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.buffer = MixedPrecisionBuffer(batch=b, kv_heads=h, head_dim=d, block_size=self.cache.block_size,
+                                           group_size=self.cache.group_size, dtype=key_states.dtype,
+                                           device=key_states.device, shadow=self.cache.shadow)
+        self.rows = b
+        self.stats = (AttentionStats.empty(b, h, key_states.device)
+                      if self.cache.policy.wants_attention_mass else None)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append k, v [B, H_kv, n, D]; seal the blocks that fill, at the policy's tiers; let the policy re-tier.
+
+        Returns (handle, handle) while the model runs the "kvprec" attention, else the whole K/V
+        [B, H_kv, seq_len, D] gathered back to the model dtype.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        sealing = self.buffer.blocks_sealed_by(n)
+        tiers = None
+        if sealing:
+            first = self.buffer.num_sealed_blocks
+            b, h = key_states.shape[:2]
+            stats = SealStats(b, h, self.block_size, self.get_seq_length() + n, key_states, value_states, self)
+            tiers = self._checked(self.cache.policy.assign(self.layer_idx, range(first, first + sealing), stats),
+                                  (b, h, sealing))
+        self.buffer.append(key_states, value_states, tiers)
+        if self.stats is not None:
+            self.stats.resize(math.ceil(self.get_seq_length() / self.block_size))
+        self.cache.policy.rebalance(self.cache, self.layer_idx)
+        if self.cache.uses_kvprec_attention():
+            handle = KVHandle(self)
+            return handle, handle
+        self.cache.warn_slow_path()
+        return self.gather()
+
+    def _checked(self, tiers, shape) -> torch.Tensor:
+        name = self.cache.policy.describe()
+        if not isinstance(tiers, torch.Tensor) or tuple(tiers.shape) != shape:
+            got = tuple(tiers.shape) if isinstance(tiers, torch.Tensor) else type(tiers).__name__
+            raise ValueError(f"policy {name}.assign returned {got}; expected int8 tiers of shape {shape}")
+        if tiers.is_floating_point() or bool(((tiers < 0) | (tiers >= len(Tier))).any()):
+            raise ValueError(f"policy {name}.assign returned tiers outside 0..{len(Tier) - 1}: {tiers.unique()}")
+        return tiers.to(torch.int8).cpu()
+
+    def gather(self):
+        """All positions back in the model dtype, (K, V) [B, H_kv, seq_len, D]."""
+        return self.buffer.gather(0, self.get_seq_length())
+
+    def attend(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: float, sliding_window: int,
+               softcap: float, block_mass: bool):
+        """Attention of q [B, Hq, Q, D] over this layer: (out [B, Hq, Q, D], lse [B, Hq, Q], block_mass)."""
+        if self.cache.backend == "torch":
+            return attend_blocks(self.buffer, q, mask, scale, sliding_window, softcap, block_mass,
+                                 counter=self.cache.read_counter)
+        return self.buffer.attend(q, mask, scale=scale, sliding_window=sliding_window, softcap=softcap,
+                                  block_mass=block_mass)
+
+    def record_attention(self, block_mass: torch.Tensor) -> None:
+        """Accumulate the kernel's block mass [B, Hq, Q, n_blocks] and pass it to the policy."""
+        self.stats.add(block_mass, self.get_seq_length(), self.block_size)
+        self.cache.policy.on_attention(self.layer_idx, block_mass)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.buffer is None else self.buffer.seq_len
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.buffer, self.stats, self.geometry, self.rows = None, None, None, 0
+        self.is_initialized = False
+
+    def _index_batch(self, idx: torch.Tensor) -> None:
+        if self.buffer is None:
+            return
+        idx = idx.to(torch.int64).cpu()
+        self.buffer.index_batch(idx)
+        self.rows = idx.numel()
+        if self.stats is not None:
+            self.stats.index_batch(idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(torch.arange(self.rows).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:
+            indices = torch.nonzero(indices).flatten()
+        self._index_batch(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions (transformers v5: the argument is <= 0)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to drop (transformers v5 "
+                             "convention); a positive target length is not supported")
+        if tokens_to_remove == 0 or self.buffer is None:
+            return
+        new_len = self.get_seq_length() + tokens_to_remove
+        if new_len < 0:
+            raise ValueError(f"crop({tokens_to_remove}): the layer holds only {self.get_seq_length()} tokens")
+        self.buffer.crop(new_len)
+        if self.stats is not None:
+            self.stats.resize(math.ceil(new_len / self.block_size))
+
+    def offload(self):
+        raise NotImplementedError("AdaptiveCache does not support offloading (Cache(offloading=True))")
+
+    def prefetch(self):
+        raise NotImplementedError("AdaptiveCache does not support offloading (Cache(offloading=True))")
+
+
+class AdaptiveCache(Cache):
+    """A transformers ``Cache`` storing K/V at mixed precision, per block, layer and KV head.
+
+    Args:
+        config: the model's config (pass ``model.config`` itself: the cache reads the model's attention
+            implementation from it to decide between handles and gathered tensors).
+        policy: a :class:`kvprec.policy.Policy` or a name for :func:`kvprec.policy.get` (default
+            ``"sink_window"``: 4 sink tokens and the last 128 at FP16, the rest at INT4).
+        block_size: positions per block (power of two). group_size: value quantization group along head_dim.
+        shadow: None, or "cpu" to keep a host copy of each sealed block in the model dtype (exact crop,
+            promotion possible; host memory, reported apart).
+        backend: attention over the buffer: "cpp" (the native kernel), "torch" (the pure-torch block-by-block
+            reference, instrumented by ``read_counter``), or "auto" (= "cpp").
+        offloading: not supported; True raises.
+    """
+
+    def __init__(self, config, policy="sink_window", block_size: int = 64, group_size: int = 32,
+                 shadow: Optional[str] = None, backend: str = "auto", offloading: bool = False):
+        if offloading:
+            raise NotImplementedError("AdaptiveCache does not support offloading=True: its pages live in the "
+                                      "buffer's tier pools; use shadow='cpu' for a host copy instead")
+        check_supported(config)
+        require_native("kvprec.AdaptiveCache")
+        if shadow not in (None, "cpu"):
+            raise ValueError(f"AdaptiveCache: shadow must be None or 'cpu' (a host copy), got {shadow!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"AdaptiveCache: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise ValueError(f"AdaptiveCache: block_size {block_size} is not a power of two")
+        self.config = text_config(config)
+        self.policy = policy_lib.get(policy)
+        self.block_size, self.group_size, self.shadow = int(block_size), int(group_size), shadow is not None
+        self.backend = "cpp" if backend == "auto" else backend
+        #: set to a kvprec.attention_ref.ReadCounter to count block reads of the "torch" backend
+        self.read_counter: Optional[ReadCounter] = None
+        self._warned_slow = False
+        super().__init__(layers=[AdaptiveLayer(self, i) for i in range(self.config.num_hidden_layers)])
+
+    def uses_kvprec_attention(self) -> bool:
+        """Whether the model (through its config) runs the registered "kvprec" attention function."""
+        from .attention import is_registered
+
+        return getattr(self.config, "_attn_implementation", None) == "kvprec" and is_registered()
+
+    def warn_slow_path(self) -> None:
+        if not self._warned_slow:
+            self._warned_slow = True
+            warnings.warn("kvprec.AdaptiveCache: the model is not using the 'kvprec' attention, so every update "
+                          "gathers the whole cache back to the model dtype (correct but slow, and it "
+                          "materialises full-precision K/V); call kvprec.enable(model)", stacklevel=3)
+
+    def memory_report(self) -> "CacheMemoryReport":
+        return CacheMemoryReport.of(self)
+
+
+@dataclass
+class CacheMemoryReport:
+    """Exact bytes of an AdaptiveCache, from each buffer's report.
+
+    tier_bytes: int64 [L, n_tiers] live page bytes (K and V data + FP16 scales/zeros) per layer and tier;
+    tail_bytes, table_bytes, shadow_bytes, elements, tokens: int64 [L];
+    precision_map: int64 [L, H_kv, n_tiers], sealed blocks per layer, KV head and tier (summed over batch rows).
+    Resident bytes = pages + tails + block tables (the shadow is host memory, reported apart).
+    """
+
+    policy: str
+    tier_bytes: torch.Tensor
+    tail_bytes: torch.Tensor
+    table_bytes: torch.Tensor
+    shadow_bytes: torch.Tensor
+    elements: torch.Tensor
+    tokens: torch.Tensor
+    precision_map: torch.Tensor
+
+    @classmethod
+    def of(cls, cache: AdaptiveCache) -> "CacheMemoryReport":
+        n_layers, n_tiers = len(cache.layers), len(Tier)
+        heads = max((layer.tiers().shape[1] for layer in cache.layers), default=0)
+        out = cls(cache.policy.describe(), torch.zeros(n_layers, n_tiers, dtype=torch.int64),
+                  *(torch.zeros(n_layers, dtype=torch.int64) for _ in range(5)),
+                  torch.zeros(n_layers, heads, n_tiers, dtype=torch.int64))
+        for i, layer in enumerate(cache.layers):
+            if layer.buffer is None:
+                continue
+            r = layer.memory()
+            out.tier_bytes[i] = torch.tensor([r.tier_bytes[str(t)] for t in Tier], dtype=torch.int64)
+            out.tail_bytes[i], out.table_bytes[i], out.shadow_bytes[i] = r.tail_bytes, r.table_bytes, r.shadow_bytes
+            out.elements[i], out.tokens[i] = r.elements, r.tokens
+            tiers = layer.tiers().to(torch.int64)
+            if tiers.numel():
+                counts = torch.nn.functional.one_hot(tiers, n_tiers).sum(dim=(0, 2))  # [H, n_tiers]
+                out.precision_map[i, :counts.shape[0]] = counts
+        return out
+
+    @property
+    def resident_bytes_per_layer(self) -> torch.Tensor:
+        return self.tier_bytes.sum(1) + self.tail_bytes + self.table_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        return int(self.resident_bytes_per_layer.sum())
+
+    @property
+    def bits_per_element(self) -> float:
+        """Resident bits per cached K/V element, metadata, tail and table included."""
+        elements = int(self.elements.sum())
+        return self.resident_bytes * 8 / elements if elements else 0.0
+
+    @property
+    def compression_vs_fp16(self) -> float:
+        """FP16 bytes of the same elements over resident bytes."""
+        return int(self.elements.sum()) * 2 / self.resident_bytes if self.resident_bytes else 0.0
+
+    def format(self) -> str:
+        names = [str(t) for t in Tier]
+        lines = [f"kvprec AdaptiveCache, policy {self.policy}: {len(self.tokens)} layers, "
+                 f"{int(self.tokens.max()) if len(self.tokens) else 0} tokens",
+                 f"{'layer':>5} " + " ".join(f"{n:>9}" for n in names)
+                 + f" {'tail':>9} {'table':>7} {'resident':>10} {'bits/el':>7}"]
+        for i in range(len(self.tokens)):
+            el = int(self.elements[i])
+            bits = int(self.resident_bytes_per_layer[i]) * 8 / el if el else 0.0
+            lines.append(f"{i:>5} " + " ".join(f"{int(b):>9}" for b in self.tier_bytes[i])
+                         + f" {int(self.tail_bytes[i]):>9} {int(self.table_bytes[i]):>7}"
+                         f" {int(self.resident_bytes_per_layer[i]):>10} {bits:>7.2f}")
+        lines.append(f"{'all':>5} " + " ".join(f"{int(b):>9}" for b in self.tier_bytes.sum(0))
+                     + f" {int(self.tail_bytes.sum()):>9} {int(self.table_bytes.sum()):>7}"
+                     f" {self.resident_bytes:>10} {self.bits_per_element:>7.2f}")
+        lines.append(f"effective {self.bits_per_element:.2f} bits/element (scales, zeros, tail and block table "
+                     f"included), compression vs FP16 {self.compression_vs_fp16:.2f}x; host shadow "
+                     f"{int(self.shadow_bytes.sum())} bytes")
+        lines.append("precision map (sealed blocks per KV head, summed over batch rows):")
+        for i in range(self.precision_map.shape[0]):
+            heads = []
+            for h in range(self.precision_map.shape[1]):
+                counts = self.precision_map[i, h]
+                heads.append(" ".join(f"{names[t]}={int(c)}" for t, c in enumerate(counts) if c) or "-")
+            lines.append(f"  layer {i}: " + " | ".join(f"h{h} {s}" for h, s in enumerate(heads)))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()

@@ -126,3 +126,14 @@ def test_output_attentions_match_eager(tiny_model, prompts, family):
                 assert torch.all(b[query_is_pad] == 0)
                 a, b = a[~query_is_pad], b[~query_is_pad]
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_kvprec_attention_with_a_dynamic_cache(tiny_model, prompts, family):
+    """Under kvprec.enabled, a DynamicCache (tensors) takes the fallback: SDPA, or the dense pass for Gemma 2's
+    softcap, which SDPA refuses; same tokens as the stock implementation."""
+    model = tiny_model(family)
+    ref, _ = run(model, prompts["padded"], kvprec_cache=False)
+    with kvprec.enabled(model):
+        new, _ = run(model, prompts["padded"], kvprec_cache=False)
+    assert_same_generation(ref, new)

@@ -94,6 +94,10 @@ def resolve_backend(name: str, backend: str, device: torch.device) -> str:
     entry = REGISTRY[name]
     if backend == "auto":
         for candidate in _AUTO_ORDER:
+            # The Triton interpreter is a test tool, orders of magnitude slower than the reference: auto uses
+            # Triton on CUDA tensors only; backend="triton" still runs it where TRITON_INTERPRET=1.
+            if candidate == "triton" and device.type != "cuda":
+                continue
             if _why_unavailable(entry, candidate, device) is None:
                 return candidate
         raise RuntimeError(f"{name}: no backend available on {device}")  # torch always is; defensive
@@ -181,3 +185,62 @@ register("map_tiers", _precision.map_tiers_reference, native="kvprec::map_tiers"
 register("tier_errors", _precision.tier_errors_reference, native="kvprec::tier_errors")
 register("knapsack_tiers", _precision.knapsack_tiers_reference, native="kvprec::knapsack_tiers")
 register("knapsack_min_bytes", _precision.knapsack_min_bytes_reference, native="kvprec::knapsack_min_bytes")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Decode attention over mixed tiers: reference kvprec/reference/decode_attention.py (block by block, FP32),
+# Triton kernels kvprec/triton_ops/ (flash-decoding). The Triton launchers of this op and of the format ops are
+# attached lazily: importing kvprec must not import triton, so a stand-in imports kvprec.triton_ops (which
+# registers the real launchers) on its first call. It is attached only where triton is installed, so that
+# resolve_backend says "no Triton kernel" where there is none.
+import importlib.util as _importlib_util  # noqa: E402
+
+from .reference import PagedKV  # noqa: E402
+from .reference.decode_attention import decode_attention as _decode_attention_reference  # noqa: E402
+
+register("decode_attention", _decode_attention_reference)
+
+_TRITON_OPS = ("decode_attention", "quantize_keys", "quantize_values", "dequantize_keys", "dequantize_values")
+
+
+class _LazyTritonLauncher:
+    """Imports kvprec.triton_ops on the first call, then forwards to the launcher that import registered."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        from . import triton_ops  # noqa: F401  (registers the launchers, replacing this stand-in)
+
+        launcher = REGISTRY[self.name].triton
+        if isinstance(launcher, _LazyTritonLauncher):
+            raise RuntimeError(f"{self.name}: kvprec.triton_ops did not register a Triton launcher")
+        return launcher(*args, **kwargs)
+
+
+if _importlib_util.find_spec("triton") is not None:
+    for _name in _TRITON_OPS:
+        if REGISTRY[_name].triton is None:
+            register_triton(_name, _LazyTritonLauncher(_name))
+
+
+def decode_attention(q: torch.Tensor, paged: PagedKV, *, scale: Optional[float] = None,
+                     mask: Optional[torch.Tensor] = None, sliding_window: int = 0, softcap: float = 0.0,
+                     block_mass: bool = False, backend: str = "auto"):
+    """Attention of q [B, Hq, Q, D] (the Q newest positions, bottom-right causal) over a paged mixed-tier cache.
+
+    GQA without repeating K/V (query head h reads KV head h // (Hq / Hkv)); scores
+    s = softcap * tanh(scale * q.k / softcap) (no cap when softcap = 0; scale defaults to 1/sqrt(D)), masked to
+    keys t <= p, t > p - sliding_window (when > 0) and ``mask[b, i, t]`` (optional bool [B, Q, N]).
+    Returns (out [B, Hq, Q, D] in q's dtype, lse FP32 [B, Hq, Q], block_mass FP32 [B, Hq, Q, NB + (1 if tail)]
+    or None): block_mass[j] is the softmax probability of block j (the tail last); rows sum to 1. A query that
+    may attend to nothing gets out 0, lse -inf, block mass 0. See kvprec/reference/decode_attention.py.
+
+    backend: "torch" (reference), "triton" (flash-decoding kernels; CUDA, or CPU under TRITON_INTERPRET=1),
+    "auto" (triton on CUDA where installed, else torch).
+    """
+    b = resolve_backend("decode_attention", backend, q.device)
+    kwargs = dict(scale=scale, mask=mask, sliding_window=sliding_window, softcap=softcap, block_mass=block_mass)
+    if b == "triton":
+        return REGISTRY["decode_attention"].triton(q, paged, **kwargs)
+    return _decode_attention_reference(q, paged, **kwargs)

@@ -1,0 +1,16 @@
+"""Triton launchers, registered with the op registry on import (bodies in the top-level triton_kernels package).
+
+Importing kvprec never imports this package (triton is optional); kvprec.ops imports it on the first call that
+resolves to the Triton backend. Under TRITON_INTERPRET=1 (set before this import) the kernels run on CPU tensors
+in Triton's interpreter, which is how CPU CI tests them.
+"""
+from .. import ops as _ops
+from . import decode_attention, quantize
+
+_ops.register_triton("decode_attention", decode_attention.decode_attention)
+_ops.register_triton("quantize_keys", quantize.quantize_keys)
+_ops.register_triton("quantize_values", quantize.quantize_values)
+_ops.register_triton("dequantize_keys", quantize.dequantize_keys)
+_ops.register_triton("dequantize_values", quantize.dequantize_values)
+
+__all__ = ["decode_attention", "quantize"]

@@ -9,6 +9,9 @@ anything imports triton); on a GPU they compile for it. Tolerances by kind (DESI
   K/V) and "torch same dtype" is dense attention with products and softmax in q's dtype
   (kvprec.reference.dense_decode_attention). The 1e-5 floor covers cases where the same-dtype error is ~0
   (one position: the output is exactly V); FP32 q is held to 1e-5 alone.
+
+The interpreter does not run the compiler, so one test also compiles a few launches for sm_90 (triton's bundled
+ptxas, no GPU) and checks the PTX for the rounding the formats need.
 """
 import os
 
@@ -167,6 +170,68 @@ def test_importing_kvprec_does_not_import_triton_and_the_launchers_load_lazily()
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr
+
+
+_COMPILE_SCRIPT = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kvprec.triton_ops.decode_attention as tda, kvprec.triton_ops.quantize as tq
+from kvprec.formats import Tier
+from kvprec.reference import PagedKV
+
+launches = []
+class Record:  # stands in for wrap_triton: keeps the launch instead of running it
+    def __init__(self, kernel): self.kernel = kernel
+    def __getitem__(self, grid): return lambda *args, **kw: launches.append((self.kernel, args, kw))
+tda.wrap_triton = tq.wrap_triton = Record
+TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
+         torch.int8: "i8", torch.int32: "i32"}
+
+def compile_sm90(kernel, args, kw):
+    sig, const, opts = {}, {}, {}
+    for name, a in zip(kernel.arg_names, args):
+        sig[name] = "*" + TYPES[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else "i32"
+    for name, a in kw.items():
+        if name in ("num_warps", "num_stages", "enable_fp_fusion"):
+            opts[name] = a
+        else:
+            sig[name], const[name] = "constexpr", a
+    sig = {n: sig[n] for n in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
+
+g = torch.Generator().manual_seed(0)
+for dtype, d, tiers, extras in ((torch.float16, 128, "mixed", False), (torch.bfloat16, 64, Tier.INT4, True)):
+    k = torch.randn(1, 2, 200, d).to(dtype)
+    tiers = torch.randint(0, 6, (1, 2, 3), generator=g).to(torch.int8) if tiers == "mixed" else tiers
+    p = PagedKV.from_dense(k, k, tiers, 64, 32, generator=g)
+    mask = torch.ones(1, 2, 200, dtype=torch.uint8) if extras else None
+    tda.decode_attention_op(torch.randn(1, 4, 2, d).to(dtype), tda._flatten_pools(p), p.tiers, p.pages, p.tail_k,
+                            p.tail_v, mask, 0.1, 32 if extras else 0, 30.0 if extras else 0.0, extras, 2, 64, 32)
+x = torch.randn(2, 64, 128, dtype=torch.float16)
+codes, scale, zero = tq.quantize_keys_op(x, 4)
+tq.quantize_values_op(x, 2, 32)
+for out in (torch.float16, torch.bfloat16):
+    tq.dequantize_op(codes, scale, zero, 4, 128, 32, False, out)
+for kernel, args, kw in launches:
+    ptx = compile_sm90(kernel, args, kw).asm["ptx"]
+    if kernel.fn.__name__ == "dequantize_kernel":
+        assert "fma.rn.f32" not in ptx, "dequantize must multiply, then add"
+    if kernel.fn.__name__.startswith("quantize"):
+        assert "div.rn.f32" in ptx and "div.full.f32" not in ptx, "quantize must divide with IEEE rounding"
+print("OK", len(launches))
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter does not check what the compiler does (constexpr-only globals, layouts, dot shapes):
+    compile a few launches for sm_90 with the installed triton and its bundled ptxas, no GPU needed, and check
+    the PTX for the rounding the formats need (no FMA in dequantize, IEEE division in quantize)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert out.returncode == 0 and "OK 8" in out.stdout, out.stderr[-4000:]
 
 
 @native

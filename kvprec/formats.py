@@ -17,7 +17,7 @@ Quantization of one group g, all arithmetic in FP32 (qmax = 2^bits - 1)::
     zero  = fp16_round_down(min g)
     scale = fp16_round_up((max g - zero) / qmax)
     code  = clamp(round_half_even((x - zero) / scale), 0, qmax)        (0 where scale == 0)
-    x'    = code * scale + zero                                          (multiply, then add)
+    x'    = clamp(code * scale + zero, -65504, 65504)                   (multiply, then add, then clamp)
 
 Rounding zero down and scale up makes the stored FP16 pair cover [min g, max g], so no code is clipped and
 the element error is ``|x - x'| <= scale / 2`` up to FP32 rounding (<= 2^-23 (|x| + scale) per operation).
@@ -254,7 +254,9 @@ def quantize_values(x: torch.Tensor, tier: Tier | str | int, group_size: int) ->
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     y = codes.float() * scale.float()
     y = y + zero.float()
-    return y.to(dtype)
+    # Inputs obey |x| <= 65504, so clamping there never moves x' away from x; without it, code * scale + zero
+    # may round past 65504 (by up to scale / 2) and a cast to FP16 would turn it into inf.
+    return y.clamp_(-FP16_MAX, FP16_MAX).to(dtype)
 
 
 def dequantize_keys(q: QuantizedBlock, tier: Tier | str | int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:

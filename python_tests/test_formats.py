@@ -169,3 +169,17 @@ def test_signed_zeros_store_the_same_bits():
         ref, cpp = ops.quantize_keys(x, tier, backend="torch"), ops.quantize_keys(x, tier, backend="cpp")
         assert same_bits(ref.zero, cpp.zero) and same_bits(ref.scale, cpp.scale) and torch.equal(ref.codes, cpp.codes)
         assert not torch.signbit(ref.zero[0, 0]) and not torch.signbit(ref.scale[0, 1])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=native)])
+@pytest.mark.parametrize("tier", INT_TIERS, ids=str)
+def test_dequantize_to_fp16_stays_finite_at_the_range_ends(backend, tier):
+    """A group spanning +-65504: code * scale + zero can round past 65504 by up to scale / 2; the clamp to the
+    input contract keeps an FP16 result finite without moving any x' away from its x."""
+    x = torch.tensor([-65504.0, -1000.0, 3.0, 65504.0]).reshape(1, 4, 1).repeat(1, 1, 4).half()
+    q = ops.quantize_keys(x, tier, backend=backend)
+    y = ops.dequantize_keys(q, tier, 4, torch.float16, backend=backend)
+    assert torch.isfinite(y).all()
+    assert ((y.float() - x.float()).abs() <= q.scale.float().unsqueeze(1) / 2 * (1 + 2**-20)).all()
+    qv = ops.quantize_values(x, tier, 4, backend=backend)
+    assert torch.isfinite(ops.dequantize_values(qv, tier, 4, 4, torch.float16, backend=backend)).all()

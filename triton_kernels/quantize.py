@@ -202,6 +202,7 @@ def dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, D, GS,
         zero = tl.load(zero_ptr + meta, mask=ok, other=0.0).to(tl.float32)
     y = code.to(tl.float32) * scale
     y = y + zero
+    y = tl.minimum(tl.maximum(y, -65504.0), 65504.0)  # within the input contract |x| <= 65504 (see formats.py)
     o_offs = n * T * D + offs_t[:, None] * D + offs_d[None, :]
     if OUT_BF16:
         tl.store(out_ptr + o_offs, round_to_bf16(y), mask=ok)

@@ -186,7 +186,8 @@ QuantizedBlock quantize_values(const at::Tensor& x, Tier tier, int64_t group_siz
 namespace {
 
 // x'[i] = code[i] * scale[group(i)] + zero[group(i)] in FP32 for codes [N, T, D], as two separate ATen ops
-// (a multiply, then an add: two roundings, exactly as the torch reference), then one cast to dtype.
+// (a multiply, then an add: two roundings, exactly as the torch reference), clamped to the input contract
+// |x| <= 65504 (so a cast to FP16 never overflows to inf), then one cast to dtype.
 at::Tensor dequantize_impl(const QuantizedBlock& q, Tier tier, int64_t head_dim, at::ScalarType dtype, bool keys,
                            int64_t group_size) {
   if (!tier_is_integer(tier)) return q.codes.to(dtype, /*non_blocking=*/false, /*copy=*/true);
@@ -196,12 +197,13 @@ at::Tensor dequantize_impl(const QuantizedBlock& q, Tier tier, int64_t head_dim,
   at::Tensor scale = q.scale.to(at::kCPU).to(at::kFloat), zero = q.zero.to(at::kCPU).to(at::kFloat);
   if (keys) {
     TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.size(1) == d, "dequantize_keys: scale must be [N, D]");
-    return at::add(at::mul(codes, scale.unsqueeze(1)), zero.unsqueeze(1)).to(dtype);
+    return at::add(at::mul(codes, scale.unsqueeze(1)), zero.unsqueeze(1)).clamp_(-kFp16Max, kFp16Max).to(dtype);
   }
   const int64_t groups = d / group_size;
   TORCH_CHECK(scale.dim() == 3 && scale.size(0) == n && scale.size(1) == t && scale.size(2) == groups,
               "dequantize_values: scale must be [N, T, D/G]");
   at::Tensor y = at::add(at::mul(codes.view({n, t, groups, group_size}), scale.unsqueeze(-1)), zero.unsqueeze(-1));
+  y.clamp_(-kFp16Max, kFp16Max);
   return y.view({n, t, d}).to(dtype);
 }
 

@@ -6,7 +6,8 @@
 //   zero  = fp16_round_down(min g)                  so that zero <= every x
 //   scale = fp16_round_up((max g - zero) / qmax)     so that zero + qmax * scale >= every x
 //   code  = clamp(round_half_even((x - zero) / scale), 0, qmax)     (code = 0 where scale == 0)
-//   x'    = code * scale + zero                      (a multiply then an add: no fused multiply-add)
+//   x'    = clamp(code * scale + zero, -65504, 65504)  (a multiply then an add: no fused multiply-add; the
+//           clamp keeps an FP16 cast finite and never moves x' away from x, since |x| <= 65504)
 // Because the stored FP16 scale and zero cover [min, max], no code is clipped and
 //   |x - x'| <= scale / 2  (plus the FP32 rounding of the two operations, <= 2^-23 * (|x| + scale)).
 // Inputs must be finite and within the FP16 range (|x| <= 65504), since scale and zero are FP16.

@@ -29,6 +29,7 @@ class TeacherForced:
     nll: torch.Tensor
     argmax: torch.Tensor
     seconds: float
+    bits_per_element: float          # of the cache after the pass: its own accounting, or the dense dtype's bits
     memory: Optional[object] = None  # the cache's memory report, when it has one
 
     @property
@@ -78,7 +79,9 @@ def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_imp
             logits = out.logits[:, -1].float()
     seconds = time.perf_counter() - start
     report = cache.memory_report() if hasattr(cache, "memory_report") else None
-    return TeacherForced(torch.stack(nll).cpu(), torch.stack(argmax).cpu(), seconds, report)
+    # A dense cache (DynamicCache) stores every element in its K/V dtype and nothing else.
+    bits = report.bits_per_element if report is not None else 8.0 * cache.layers[0].keys.element_size()
+    return TeacherForced(torch.stack(nll).cpu(), torch.stack(argmax).cpu(), seconds, bits, report)
 
 
 @dataclass
@@ -97,11 +100,12 @@ class Comparison:
 
     def rows(self) -> List[dict]:
         out = [{"cache": "reference", "perplexity": self.reference.perplexity, "ppl_change": 0.0,
-                "top1_agreement": 1.0, "bits_per_element": 16.0, "seconds": self.reference.seconds}]
+                "top1_agreement": 1.0, "bits_per_element": self.reference.bits_per_element,
+                "seconds": self.reference.seconds}]
         for name, r in self.results.items():
             out.append({"cache": name, "perplexity": r.perplexity, "ppl_change": self.ppl_change(name),
                         "top1_agreement": self.agreement(name),
-                        "bits_per_element": r.memory.bits_per_element if r.memory is not None else float("nan"),
+                        "bits_per_element": r.bits_per_element,
                         "seconds": r.seconds})
         return out
 

@@ -15,7 +15,7 @@ kvprec attention function: it reads sealed block i with ``buffer.block(i)`` and 
 combines them with an online softmax (flash-decoding), so at most one dequantized block is alive per layer;
 blocks that no query's sliding window reaches are not read at all.
 A :class:`ReadCounter` proves it: it counts block reads and, through weak references, how many dequantized
-blocks were alive at once.
+blocks were alive at once. (The block loop itself is kvprec/reference/decode_attention.py: one reference.)
 """
 from __future__ import annotations
 
@@ -58,67 +58,21 @@ def attend_blocks(buffer, q: torch.Tensor, mask: Optional[torch.Tensor] = None, 
 
     mask: optional bool [B, Q, N] (True = may attend). Returns (out [B, Hq, Q, D] in q's dtype, lse FP32
     [B, Hq, Q], block_mass FP32 [B, Hq, Q, ceil(N / T)] or an empty tensor), like the native ``attend``.
+    The one block-by-block reference, :func:`kvprec.reference.decode_attention.decode_attention`, runs over the
+    buffer's live pools (no copy); ``counter`` counts its block reads.
     """
-    b, hq, nq, d = q.shape
-    tail_k, tail_v = buffer.tail_keys(), buffer.tail_values()
-    hkv = tail_k.shape[1]
-    if hq % hkv:
-        raise ValueError(f"attend: {hq} query heads are not a multiple of {hkv} KV heads")
-    g = hq // hkv
-    n, n_sealed, block_size = buffer.seq_len, buffer.num_sealed_blocks, buffer.block_size
-    scale = scale or 1.0 / math.sqrt(d)
-    qf = q.float().reshape(b, hkv, g, nq, d) * scale
-    q_pos = torch.arange(n - nq, n, device=q.device)
+    from .reference import PagedKV
+    from .reference.decode_attention import decode_attention
 
-    m = torch.full((b, hkv, g, nq), float("-inf"), device=q.device)
-    l = torch.zeros_like(m)
-    acc = torch.zeros(b, hkv, g, nq, d, device=q.device)
-    partial = []  # per block: (sum of exp(s - m_at_the_time), m_at_the_time), for block_mass
-    earlier = []
+    on_read = None
     if counter is not None:
         counter.calls += 1
-    for index in range(n_sealed + (1 if tail_k.shape[2] else 0)):
-        start = index * block_size
-        if sliding_window > 0 and start + block_size - 1 <= n - nq - sliding_window:
-            # No query's window reaches this block: skip reading it (sliding-window decode costs O(window)).
-            if block_mass:
-                partial.append((torch.zeros_like(m), torch.zeros_like(m)))
-            continue
-        if index < n_sealed:
-            k, v = buffer.block(index, torch.float32)
-        else:
-            k, v = tail_k.float(), tail_v.float()
-        if counter is not None:
-            counter.on_read(earlier, k, v)
-        t = k.shape[2]
-        s = torch.einsum("bhgqd,bhtd->bhgqt", qf, k)
-        if softcap > 0:
-            s = softcap * torch.tanh(s / softcap)
-        allowed = _allowed(q_pos, torch.arange(start, start + t, device=q.device), sliding_window)
-        allowed = allowed[None, None, None]
-        if mask is not None:
-            allowed = allowed & mask[:, None, None, :, start:start + t]
-        s = s.masked_fill(~allowed, float("-inf"))
-        m_new = torch.maximum(m, s.amax(-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(s - m_safe[..., None])
-        correction = torch.exp(m - m_safe)
-        l = l * correction + p.sum(-1)
-        acc = acc * correction[..., None] + torch.einsum("bhgqt,bhtd->bhgqd", p, v)
-        if block_mass:
-            partial.append((p.sum(-1), m_safe))
-        m = m_new
-        del k, v, s, p  # drop this block before the next one is read
-    has_keys = l > 0
-    out = torch.where(has_keys[..., None], acc / l.clamp(min=torch.finfo(torch.float32).tiny)[..., None], 0.0)
-    lse = torch.where(has_keys, m + torch.log(l.clamp(min=torch.finfo(torch.float32).tiny)), float("-inf"))
-    mass = torch.empty(0, device=q.device)
-    if block_mass:
-        m_final = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        denom = l.clamp(min=torch.finfo(torch.float32).tiny)
-        mass = torch.stack([sums * torch.exp(m_at - m_final) / denom for sums, m_at in partial], -1)
-        mass = torch.where(has_keys[..., None], mass, 0.0).reshape(b, hq, nq, -1)
-    return out.reshape(b, hq, nq, d).to(q.dtype), lse.reshape(b, hq, nq), mass
+        earlier: list = []
+        on_read = lambda k, v: counter.on_read(earlier, k, v)  # noqa: E731
+    out, lse, mass = decode_attention(q, PagedKV.from_buffer(buffer), scale=scale or None, mask=mask,
+                                      sliding_window=sliding_window, softcap=softcap, block_mass=block_mass,
+                                      on_read=on_read)
+    return out, lse, mass if mass is not None else torch.empty(0, device=q.device)
 
 
 def attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,

@@ -20,7 +20,7 @@ and torch's SDPA), so padded rows never turn into NaN.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -56,11 +56,14 @@ def check_inputs(q: torch.Tensor, paged: PagedKV, mask: Optional[torch.Tensor], 
 
 def decode_attention(q: torch.Tensor, paged: PagedKV, *, scale: Optional[float] = None,
                      mask: Optional[torch.Tensor] = None, sliding_window: int = 0, softcap: float = 0.0,
-                     block_mass: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                     block_mass: bool = False, on_read: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Attention of q [B, Hq, Q, D] over ``paged`` (formulas in the module docstring).
 
     mask: optional bool [B, Q, N], True = may attend (padding). Returns out [B, Hq, Q, D] in q's dtype,
     lse FP32 [B, Hq, Q] and, if ``block_mass``, FP32 [B, Hq, Q, NB + (1 if TL > 0)] (rows sum to 1), else None.
+    Blocks that no query's sliding window reaches are not read (decode with a window costs O(window)).
+    on_read(k, v) is called with each block read (instrumentation: kvprec.attention_ref.ReadCounter).
     """
     check_inputs(q, paged, mask, sliding_window, softcap)
     b, hq, nq, d = q.shape
@@ -77,10 +80,16 @@ def decode_attention(q: torch.Tensor, paged: PagedKV, *, scale: Optional[float] 
     acc = torch.zeros(b, hkv, g, nq, d, device=dev)
     partial = []  # per block: (sum_t e^(s_t - m'), m') with m' the running maximum after the block
     for j in range(nb + (1 if tl else 0)):
+        if sliding_window > 0 and j * t_blk + t_blk - 1 <= n - nq - sliding_window:
+            if block_mass:
+                partial.append((torch.zeros_like(m), torch.zeros_like(m)))
+            continue
         if j < nb:
             k, v = paged.block(j, torch.float32)
         else:
             k, v = paged.tail_k.float(), paged.tail_v.float()
+        if on_read is not None:
+            on_read(k, v)
         start = j * t_blk
         k_pos = torch.arange(start, start + k.shape[2], device=dev)
         s = torch.einsum("bhgqd,bhtd->bhgqt", qf, k)

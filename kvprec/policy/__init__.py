@@ -3,7 +3,8 @@
 Look a policy up by name with :func:`get`: ``"name"`` or ``"name:arg,arg,key=value"``, e.g. ``"uniform:int4"``,
 ``"sink_window:sinks=4,window=256,rest=int4,recent=fp16"``, ``"attention_mass:keep=0.25"``. The budget wrapper
 takes a policy object or name: ``budget("attention_mass", bits_per_element=4)``. New policies join with
-:func:`register`.
+:func:`register`. The curvature policy needs a calibration run, so it has no name form: build it with
+``Curvature.calibrate(model, input_ids, bits_per_element=...)`` (it can be wrapped by ``budget(...)`` as well).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Callable, Dict
 from .attention_mass import AttentionMass, attention_mass
 from .base import AttentionStats, Policy, SealStats, demote_to
 from .budget import Budget, BudgetError, budget
+from .curvature import Curvature
 from .sink_window import SinkWindow, sink_window
 from .uniform import Uniform, uniform
 
@@ -24,7 +26,7 @@ _FACTORIES: Dict[str, Callable[..., Policy]] = {
 
 def register(name: str, factory: Callable[..., Policy]) -> None:
     """Make ``get(name + ":args")`` call ``factory(*args, **kwargs)``."""
-    if name in _FACTORIES or name == "budget":
+    if name in _FACTORIES or name in ("budget", "curvature"):
         raise ValueError(f"policy name {name!r} is already taken")
     _FACTORIES[name] = factory
 
@@ -54,6 +56,9 @@ def get(spec: "Policy | str") -> Policy:
     if name == "budget":
         raise ValueError("policy 'budget' wraps another policy: use kvprec.policy.budget(policy, bytes=... or "
                          "bits_per_element=...)")
+    if name == "curvature":
+        raise ValueError("policy 'curvature' needs a calibration run, so it cannot be made from a name: use "
+                         "kvprec.policy.Curvature.calibrate(model, input_ids, bits_per_element=... or mode=...)")
     if name not in _FACTORIES:
         raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(names())} (and budget(...))")
     args, kwargs = [], {}
@@ -72,4 +77,5 @@ def get(spec: "Policy | str") -> Policy:
 
 
 __all__ = ["Policy", "SealStats", "AttentionStats", "demote_to", "get", "register", "names", "Uniform", "uniform",
-           "SinkWindow", "sink_window", "AttentionMass", "attention_mass", "Budget", "BudgetError", "budget"]
+           "SinkWindow", "sink_window", "AttentionMass", "attention_mass", "Budget", "BudgetError", "budget",
+           "Curvature"]

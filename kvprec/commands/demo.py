@@ -20,9 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", default=None,
                    help=f"a policy name (repeatable; default: {', '.join(DEFAULT_POLICIES)})")
     p.add_argument("--prefill", type=int, default=512, help="tokens prefilled into the cache (default 512)")
-    p.add_argument("--tokens", type=int, default=128, help="teacher-forced decode steps measured (default 128)")
+    p.add_argument("--tokens", type=int, default=256, help="teacher-forced decode steps measured (default 256)")
     p.add_argument("--generate", type=int, default=64, help="tokens generated in the side-by-side (default 64)")
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--no-curvature", action="store_true",
+                   help="skip the curvature policy (calibrated on another held-out file, at uniform INT4's page bytes)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -55,6 +57,20 @@ def run(args) -> int:
 
     caches = {spec: (lambda spec=spec: kvprec.AdaptiveCache(model.config, policy=spec, block_size=args.block_size))
               for spec in policies}
+    if not args.no_curvature:
+        # The central claim, tested at equal memory: a curvature map (calibrated on a different held-out file)
+        # may spend uniform INT4's page bytes on any mix of INT2..FP16 blocks.
+        from kvprec.formats import BlockGeometry, Tier
+        from kvprec.policy import Curvature
+
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        pages = BlockGeometry(args.block_size, head_dim, min(32, head_dim)).page_bytes(Tier.INT4)
+        bits = 8 * pages / (args.block_size * head_dim * 2)
+        calib = byte_tokens(stdlib_text(STDLIB_EVAL_FILES[1:2])[:args.prefill + args.tokens])
+        curvature = Curvature.calibrate(model, calib, bits_per_element=bits, block_size=args.block_size,
+                                        candidates=("int2", "int4", "int8", "fp16"))
+        caches[f"curvature@{bits:.2f}b pages"] = lambda: kvprec.AdaptiveCache(model.config, policy=curvature,
+                                                                             block_size=args.block_size)
     result = compare(model, tokens, args.prefill, caches)
     print(result.format())
 

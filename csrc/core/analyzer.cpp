@@ -1,4 +1,5 @@
 // KVCacheAnalyzer and DynamicPrecisionAdjuster: see kvprec/analyzer.h for the pipeline and the rules.
+#include "kvprec/errors.h"
 #include "kvprec/analyzer.h"
 
 #include <ATen/ATen.h>
@@ -13,16 +14,6 @@
 namespace kvprec {
 namespace {
 
-// The torch-free mapper throws std::invalid_argument; surface it as c10::ValueError like the rest of the core.
-template <typename Fn>
-auto value_errors(Fn&& fn) -> decltype(fn()) {
-  try {
-    return fn();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-  throw std::logic_error("unreachable");
-}
 
 // The lower median by effective bits of a set of tiers.
 Tier median_tier(std::vector<Tier> tiers) {

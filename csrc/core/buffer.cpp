@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kvprec/errors.h"
 #include "kvprec/quantize.h"
 
 namespace kvprec {
@@ -149,11 +150,7 @@ struct MixedPrecisionBuffer::State {
 MixedPrecisionBuffer::MixedPrecisionBuffer(const BufferOptions& options) : opts_(options) {
   TORCH_CHECK_VALUE(opts_.batch >= 1, "batch: ", opts_.batch, " is not accepted; expected >= 1");
   TORCH_CHECK_VALUE(opts_.kv_heads >= 1, "kv_heads: ", opts_.kv_heads, " is not accepted; expected >= 1");
-  try {
-    geometry().check();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());  // c10::ValueError: Python sees a ValueError, like formats.py's
-  }
+  value_errors([&] { geometry().check(); });
   TORCH_CHECK_VALUE(is_float_model_dtype(opts_.dtype), "dtype: ", c10::toString(opts_.dtype),
                     " is not accepted; the model dtype must be float32, float16 or bfloat16");
   const int64_t ti = static_cast<int64_t>(opts_.default_tier);

@@ -11,23 +11,16 @@
 #include <tuple>
 #include <vector>
 
+#include "kvprec/errors.h"
 #include "kvprec/analyzer.h"
 
 namespace {
 
+using kvprec::value_errors;
+
 using kvprec::KVCacheAnalyzer;
 using kvprec::Tier;
 
-// The torch-free mapper and formats throw std::invalid_argument; re-raise as c10::ValueError (Python ValueError).
-template <typename Fn>
-auto value_errors(Fn&& fn) -> decltype(fn()) {
-  try {
-    return fn();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-  throw std::logic_error("unreachable");
-}
 
 kvprec::MapMode mode_from_name(const std::string& name) {
   if (name == "threshold") return kvprec::MapMode::Threshold;

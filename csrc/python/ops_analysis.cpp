@@ -8,25 +8,18 @@
 #include <string>
 #include <vector>
 
+#include "kvprec/errors.h"
 #include "kvprec/curvature.h"
 #include "kvprec/formats.h"
 #include "kvprec/precision_mapper.h"
 
 namespace {
 
+using kvprec::value_errors;
+
 using kvprec::Reduce;
 using kvprec::Tier;
 
-// The torch-free mapper throws std::invalid_argument; re-raise it as c10::ValueError (Python ValueError).
-template <typename Fn>
-auto value_errors(Fn&& fn) -> decltype(fn()) {
-  try {
-    return fn();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-  throw std::logic_error("unreachable");
-}
 
 std::vector<Tier> tiers_of(at::IntArrayRef ids) {
   std::vector<Tier> out;

@@ -20,6 +20,7 @@ the attention's ``sliding_window`` argument.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from .policy.base import AttentionStats, SealStats
 #: return value to the attention function unchanged (checked in transformers 5.23, HF_INTEGRATION.md).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2")
 
-BACKENDS = ("auto", "cpp", "torch")
+BACKENDS = ("auto", "cpp", "torch", "triton")
 
 
 def text_config(config):
@@ -167,9 +168,18 @@ class AdaptiveLayer(CacheLayerMixin):
     def attend(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: float, sliding_window: int,
                softcap: float, block_mass: bool):
         """Attention of q [B, Hq, Q, D] over this layer: (out [B, Hq, Q, D], lse [B, Hq, Q], block_mass)."""
-        if self.cache.backend == "torch":
+        backend = self.cache.attention_backend(q)
+        if backend == "torch":
             return attend_blocks(self.buffer, q, mask, scale, sliding_window, softcap, block_mass,
                                  counter=self.cache.read_counter)
+        if backend == "triton":
+            from . import ops
+            from .reference import PagedKV
+
+            out, lse, mass = ops.decode_attention(q, PagedKV.from_buffer(self.buffer), scale=scale or None, mask=mask,
+                                                  sliding_window=sliding_window, softcap=softcap,
+                                                  block_mass=block_mass, backend="triton")
+            return out, lse, mass if mass is not None else torch.empty(0, device=q.device)
         return self.buffer.attend(q, mask, scale=scale, sliding_window=sliding_window, softcap=softcap,
                                   block_mass=block_mass)
 
@@ -244,8 +254,10 @@ class AdaptiveCache(Cache):
         block_size: positions per block (power of two). group_size: value quantization group along head_dim.
         shadow: None, or "cpu" to keep a host copy of each sealed block in the model dtype (exact crop,
             promotion possible; host memory, reported apart).
-        backend: attention over the buffer: "cpp" (the native kernel), "torch" (the pure-torch block-by-block
-            reference, instrumented by ``read_counter``), or "auto" (= "cpp").
+        backend: attention over the buffer: "cpp" (the native kernel, block by block with ATen ops), "triton"
+            (the flash-decoding kernel reading the packed tiers; head_dim 64/128/256), "torch" (the pure-torch
+            block-by-block reference, instrumented by ``read_counter``), or "auto": "triton" for CUDA tensors of a
+            head_dim it supports when triton is installed, else "cpp".
         offloading: not supported; True raises.
     """
 
@@ -265,11 +277,21 @@ class AdaptiveCache(Cache):
         self.config = text_config(config)
         self.policy = policy_lib.get(policy)
         self.block_size, self.group_size, self.shadow = int(block_size), int(group_size), shadow is not None
-        self.backend = "cpp" if backend == "auto" else backend
+        self.backend = backend
         #: set to a kvprec.attention_ref.ReadCounter to count block reads of the "torch" backend
         self.read_counter: Optional[ReadCounter] = None
         self._warned_slow = False
         super().__init__(layers=[AdaptiveLayer(self, i) for i in range(self.config.num_hidden_layers)])
+
+    def attention_backend(self, q: torch.Tensor) -> str:
+        """The backend that attends for queries ``q`` [B, Hq, Q, D] (see ``backend`` in the class docstring)."""
+        if self.backend != "auto":
+            return self.backend
+        from .ops import TRITON_DECODE_HEAD_DIMS
+
+        if q.is_cuda and q.shape[-1] in TRITON_DECODE_HEAD_DIMS and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        return "cpp"
 
     def uses_kvprec_attention(self) -> bool:
         """Whether the model (through its config) runs the registered "kvprec" attention function."""

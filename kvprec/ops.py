@@ -200,6 +200,9 @@ from .reference.decode_attention import decode_attention as _decode_attention_re
 
 register("decode_attention", _decode_attention_reference)
 
+#: head_dim values the Triton decode kernel is compiled for (kvprec/triton_ops/decode_attention.py checks them).
+TRITON_DECODE_HEAD_DIMS = (64, 128, 256)
+
 _TRITON_OPS = ("decode_attention", "quantize_keys", "quantize_values", "dequantize_keys", "dequantize_values")
 
 

@@ -232,3 +232,30 @@ def test_block_mass_reaches_the_policy(tiny_model, prompts):
         per_row = layer.stats.mass.sum(dim=(1, 2))  # over KV heads and blocks
         torch.testing.assert_close(per_row, valid_queries.float() * 4, rtol=1e-5, atol=1e-4)  # x 4 query heads
         assert layer.stats.seen.tolist() == [2 * (21 + 4), 2 * (13 + 4), 2 * (5 + 4), 2 * 1]
+
+
+def test_triton_backend_matches_the_native_one_in_generate():
+    """AdaptiveCache(backend="triton") runs the Triton flash-decoding kernel (here under TRITON_INTERPRET=1) over
+    the cache's pools; it must produce the tokens and, within FP32 rounding, the logits of the native backend."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernel needs a CUDA device or TRITON_INTERPRET=1 (set by scripts/test.sh)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)  # head_dim 64
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (1, 21))
+    out = {}
+    for backend in ("cpp", "triton"):
+        cache = kvprec.AdaptiveCache(model.config, policy="sink_window:sinks=4,window=8,rest=int4", block_size=8,
+                                     backend=backend)
+        with kvprec.enabled(model):
+            out[backend] = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                          max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                          return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out["cpp"].sequences, out["triton"].sequences)
+    for a, b in zip(out["cpp"].logits, out["triton"].logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

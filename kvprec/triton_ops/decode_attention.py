@@ -26,10 +26,11 @@ from torch.library import triton_op, wrap_triton
 from triton_kernels.decode_attention import decode_reduce_kernel, decode_split_kernel
 
 from ..formats import Tier
+from ..ops import TRITON_DECODE_HEAD_DIMS
 from ..reference.decode_attention import check_inputs
 from ..reference.paged import PagedKV
 
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = TRITON_DECODE_HEAD_DIMS
 # Pools in kernel-argument order: float tiers (k, v), integer tiers (k, k_scale, k_zero, v, v_scale, v_zero).
 _POOL_SLOTS = ((Tier.FP32, (0, 3)), (Tier.FP16, (0, 3)), (Tier.BF16, (0, 3)),
                (Tier.INT8, range(6)), (Tier.INT4, range(6)), (Tier.INT2, range(6)))

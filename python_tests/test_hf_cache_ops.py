@@ -149,7 +149,7 @@ def test_refusals_are_clear(tiny_model):
     with pytest.raises(ValueError, match="shadow"):
         AdaptiveCache(llama, shadow="disk")
     with pytest.raises(ValueError, match="backend"):
-        AdaptiveCache(llama, backend="triton")
+        AdaptiveCache(llama, backend="cuda")
     with pytest.raises(ValueError, match="power of two"):
         AdaptiveCache(llama, block_size=12)
     with pytest.raises(ValueError, match="unknown policy"):

@@ -145,6 +145,18 @@ struct MixedPrecisionBuffer::State {
 
   Pool& pool(Tier t) { return pools[tier_index(t)]; }
   const Pool& pool(Tier t) const { return pools[tier_index(t)]; }
+
+  // Store the quantized K/V of `rows` (flat b * H + h) of block j in fresh pages of `tier` and point the
+  // table entries (j, rows) at them. The table must already hold block j (bh entries per block).
+  void place(int64_t j, int64_t bh, Tier tier, const std::vector<int64_t>& rows, const QuantizedBlock& qk,
+             const QuantizedBlock& qv, const BlockGeometry& g, c10::Device device) {
+    const std::vector<int32_t> pages = allocate(pool(tier), tier, g, device, static_cast<int64_t>(rows.size()));
+    write_pages(pool(tier), tier, index_tensor(pages, device), qk, qv);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      table_tier[j * bh + rows[i]] = static_cast<int8_t>(tier);
+      table_page[j * bh + rows[i]] = pages[i];
+    }
+  }
 };
 
 MixedPrecisionBuffer::MixedPrecisionBuffer(const BufferOptions& options) : opts_(options) {
@@ -269,15 +281,7 @@ void MixedPrecisionBuffer::seal_tail(const std::vector<int8_t>& row_tiers) {
   const int64_t j = num_blocks_;
   st.table_tier.resize((j + 1) * bh);
   st.table_page.resize((j + 1) * bh);
-  for (const Sealed& s : sealed) {
-    const std::vector<int32_t> pages =
-        allocate(st.pool(s.tier), s.tier, geometry(), opts_.device, static_cast<int64_t>(s.rows.size()));
-    write_pages(st.pool(s.tier), s.tier, index_tensor(pages, opts_.device), s.qk, s.qv);
-    for (size_t i = 0; i < s.rows.size(); ++i) {
-      st.table_tier[j * bh + s.rows[i]] = static_cast<int8_t>(s.tier);
-      st.table_page[j * bh + s.rows[i]] = pages[i];
-    }
-  }
+  for (const Sealed& s : sealed) st.place(j, bh, s.tier, s.rows, s.qk, s.qv, geometry(), opts_.device);
   if (opts_.shadow) {
     st.shadow_k.push_back(st.tail_k.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true));
     st.shadow_v.push_back(st.tail_v.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true));
@@ -445,15 +449,7 @@ void MixedPrecisionBuffer::set_block_tiers(int64_t index, const at::Tensor& tier
       const int64_t e = index * bh + r;
       st.pool(static_cast<Tier>(st.table_tier[e])).free.insert(st.table_page[e]);
     }
-  for (const Move& m : done) {
-    const std::vector<int32_t> pages =
-        allocate(st.pool(m.tier), m.tier, geometry(), opts_.device, static_cast<int64_t>(m.rows.size()));
-    write_pages(st.pool(m.tier), m.tier, index_tensor(pages, opts_.device), m.qk, m.qv);
-    for (size_t i = 0; i < m.rows.size(); ++i) {
-      st.table_tier[index * bh + m.rows[i]] = static_cast<int8_t>(m.tier);
-      st.table_page[index * bh + m.rows[i]] = pages[i];
-    }
-  }
+  for (const Move& m : done) st.place(index, bh, m.tier, m.rows, m.qk, m.qv, geometry(), opts_.device);
 }
 
 void MixedPrecisionBuffer::crop(int64_t new_len) {

@@ -113,8 +113,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def _tier_tensor(tiers, shape, what: str) -> torch.Tensor:
     """A Tier/name/id for every entry -> int8 [shape]; a tensor is passed on for the C++ checks."""
     if isinstance(tiers, torch.Tensor):
+        if tiers.dtype == torch.bool:  # True would silently mean tier 1 (fp16)
+            raise ValueError(f"{what}: a bool tensor is not accepted; use int8 tier ids (0..5)")
         return tiers
-    if isinstance(tiers, (Tier, str, int)):
+    if isinstance(tiers, (Tier, str, int)) and not isinstance(tiers, bool):
         return torch.full(shape, int(Tier.parse(tiers)), dtype=torch.int8)
     raise ValueError(f"{what}: {type(tiers).__name__} is not accepted; use an int8 tensor of tier ids or one tier")
 

@@ -157,7 +157,7 @@ class AdaptiveLayer(CacheLayerMixin):
         if not isinstance(tiers, torch.Tensor) or tuple(tiers.shape) != shape:
             got = tuple(tiers.shape) if isinstance(tiers, torch.Tensor) else type(tiers).__name__
             raise ValueError(f"policy {name}.assign returned {got}; expected int8 tiers of shape {shape}")
-        if tiers.is_floating_point() or bool(((tiers < 0) | (tiers >= len(Tier))).any()):
+        if tiers.is_floating_point() or tiers.dtype == torch.bool or bool(((tiers < 0) | (tiers >= len(Tier))).any()):
             raise ValueError(f"policy {name}.assign returned tiers outside 0..{len(Tier) - 1}: {tiers.unique()}")
         return tiers.to(torch.int8).cpu()
 
@@ -235,6 +235,9 @@ class AdaptiveLayer(CacheLayerMixin):
         self.buffer.crop(new_len)
         if self.stats is not None:
             self.stats.resize(math.ceil(new_len / self.block_size))
+            if new_len % self.block_size:  # the partly kept block's mass includes dropped positions: forget it
+                self.stats.mass[..., -1] = 0
+                self.stats.seen[-1] = 0
 
     def offload(self):
         raise NotImplementedError("AdaptiveCache does not support offloading (Cache(offloading=True))")
@@ -281,6 +284,7 @@ class AdaptiveCache(Cache):
         #: set to a kvprec.attention_ref.ReadCounter to count block reads of the "torch" backend
         self.read_counter: Optional[ReadCounter] = None
         self._warned_slow = False
+        self._warned_cpu_kernels = False
         super().__init__(layers=[AdaptiveLayer(self, i) for i in range(self.config.num_hidden_layers)])
 
     def attention_backend(self, q: torch.Tensor) -> str:
@@ -291,6 +295,15 @@ class AdaptiveCache(Cache):
 
         if q.is_cuda and q.shape[-1] in TRITON_DECODE_HEAD_DIMS and importlib.util.find_spec("triton") is not None:
             return "triton"
+        if q.is_cuda and not self._warned_cpu_kernels:
+            from ._native import cuda_kernels_available
+
+            if not cuda_kernels_available():
+                self._warned_cpu_kernels = True
+                warnings.warn("kvprec.AdaptiveCache: CUDA tensors, but neither the Triton kernel (head_dim "
+                              f"{q.shape[-1]}; it takes {TRITON_DECODE_HEAD_DIMS}) nor the CUDA kernels (build with "
+                              "KVPREC_CUDA=ON) can run here: blocks are dequantized on the CPU and copied back every "
+                              "step (correct, slow)", stacklevel=2)
         return "cpp"
 
     def uses_kvprec_attention(self) -> bool:

@@ -51,6 +51,9 @@ def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_imp
     if tokens.dim() != 2 or tokens.shape[0] != 1:
         raise ValueError(f"teacher_forced: tokens must be [1, L], got {tuple(tokens.shape)}")
     length = tokens.shape[1]
+    if cache is not None and cache.get_seq_length() != 0:
+        raise ValueError(f"teacher_forced: the cache already holds {cache.get_seq_length()} tokens; pass a fresh "
+                         "cache for every pass")
     if not 1 <= prefill < length:
         raise ValueError(f"teacher_forced: prefill must be in [1, {length - 1}] for {length} tokens, got {prefill}")
     tokens = tokens.to(model.device)
@@ -122,7 +125,9 @@ def compare(model, tokens: torch.Tensor, prefill: int, caches: Dict[str, Callabl
     ``caches[name]()`` (a fresh AdaptiveCache per call) under the "kvprec" attention."""
     from transformers import DynamicCache
 
-    ref = teacher_forced(model, tokens, prefill, DynamicCache(), attn_implementation="sdpa")
+    # SDPA has no logit softcap (Gemma 2): the reference uses eager attention there, as transformers does.
+    softcap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
+    ref = teacher_forced(model, tokens, prefill, DynamicCache(), attn_implementation="eager" if softcap else "sdpa")
     comparison = Comparison(ref)
     for name, make in caches.items():
         comparison.results[name] = teacher_forced(model, tokens, prefill, make(), attn_implementation="kvprec")

@@ -185,6 +185,15 @@ def _checked_fp32(x: torch.Tensor, what: str) -> torch.Tensor:
     return xf
 
 
+def _store_float(x: torch.Tensor, tier: Tier, what: str) -> torch.Tensor:
+    """x stored at a float tier (a copy). FP16 storage of a wider dtype refuses |x| > 65504 (it would be inf)."""
+    if tier is Tier.FP16 and x.dtype != torch.float16 and x.numel():
+        amax = x.abs().max().float().item()
+        if amax > FP16_MAX:
+            raise ValueError(f"{what}: the fp16 tier holds |x| <= 65504; got max |x| = {amax}")
+    return x.to(tier.float_dtype, copy=True).contiguous()
+
+
 def _quantize_groups(xf: torch.Tensor, dim: int, qmax: int):
     """Quantize FP32 ``xf`` with one (scale, zero) per slice along ``dim``; returns codes uint8, scale, zero."""
     # + 0.0 turns -0 into +0: the stored bits must not depend on which zero a reduction returns.
@@ -232,7 +241,7 @@ def quantize_keys(x: torch.Tensor, tier: Tier | str | int) -> QuantizedBlock:
     """Keys [N, T, D] -> per-channel (over the T positions of the block) quantized block."""
     tier = Tier.parse(tier)
     if not tier.is_integer:
-        return QuantizedBlock(x.to(tier.float_dtype, copy=True).contiguous())
+        return QuantizedBlock(_store_float(x, tier, "quantize_keys: x"))
     xf = _checked_fp32(x, "quantize_keys: x")
     codes, scale, zero = _quantize_groups(xf, dim=1, qmax=tier.qmax)
     return QuantizedBlock(pack_codes(codes, tier), scale, zero)
@@ -242,7 +251,7 @@ def quantize_values(x: torch.Tensor, tier: Tier | str | int, group_size: int) ->
     """Values [N, T, D] -> per-token quantized block with groups of ``group_size`` channels."""
     tier = Tier.parse(tier)
     if not tier.is_integer:
-        return QuantizedBlock(x.to(tier.float_dtype, copy=True).contiguous())
+        return QuantizedBlock(_store_float(x, tier, "quantize_values: x"))
     xf = _checked_fp32(x, "quantize_values: x")
     n, t, d = xf.shape
     if group_size <= 0 or d % group_size:

@@ -379,3 +379,31 @@ def test_bad_calls_are_refused_and_change_nothing():
     with pytest.raises(ValueError, match=r"Q <= seq_len"):
         buf.attend(_randn(b, 4, 21, d))
     assert buf.seq_len == 20 and buf.batch == b
+
+
+def test_fp16_tier_refuses_values_it_would_turn_into_inf():
+    """An FP32 model's K/V beyond the FP16 range cannot be stored at the fp16 tier (it would become inf):
+    append refuses before writing anything, and so does a re-tier."""
+    buf = kvprec.MixedPrecisionBuffer(batch=1, kv_heads=1, head_dim=8, block_size=4, group_size=8, dtype=torch.float32,
+                                      default_tier="fp16")
+    k = torch.randn(1, 1, 4, 8)
+    k[0, 0, 1, 2] = 1e6
+    with pytest.raises(ValueError, match="65504"):
+        buf.append(k, torch.randn(1, 1, 4, 8))
+    assert buf.seq_len == 0
+    fp32 = kvprec.MixedPrecisionBuffer(batch=1, kv_heads=1, head_dim=8, block_size=4, group_size=8, dtype=torch.float32,
+                                       default_tier="fp32")
+    fp32.append(k, torch.randn(1, 1, 4, 8))
+    with pytest.raises(ValueError, match="65504"):
+        fp32.set_block_tiers(0, "fp16")
+    assert fp32.tiers()[0, 0, 0].item() == int(kvprec.Tier.FP32)
+
+
+def test_bool_tiers_are_refused():
+    buf = kvprec.MixedPrecisionBuffer(batch=1, kv_heads=1, head_dim=8, block_size=4, group_size=8, dtype=torch.float32,
+                                      default_tier="fp32")
+    buf.append(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
+    with pytest.raises(ValueError, match="bool"):
+        buf.set_block_tiers(0, True)
+    with pytest.raises(ValueError, match="bool"):
+        buf.set_block_tiers(0, torch.ones(1, 1, dtype=torch.bool))

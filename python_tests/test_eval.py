@@ -74,3 +74,19 @@ def test_eval_command_on_a_model_directory(tiny_model, tmp_path, tokens):
                  "--prefill", "64", "--tokens", "32", "--block-size", "16", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["cache"] for r in rows] == ["reference", "uniform:int8"] and 0 <= rows[1]["top1_agreement"] <= 1
+
+
+def test_a_used_cache_is_refused(tiny_model, tokens):
+    model = tiny_model("llama")
+    cache = kvprec.AdaptiveCache(model.config, policy="uniform:int8", block_size=16)
+    teacher_forced(model, tokens[:, :40], 20, cache, attn_implementation="kvprec")
+    with pytest.raises(ValueError, match="already holds 39 tokens"):
+        teacher_forced(model, tokens[:, :40], 20, cache, attn_implementation="kvprec")
+
+
+def test_softcapped_model_uses_an_eager_reference(tiny_model, tokens):
+    """SDPA cannot apply Gemma 2's logit softcap; the reference must still run (eager) and match FP32 tiers."""
+    model = tiny_model("gemma2")
+    result = compare(model, tokens[:, :60], 40, {"fp32": lambda: kvprec.AdaptiveCache(
+        model.config, policy="uniform:fp32", block_size=16)})
+    assert result.agreement("fp32") == 1.0 and abs(result.ppl_change("fp32")) < 1e-5

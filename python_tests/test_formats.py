@@ -183,3 +183,13 @@ def test_dequantize_to_fp16_stays_finite_at_the_range_ends(backend, tier):
     assert ((y.float() - x.float()).abs() <= q.scale.float().unsqueeze(1) / 2 * (1 + 2**-20)).all()
     qv = ops.quantize_values(x, tier, 4, backend=backend)
     assert torch.isfinite(ops.dequantize_values(qv, tier, 4, 4, torch.float16, backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=native)])
+def test_fp16_tier_refuses_out_of_range_wider_inputs(backend):
+    x = torch.randn(1, 4, 8)
+    x[0, 1, 3] = -1e5
+    for quant, extra in ((ops.quantize_keys, ()), (ops.quantize_values, (8,))):
+        with pytest.raises(ValueError, match="fp16 tier holds"):
+            quant(x, "fp16", *extra, backend=backend)
+        assert quant(x, "bf16", *extra, backend=backend).codes.dtype == torch.bfloat16  # bf16 covers it

@@ -213,7 +213,7 @@ void check_quantizable(const at::Tensor& x, const char* name) {
   if (x.numel() == 0) return;
   const float amax = x.abs().max().to(at::kFloat).item<float>();
   TORCH_CHECK_VALUE(std::isfinite(amax) && amax <= 65504.0f, "append: ", name,
-                    " would be sealed at an integer tier, whose FP16 scales need finite values with |x| <= 65504; "
+                    " would be sealed at an integer tier (FP16 scales) or the fp16 tier, which need finite values with |x| <= 65504; "
                     "got max |x| = ", amax);
 }
 
@@ -234,9 +234,13 @@ void MixedPrecisionBuffer::append(const at::Tensor& k, const at::Tensor& v, cons
   }
 
   const at::Tensor kk = k.to(opts_.device, opts_.dtype), vv = v.to(opts_.device, opts_.dtype);
-  const bool any_integer =
-      std::any_of(tiers.begin(), tiers.end(), [](int8_t t) { return tier_is_integer(static_cast<Tier>(t)); });
-  if (any_integer) {
+  // Integer tiers (FP16 scales) and FP16 storage of a wider model dtype need |x| <= 65504: checked before
+  // anything is written, so a refused append leaves the buffer as it was.
+  const bool wide = opts_.dtype != at::kHalf;
+  const bool any_fp16_range = std::any_of(tiers.begin(), tiers.end(), [wide](int8_t t) {
+    return tier_is_integer(static_cast<Tier>(t)) || (wide && static_cast<Tier>(t) == Tier::FP16);
+  });
+  if (any_fp16_range) {
     const int64_t tl = tail_len(), sealed_new = sealing * T - tl;  // new tokens that end up in sealed blocks
     check_quantizable(state_->tail_k.narrow(2, 0, tl), "the tail keys");
     check_quantizable(state_->tail_v.narrow(2, 0, tl), "the tail values");

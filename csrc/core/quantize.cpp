@@ -91,6 +91,16 @@ void check_integer_tier(Tier tier, const char* what) {
 
 }  // namespace
 
+at::Tensor store_float(const at::Tensor& x, Tier tier, const char* what) {
+  // FP16 storage of a wider dtype (FP32, BF16) must not turn |x| > 65504 into inf: refuse it, as the integer
+  // tiers do. BF16 and FP32 storage cover every finite input.
+  if (tier == Tier::FP16 && x.scalar_type() != at::kHalf && x.numel() > 0) {
+    const float amax = x.abs().max().to(at::kFloat).item<float>();
+    TORCH_CHECK_VALUE(!(amax > kFp16Max), what, ": the fp16 tier holds |x| <= 65504; got max |x| = ", amax);
+  }
+  return x.to(tier_float_dtype(tier), /*non_blocking=*/false, /*copy=*/true).contiguous();
+}
+
 at::ScalarType tier_float_dtype(Tier tier) {
   switch (tier) {
     case Tier::FP32: return at::kFloat;
@@ -140,7 +150,7 @@ QuantizedBlock quantize_keys(const at::Tensor& x, Tier tier) {
 #ifdef KVPREC_WITH_CUDA
   if (x.is_cuda()) return quantize_keys_cuda(x, tier);
 #endif
-  if (!tier_is_integer(tier)) return {x.to(tier_float_dtype(tier), /*non_blocking=*/false, /*copy=*/true).contiguous(), {}, {}};
+  if (!tier_is_integer(tier)) return {store_float(x, tier, "quantize_keys: x"), {}, {}};
   at::Tensor xf = checked_fp32(x, "quantize_keys: x");
   const int64_t n = xf.size(0), t = xf.size(1), d = xf.size(2);
   auto opts = xf.options();
@@ -161,7 +171,7 @@ QuantizedBlock quantize_values(const at::Tensor& x, Tier tier, int64_t group_siz
 #ifdef KVPREC_WITH_CUDA
   if (x.is_cuda()) return quantize_values_cuda(x, tier, group_size);
 #endif
-  if (!tier_is_integer(tier)) return {x.to(tier_float_dtype(tier), /*non_blocking=*/false, /*copy=*/true).contiguous(), {}, {}};
+  if (!tier_is_integer(tier)) return {store_float(x, tier, "quantize_values: x"), {}, {}};
   at::Tensor xf = checked_fp32(x, "quantize_values: x");
   const int64_t n = xf.size(0), t = xf.size(1), d = xf.size(2);
   TORCH_CHECK(group_size > 0 && d % group_size == 0, "quantize_values: group_size ", group_size,

@@ -27,7 +27,7 @@ QuantizedBlock quantize_cuda(const at::Tensor& x_in, Tier tier, cuda::GroupAxis 
                              const char* what) {
   TORCH_CHECK(x_in.is_cuda(), what, ": expected a CUDA tensor");
   TORCH_CHECK(x_in.dim() == 3, what, ": expected a [N, T, D] tensor, got shape ", x_in.sizes());
-  if (!tier_is_integer(tier)) return {x_in.to(tier_float_dtype(tier), false, true).contiguous(), {}, {}};
+  if (!tier_is_integer(tier)) return {store_float(x_in, tier, what), {}, {}};
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = x_in.contiguous();
   if (x.numel() > 0) {  // the same contract as the CPU kernels: finite and FP16-representable magnitudes

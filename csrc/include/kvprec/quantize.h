@@ -27,6 +27,8 @@ struct QuantizedBlock {
 
 // The torch dtype that a float tier stores; throws for integer tiers.
 at::ScalarType tier_float_dtype(Tier tier);
+// x stored at float tier `tier` (a copy). FP16 storage of a wider dtype refuses |x| > 65504 (it would be inf).
+at::Tensor store_float(const at::Tensor& x, Tier tier, const char* what);
 
 // keys x [N, T, D] (float dtype) -> codes, scale/zero per (n, channel).
 QuantizedBlock quantize_keys(const at::Tensor& x, Tier tier);

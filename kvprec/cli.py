@@ -4,6 +4,7 @@
     kvprec demo [options]       the adaptive cache on the built-in tiny model (kvprec/commands/demo.py)
     kvprec generate [options]   generate with an AdaptiveCache: text, tokens/s, memory report, precision map
     kvprec eval [options]       teacher-forced quality through the cache against an unquantized cache
+    kvprec study precision      curvature, precision map and measured quality-memory curve (a run directory)
 """
 from __future__ import annotations
 
@@ -31,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvprec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is built and which backends run here").set_defaults(fn=_cmd_info)
-    from kvprec.commands import demo, eval as eval_cmd, generate
+    from kvprec.commands import demo, eval as eval_cmd, generate, study
 
     for name, module, help_text in (("demo", demo, "the adaptive cache on the built-in tiny model"),
                                     ("generate", generate, "generate with an AdaptiveCache"),
-                                    ("eval", eval_cmd, "teacher-forced quality through the cache")):
+                                    ("eval", eval_cmd, "teacher-forced quality through the cache"),
+                                    ("study", study, "analysis studies writing a run directory")):
         p = sub.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(p)
         p.set_defaults(fn=module.run)

@@ -1,0 +1,73 @@
+"""``kvprec study <name>``: analysis studies that write a run directory (config.json, raw.npz, analysis.json,
+report.md, plots/). Every number in a report is recomputed from the raw data by ``--reanalyze DIR``.
+
+    kvprec study precision --model PATH [--text FILE] [--budget BITS ...] [--eps EPS] [--out DIR]
+    kvprec study precision --reanalyze DIR
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="study", required=True)
+    q = sub.add_parser("precision", help="curvature by four methods, precision map, measured quality-memory curve",
+                       description="Measured curvature (closed form, autograd, Hutchinson Hessian, hybrid), "
+                       "locality, the precision map, per-block measured sensitivity and its rank correlation with "
+                       "each method, policies at equal memory, memory and compression tables "
+                       "(kvprec/analysis/study_precision.py).")
+    q.add_argument("--model", default="tiny", help="'tiny' (built-in) or a local Hugging Face model directory")
+    q.add_argument("--text", default=None, help="calibration text file (default: built-in prompts)")
+    q.add_argument("--eval-text", default=None,
+                   help="text for the quality harness (default: held-out stdlib files for tiny, else --text)")
+    q.add_argument("--budget", type=float, action="append", default=None,
+                   help="bits/element budget of the policy comparison (repeatable; default: INT4's page bits and "
+                        "the midpoints to INT2 and INT8)")
+    q.add_argument("--map-budget", type=float, default=None, help="bits/element of the reported precision map "
+                   "(default: INT4's page bits)")
+    q.add_argument("--eps", type=float, default=None, help="threshold-mode precision map at this eps instead")
+    q.add_argument("--out", default=None, help="run directory (default: runs/precision-<time>)")
+    q.add_argument("--reanalyze", default=None, metavar="DIR",
+                   help="recompute analysis.json, report.md and plots of DIR from its raw.npz")
+    q.add_argument("--context", type=int, default=256, help="calibration context tokens in the cache")
+    q.add_argument("--queries", type=int, default=16, help="query tokens fed on top of the context")
+    q.add_argument("--block-size", type=int, default=16)
+    q.add_argument("--group-size", type=int, default=32)
+    q.add_argument("--max-items", type=int, default=48, help="sampled (layer, head, block) items for sensitivity")
+    q.add_argument("--hutchinson", type=int, default=8, help="Hutchinson samples")
+    q.add_argument("--prefill", type=int, default=256, help="quality harness prefill")
+    q.add_argument("--steps", type=int, default=128, help="quality harness teacher-forced steps")
+    q.add_argument("--memory-context", type=int, action="append", default=None,
+                   help="context lengths of the memory table (repeatable; default 512, 2048, 8192)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args) -> int:
+    from kvprec.analysis import study_precision as sp
+
+    if args.study != "precision":
+        raise SystemExit(f"kvprec study: unknown study {args.study!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.reanalyze:
+        sp.reanalyze(args.reanalyze)
+        print(f"reanalyzed {args.reanalyze}: analysis.json, report.md, plots/")
+        return 0
+    cfg = sp.StudyConfig(model=args.model, text=args.text, eval_text=args.eval_text, context=args.context,
+                         queries=args.queries, block_size=args.block_size, group_size=args.group_size,
+                         max_items=args.max_items, hutchinson_samples=args.hutchinson, seed=args.seed,
+                         budgets=args.budget, map_budget=args.map_budget, eps=args.eps, prefill=args.prefill,
+                         steps=args.steps, memory_contexts=args.memory_context or [512, 2048, 8192],
+                         dtype=args.dtype, device=args.device)
+    out = args.out or f"runs/precision-{time.strftime('%Y%m%d-%H%M%S')}"
+    start = time.perf_counter()
+    sp.run(cfg, out)
+    print(f"wrote {out}/ (config.json, raw.npz, analysis.json, report.md, plots/) in "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0

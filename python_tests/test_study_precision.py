@@ -1,0 +1,197 @@
+"""The precision study (kvprec/analysis/precision.py, kvprec/analysis/study_precision.py, `kvprec study precision`).
+
+Oracles: the exact Hessian diagonal (torch.autograd.functional.hessian) for Hutchinson's estimate; central finite
+differences of the next-token log-probability w.r.t. one cached key for the gradient method; the closed form's
+||d o / d K_t|| for the autograd Jacobian; scipy/numpy on raw.npz for the report's numbers.
+"""
+import copy
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import kvprec
+from kvprec.analysis import precision as pr
+from kvprec.analysis import study_precision as sp
+from kvprec.analysis.curvature import attention_curvature_reference
+
+pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
+
+
+# ---- Hutchinson ---------------------------------------------------------------------------------------------
+
+def _attention_loss(q, v, w, scale):
+    """A scalar of the cached keys through softmax attention: sum w (.) softmax(s q K^T) V (per KV head)."""
+    def f(k):
+        a = torch.softmax(scale * q @ k.transpose(-1, -2), -1)
+        return (w * (a @ v)).sum()
+    return f
+
+
+def test_hutchinson_is_exact_for_a_diagonal_hessian():
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, 5, dtype=torch.float64)
+    loss = (c * x.pow(4)).sum()
+    g = torch.autograd.grad(loss, [x], create_graph=True)
+    est = pr.hutchinson_diagonal(g, [x], 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(est, 12 * c * x.detach() ** 2, rtol=1e-12, atol=1e-12)
+
+
+def test_hutchinson_matches_the_exact_diagonal_on_attention():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64)
+    w = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    f = _attention_loss(q, v, w, 0.9)
+    hess = torch.autograd.functional.hessian(f, k).reshape(k.numel(), k.numel())
+    exact = hess.diagonal().reshape(k.shape)
+    leaf = k.clone().requires_grad_(True)
+    g = torch.autograd.grad(f(leaf), [leaf], create_graph=True)
+    samples = 4000
+    est = pr.hutchinson_diagonal(g, [leaf], samples, torch.Generator().manual_seed(1))[0]
+    # The estimator is unbiased with variance sum_{j != i} H_ij^2 / S per entry: a 5-sigma band.
+    off = hess - torch.diag(hess.diagonal())
+    sigma = (off.pow(2).sum(1) / samples).sqrt().reshape(k.shape)
+    assert bool(((est - exact).abs() <= 5 * sigma + 1e-12).all())
+    assert float((est - exact).abs().max()) < 0.1 * float(exact.abs().max())
+
+
+# ---- closed form vs autograd; gradient method vs finite differences ------------------------------------------
+
+def test_autograd_attention_jacobian_equals_the_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 5, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 12, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 12, 8, generator=gen, dtype=torch.float64)
+    inp = pr.LayerInputs(q, k, v, 0.4)
+    got = pr.attention_output_jacobian_norms(inp, 7)
+    r = attention_curvature_reference(q, k, v, 0.4, causal=True)
+    want = r.jac_norm[..., :7].reshape(2, 2, 5, 7).mean(dim=(1, 2)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+    kappa, _ = pr.attention_scores(inp, 7)
+    np.testing.assert_allclose(kappa, r.kappa[..., :7].reshape(2, 2, 5, 7).mean(dim=(1, 2)).numpy(), rtol=1e-12)
+
+
+def _target_logp(model, ids, context, layer, head, pos, delta):
+    """log p(x[P+i+1]) [Q] with cached key (layer, head, pos) shifted by delta [D] (eager attention, FP64)."""
+    from transformers import DynamicCache
+
+    nq = ids.shape[1] - context - 1
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+        cache.layers[layer].keys[0, head, pos] += delta
+        logits = model(input_ids=ids[:, context:context + nq], past_key_values=cache, use_cache=True).logits[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    return logp.gather(-1, ids[0, context + 1:, None])[:, 0]
+
+
+def test_gradient_method_matches_finite_differences(tiny_model):
+    model = copy.deepcopy(tiny_model("llama")).double()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(5))
+    context = 20
+    grad, hess = pr.end_to_end_scores(model, ids, context, hutchinson_samples=2)
+    assert grad.shape == hess.shape == (2, 2, context) and np.isfinite(hess).all()
+    d = model.config.hidden_size // model.config.num_attention_heads
+    # An FP64 Llama still rounds to FP32 inside (eager softmax, RMSNorm, RoPE tables), ~1e-7 relative, which swamps a
+    # small-step difference; so a large step, with Richardson extrapolation of two central differences removing
+    # their O(h^2) term. What remains is ~1e-4 relative, far below the errors this catches (a missing GQA head, a
+    # query's gradient lost, a wrong leaf: factors, not per-mille).
+    def central(h):
+        return torch.stack([(_target_logp(model, ids, context, layer, head, pos, h * e)
+                             - _target_logp(model, ids, context, layer, head, pos, -h * e)) / (2 * h)
+                            for e in torch.eye(d, dtype=torch.float64)], -1)     # [Q, D]
+
+    for layer, head, pos in ((0, 1, 3), (1, 0, 17)):
+        fd = (4 * central(1e-2) - central(2e-2)) / 3
+        want = float(fd.norm(dim=-1).mean())
+        assert math.isclose(grad[layer, head, pos], want, rel_tol=1e-3), (layer, head, pos, grad[layer, head, pos], want)
+
+
+def test_block_sums_and_item_sampling():
+    x = np.arange(10, dtype=float).reshape(1, 10)
+    np.testing.assert_array_equal(pr.block_sums(x, 4), [[6.0, 22.0, 17.0]])
+    all_items = pr.sample_items(2, 2, 3, 100, 0)
+    assert all_items.shape == (12, 3)
+    some = pr.sample_items(2, 2, 3, 5, 0)
+    assert some.shape == (5, 3) and len({tuple(r) for r in some.tolist()}) == 5
+    assert {tuple(r) for r in some.tolist()} <= {tuple(r) for r in all_items.tolist()}
+
+
+# ---- the study end to end ----------------------------------------------------------------------------------
+
+TINY_SETTINGS = dict(context=32, queries=4, block_size=16, max_items=6, hutchinson_samples=2, prefill=48, steps=8,
+                     memory_contexts=[64, 160], budgets=[4.5, 5.5])
+
+
+@pytest.fixture(scope="module")
+def study_run(tiny_model, tmp_path_factory):
+    from kvprec.loading import LoadedModel
+
+    model = tiny_model("llama")
+    loaded = LoadedModel(model, lambda s: list(s.encode("utf-8")), lambda ids: bytes(ids).decode(), "random-llama")
+    out = tmp_path_factory.mktemp("precision_study")
+    start = time.perf_counter()
+    analysis = sp.run(sp.StudyConfig(**TINY_SETTINGS), out, loaded=loaded, log=lambda *a: None)
+    return out, analysis, time.perf_counter() - start
+
+
+def test_study_end_to_end_on_a_tiny_random_model_under_a_minute(study_run):
+    out, a, seconds = study_run
+    assert seconds < 60, seconds
+    for name in ("config.json", "raw.npz", "analysis.json", "report.md"):
+        assert (out / name).is_file(), name
+    plots = {p.name for p in (out / "plots").iterdir()}
+    assert {"pareto.png", "precision_map.png", "locality.png", "sensitivity.png",
+            "curvature_attention.png", "curvature_hessian.png"} <= plots
+    assert a["shape"] == {"layers": 2, "kv_heads": 2, "context": 32, "queries": 4, "blocks": 2, "items": 6}
+    assert set(a["correlations"]) == {"kl", "dlogp", "d_attn"}
+    names = [r["cache"] for r in a["comparison"]["rows"]]
+    assert names[:3] == ["uniform:int8", "uniform:int4", "uniform:int2"]
+    assert {"curvature@4.5", "attention_mass@5.5", "sink_window@4.5"} <= set(names)
+    assert sorted({m["context"] for m in a["memory"]}) == [64, 160]
+    # More bits never cost less memory among the uniform rows of the memory table.
+    uni = {m["policy"]: m["bytes"] for m in a["memory"] if m["context"] == 160 and m["policy"].startswith("uniform")}
+    assert uni["uniform:fp16"] > uni["uniform:int8"] > uni["uniform:int4"] > uni["uniform:int2"]
+    # The block at INT2 hurts more than at INT8 on average (what the tiers are for).
+    assert a["sensitivity"]["kl"]["int2"]["mean"] > a["sensitivity"]["kl"]["int8"]["mean"]
+    # `kvprec study precision` is reachable from the command line parser.
+    from kvprec.cli import build_parser
+
+    args = build_parser().parse_args(["study", "precision", "--reanalyze", str(out)])
+    assert args.study == "precision" and args.reanalyze == str(out)
+
+
+def test_report_numbers_are_recomputed_from_the_raw_data(study_run):
+    from scipy.stats import spearmanr
+
+    out, a, _ = study_run
+    before = {n: (out / n).read_bytes() for n in ("analysis.json", "report.md")}
+    again = sp.reanalyze(out)
+    assert (out / "analysis.json").read_bytes() == before["analysis.json"]
+    assert (out / "report.md").read_bytes() == before["report.md"]
+    assert again == json.loads(before["analysis.json"])
+    # Independent recomputation of a few reported numbers straight from raw.npz.
+    raw = sp.load_raw(out / "raw.npz")
+    idx = tuple(raw["items"].T)
+    x = pr.block_sums(raw["attention"], 16)[idx]
+    rho = spearmanr(x, raw["sens_kl"][:, 1]).statistic
+    assert a["correlations"]["kl"]["int4"]["attention"] == pytest.approx(float(rho), abs=1e-12)
+    ref_ppl = math.exp(raw["ref_nll"].mean())
+    for i, row in enumerate(a["comparison"]["rows"]):
+        assert row["perplexity"] == pytest.approx(float(raw["cmp_ppl"][i]), rel=1e-6)  # what eval.compare printed
+        assert row["ppl_change"] == pytest.approx(math.exp(raw["cmp_nll"][i].mean()) / ref_ppl - 1, abs=1e-12)
+        assert row["top1_agreement"] == float((raw["cmp_argmax"][i] == raw["ref_argmax"]).mean())
+    mem = {(m["policy"], m["context"]): m["bytes"] for m in a["memory"]}
+    for i, pol in enumerate(raw["mem_policies"].tolist()):
+        for j, n in enumerate(raw["mem_contexts"].tolist()):
+            assert mem[(pol, n)] == int(raw["mem_bytes"][i, j])
+    report = before["report.md"].decode()
+    assert f"{a['correlations']['kl']['int4']['attention']:.3f}" in report
+    row = a["comparison"]["rows"][1]
+    assert f"| {row['cache']} | {row['target_bits']:.3g} | {row['bits_per_element']:.3f} |" in report

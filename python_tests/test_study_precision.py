@@ -195,3 +195,18 @@ def test_report_numbers_are_recomputed_from_the_raw_data(study_run):
     assert f"{a['correlations']['kl']['int4']['attention']:.3f}" in report
     row = a["comparison"]["rows"][1]
     assert f"| {row['cache']} | {row['target_bits']:.3g} | {row['bits_per_element']:.3f} |" in report
+
+
+def test_the_run_directory_gives_a_curvature_policy_for_adaptive_cache(study_run, tiny_model):
+    out, a, _ = study_run
+    policy = sp.curvature_policy(out)
+    raw = sp.load_raw(out / "raw.npz")
+    model = tiny_model("llama")
+    cache = kvprec.AdaptiveCache(model.config, policy=policy, block_size=16, group_size=32)
+    ids = torch.randint(3, 256, (1, 50), generator=torch.Generator().manual_seed(2))  # 3 sealed blocks
+    with torch.no_grad(), kvprec.enabled(model):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert raw["map_tiers"].shape == (2, 2, 3)  # the probe's 32 + 4 positions: 3 blocks of 16
+    for layer in range(2):
+        assert torch.equal(cache.layers[layer].tiers()[0].long(), torch.from_numpy(raw["map_tiers"][layer]))
+    assert policy.map.bits_per_element == pytest.approx(a["precision_map"]["bits_per_element"])

@@ -181,6 +181,13 @@ def collect(cfg: StudyConfig, loaded, log=print) -> Dict[str, np.ndarray]:
                                    candidates=cfg.candidates, block_size=t, group_size=cfg.group_size).map
     raw["map_tiers"] = np.stack([x.numpy() for x in cmap.tiers]).astype(np.int64)
     raw["map_kappa_sum"] = np.stack([x.numpy() for x in cmap.kappa_sum])
+    raw["map_kappa_max"] = np.stack([x.numpy() for x in cmap.kappa_max])
+    raw["map_default_tiers"] = np.stack([x.numpy() for x in cmap.default_tiers]).astype(np.int64)
+    raw["map_geometry"] = np.array([geometry.block_size, geometry.head_dim, geometry.group_size], dtype=np.int64)
+    raw["map_mode"] = np.array(cmap.mode)
+    raw["map_page_bytes"] = np.array(cmap.page_bytes, dtype=np.int64)
+    raw["map_predicted_error"] = np.array(cmap.predicted_error)
+    raw["map_markdown"] = np.array(cmap.markdown)
     raw["map_page_bits"] = np.array([page_bits(geometry, tier) for tier in Tier])
     raw["map_bits_per_element"] = np.array(cmap.bits_per_element)
 
@@ -418,7 +425,8 @@ def render_report(a: dict, config: dict) -> str:
             f"{_num(pm['bits_per_element'], '.3f')} bits/element of pages; blocks per tier: "
             + ", ".join(f"{k} {v}" for k, v in pm["tier_blocks"].items()) + "; per layer (page bits/element): "
             + ", ".join(f"L{i} {_num(b, '.2f')}" for i, b in enumerate(pm["layer_bits_per_element"]))
-            + ". Plot: `plots/precision_map.png`.", ""]
+            + ". Plot: `plots/precision_map.png`. As a policy: `kvprec.analysis.study_precision.curvature_policy(DIR)` "
+            f"(an AdaptiveCache with block_size={config['block_size']}, group_size={config['group_size']}).", ""]
 
     c = a["comparison"]
     out += ["## 3. Policies at equal memory (teacher-forced through the cache)", "",
@@ -643,6 +651,25 @@ def raw_head_dim(model) -> int:
 
     tc = text_config(model.config)
     return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+
+def curvature_policy(run_dir):
+    """The run's precision map as a :class:`~kvprec.policy.Curvature` policy for an AdaptiveCache built with the
+    run's block_size and group_size (the map of section 2 of the report, rebuilt from raw.npz)."""
+    from ..analyzer import PrecisionMap
+    from ..policy import Curvature
+
+    raw = load_raw(Path(run_dir) / "raw.npz")
+    t, d, g = (int(x) for x in raw["map_geometry"])
+
+    def per_layer(x, dtype):
+        return [torch.from_numpy(np.ascontiguousarray(x[i])).to(dtype) for i in range(x.shape[0])]
+    pmap = PrecisionMap(BlockGeometry(t, d, g), str(raw["map_mode"]), per_layer(raw["map_tiers"], torch.int8),
+                        per_layer(raw["map_kappa_max"], torch.float64), per_layer(raw["map_kappa_sum"], torch.float64),
+                        per_layer(raw["map_default_tiers"], torch.int8), int(raw["map_page_bytes"]),
+                        float(raw["map_bits_per_element"]), float(raw["map_predicted_error"]), True, 0.0, [],
+                        str(raw["map_markdown"]))
+    return Curvature(pmap)
 
 
 def reanalyze(run_dir) -> dict:

@@ -210,3 +210,21 @@ def test_the_run_directory_gives_a_curvature_policy_for_adaptive_cache(study_run
     for layer in range(2):
         assert torch.equal(cache.layers[layer].tiers()[0].long(), torch.from_numpy(raw["map_tiers"][layer]))
     assert policy.map.bits_per_element == pytest.approx(a["precision_map"]["bits_per_element"])
+
+
+def test_command_line_threshold_map_text_file_and_reanalyze(tmp_path):
+    from kvprec.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(pr.BUILTIN_PROMPTS["code"] * 3)
+    out = tmp_path / "run"
+    assert main(["study", "precision", "--model", "tiny", "--text", str(text), "--eps", "1e-3", "--context", "32",
+                 "--queries", "4", "--max-items", "4", "--hutchinson", "1", "--prefill", "32", "--steps", "4",
+                 "--budget", "5.5", "--memory-context", "64", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["text"] == str(text) and config["eps"] == 1e-3 and config["budgets_resolved"] == [5.5]
+    report = (out / "report.md").read_text()
+    assert "threshold eps=0.001" in report and f"file {text}" in report
+    before = (out / "analysis.json").read_bytes()
+    assert main(["study", "precision", "--reanalyze", str(out)]) == 0
+    assert (out / "analysis.json").read_bytes() == before

@@ -62,18 +62,20 @@ def test_hutchinson_matches_the_exact_diagonal_on_attention():
 
 # ---- closed form vs autograd; gradient method vs finite differences ------------------------------------------
 
-def test_autograd_attention_jacobian_equals_the_closed_form():
+@pytest.mark.parametrize("nq, n, d, context", [(5, 12, 8, 7), (9, 300, 64, 250)])  # the second runs in chunks
+def test_autograd_attention_jacobian_equals_the_closed_form(nq, n, d, context):
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(4, 5, 8, generator=gen, dtype=torch.float64)
-    k = torch.randn(2, 12, 8, generator=gen, dtype=torch.float64)
-    v = torch.randn(2, 12, 8, generator=gen, dtype=torch.float64)
+    q = torch.randn(4, nq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, n, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, n, d, generator=gen, dtype=torch.float64)
     inp = pr.LayerInputs(q, k, v, 0.4)
-    got = pr.attention_output_jacobian_norms(inp, 7)
+    got = pr.attention_output_jacobian_norms(inp, context)
     r = attention_curvature_reference(q, k, v, 0.4, causal=True)
-    want = r.jac_norm[..., :7].reshape(2, 2, 5, 7).mean(dim=(1, 2)).numpy()
+    want = r.jac_norm[..., :context].reshape(2, 2, nq, context).mean(dim=(1, 2)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
-    kappa, _ = pr.attention_scores(inp, 7)
-    np.testing.assert_allclose(kappa, r.kappa[..., :7].reshape(2, 2, 5, 7).mean(dim=(1, 2)).numpy(), rtol=1e-12)
+    kappa, _ = pr.attention_scores(inp, context)
+    np.testing.assert_allclose(kappa, r.kappa[..., :context].reshape(2, 2, nq, context).mean(dim=(1, 2)).numpy(),
+                               rtol=1e-12)
 
 
 def _target_logp(model, ids, context, layer, head, pos, delta):

@@ -144,10 +144,12 @@ def attention_output_jacobian_norms(inp: LayerInputs, context: int) -> np.ndarra
 
     jac = torch.func.vmap(torch.func.jacrev(out, argnums=2), in_dims=(0, 0, None, None))
     result = np.zeros((hkv, context))
+    step = max(1, (1 << 23) // (v.shape[-1] * n * k.shape[-1]))  # queries per chunk: <= 64 MiB of Jacobian
     for h in range(hq):
         kv = h // g
-        j = jac(q[h], limits, k[kv], v[kv])          # [Q, Dv, N, D]
-        result[kv] += j.pow(2).sum(dim=(1, 3)).sqrt()[:, :context].mean(0).numpy() / g
+        for i in range(0, nq, step):
+            j = jac(q[h, i:i + step], limits[i:i + step], k[kv], v[kv])  # [chunk, Dv, N, D]
+            result[kv] += j.pow(2).sum(dim=(1, 3)).sqrt()[:, :context].sum(0).numpy() / (g * nq)
     return result
 
 

@@ -508,6 +508,10 @@ def render_report(a: dict, config: dict) -> str:
         else:
             out.append(f"| {th}% | {r['cache']} | {r['bits_per_element']:.3f} | {r['compression_vs_fp16']:.2f}x | "
                        f"{100 * r['top1_agreement']:.2f}% | {100 * r['ppl_change']:+.3f}% |")
+    n_pred = c["eval_steps"]
+    out += ["", f"Resolution: top-1 agreement is measured over {n_pred} predictions, so it moves in steps of "
+            f"{100 / n_pred:.3g}%" + (f"; with fewer than 1000 predictions the 99.9% row cannot differ from 100%."
+                                      if n_pred < 1000 else ".")]
     out += ["", "### Early / middle / late layers", "",
             "| group | layers | " + " | ".join(f"{m} (block mean)" for m in ("attention", "gradient", "hessian"))
             + " | " + " | ".join(f"KL {t}" for t in tiers)

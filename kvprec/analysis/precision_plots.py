@@ -1,0 +1,106 @@
+"""Plots of a precision-study run, from raw.npz and analysis.json (kvprec/analysis/study_precision.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from . import precision as pr
+from .precision_report import SCORE_METHODS, _num
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+
+def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    n_layers, hkv, p = raw["attention"].shape
+    labels = [f"L{l}h{h}" for l in range(n_layers) for h in range(hkv)]
+    for m in SCORE_METHODS:
+        x = raw[m].reshape(n_layers * hkv, p)
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.5))
+        im = ax.imshow(np.log10(np.maximum(x, 1e-30)), aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("cached position")
+        ax.set_title(f"{m}: log10 score per (layer, KV head) and position")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / f"curvature_{m}.png", dpi=80)
+        plt.close(fig)
+        written.append(f"curvature_{m}.png")
+
+    tiers = raw["map_tiers"]
+    bits = raw["map_page_bits"][tiers].reshape(n_layers * hkv, -1)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(labels) + 1.5))
+    im = ax.imshow(bits, aspect="auto", interpolation="nearest", cmap="magma")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("block")
+    ax.set_title(f"precision map: page bits/element ({a['precision_map']['bits_per_element']:.3f} overall)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "precision_map.png", dpi=80)
+    plt.close(fig)
+    written.append("precision_map.png")
+
+    rows = a["comparison"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        rs = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["bits_per_element"])
+        xs = [r["bits_per_element"] for r in rs]
+        axes[0].plot(xs, [100 * r["ppl_change"] for r in rs], "o-", label=fam)
+        axes[1].plot(xs, [100 * r["top1_agreement"] for r in rs], "o-", label=fam)
+    axes[0].set_ylabel("perplexity change (%)")
+    axes[1].set_ylabel("top-1 agreement (%)")
+    for ax in axes:
+        ax.set_xlabel("effective bits/element (measured)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=80)
+    plt.close(fig)
+    written.append("pareto.png")
+
+    loc = a["locality"]
+    keys = ("recency_share", "anchor_share", "cluster_top_share")
+    hq = len(loc["recency_share"][0])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    xs = np.arange(n_layers)
+    for ax, k in zip(axes, keys):
+        vals = np.array(loc[k])
+        for h in range(hq):
+            ax.bar(xs + h / (hq + 1), vals[:, h], width=1 / (hq + 1), label=f"q-head {h}")
+        if k == "recency_share":
+            ax.plot(xs + 0.4, np.array(loc["recency_uniform"])[:, 0], "k_", markersize=20, label="uniform")
+        ax.set_xticks(xs + 0.4, [f"L{l}" for l in xs])
+        ax.set_title(k)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "locality.png", dpi=80)
+    plt.close(fig)
+    written.append("locality.png")
+
+    items = raw["items"]
+    idx = tuple(items.T)
+    tier_names = list(config["tiers"])
+    ti = tier_names.index("int4") if "int4" in tier_names else 0
+    y = raw["sens_kl"][:, ti]
+    fig, axes = plt.subplots(1, len(SCORE_METHODS), figsize=(3 * len(SCORE_METHODS), 3))
+    for ax, m in zip(axes, SCORE_METHODS):
+        x = pr.block_sums(raw[m], int(config["block_size"]))[idx]
+        ax.loglog(np.maximum(x, 1e-30), np.maximum(y, 1e-30), ".")
+        rho = a["correlations"]["kl"][tier_names[ti]][m]
+        ax.set_title(f"{m}\nrho={_num(rho, '.2f')}", fontsize=9)
+        ax.set_xlabel("block score")
+    axes[0].set_ylabel(f"measured KL at {tier_names[ti]}")
+    fig.tight_layout()
+    fig.savefig(out / "sensitivity.png", dpi=80)
+    plt.close(fig)
+    written.append("sensitivity.png")
+    return written

@@ -45,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message names the argument, no traceback
+        parser.exit(2, f"kvprec {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,15 @@ def test_softcapped_model_uses_an_eager_reference(tiny_model, tokens):
     result = compare(model, tokens[:, :60], 40, {"fp32": lambda: kvprec.AdaptiveCache(
         model.config, policy="uniform:fp32", block_size=16)})
     assert result.agreement("fp32") == 1.0 and abs(result.ppl_change("fp32")) < 1e-5
+
+
+def test_cli_bad_input_is_a_clear_error(capsys):
+    from kvprec.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "/nonexistent/model", "--policy", "uniform:int4"])
+    assert exit_info.value.code == 2
+    assert "--model: '/nonexistent/model' is neither" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--policy", "uniform:int3"])
+    assert "accepted fp32, fp16, bf16, int8, int4, int2" in capsys.readouterr().err

@@ -296,22 +296,26 @@ void MixedPrecisionBuffer::seal_tail(const std::vector<int8_t>& row_tiers) {
 // ------------------------------------------------------------------------------------------------------
 // Reading
 
-at::Tensor MixedPrecisionBuffer::tiers() const {
-  const int64_t B = opts_.batch, H = opts_.kv_heads, nb = num_blocks_;
-  at::Tensor out = at::empty({B, H, nb}, at::kChar);
-  int8_t* p = out.data_ptr<int8_t>();
+namespace {
+
+// A block-major host table (entry (j, r) at j * rows + r, r = b * H + h) as a [B, H, nb] CPU tensor.
+template <typename T>
+at::Tensor table_as_bhn(const std::vector<T>& table, int64_t B, int64_t H, int64_t nb, at::ScalarType dtype) {
+  at::Tensor out = at::empty({B, H, nb}, dtype);
+  T* p = out.data_ptr<T>();
   for (int64_t r = 0; r < B * H; ++r)
-    for (int64_t j = 0; j < nb; ++j) p[r * nb + j] = state_->table_tier[j * B * H + r];
+    for (int64_t j = 0; j < nb; ++j) p[r * nb + j] = table[j * B * H + r];
   return out;
 }
 
+}  // namespace
+
+at::Tensor MixedPrecisionBuffer::tiers() const {
+  return table_as_bhn(state_->table_tier, opts_.batch, opts_.kv_heads, num_blocks_, at::kChar);
+}
+
 at::Tensor MixedPrecisionBuffer::pages() const {
-  const int64_t B = opts_.batch, H = opts_.kv_heads, nb = num_blocks_;
-  at::Tensor out = at::empty({B, H, nb}, at::kInt);
-  int32_t* p = out.data_ptr<int32_t>();
-  for (int64_t r = 0; r < B * H; ++r)
-    for (int64_t j = 0; j < nb; ++j) p[r * nb + j] = state_->table_page[j * B * H + r];
-  return out;
+  return table_as_bhn(state_->table_page, opts_.batch, opts_.kv_heads, num_blocks_, at::kInt);
 }
 
 PoolView MixedPrecisionBuffer::pool(Tier tier) const { return state_->pool(tier).t; }

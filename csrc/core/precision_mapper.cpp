@@ -4,6 +4,7 @@
 #include "kvprec/precision_mapper.h"
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -303,34 +304,33 @@ void KnapsackProblem::check() const {
   }
 }
 
-int64_t KnapsackProblem::min_cost() const {
-  int64_t s = 0;
+namespace {
+
+// sum over items of the best of that item's choices, by `better` (std::less: the minimum), of `value(i, j)`.
+template <typename V, typename Value, typename Better>
+V sum_of_best(int64_t items, int64_t choices, Value value, Better better) {
+  V s = 0;
   for (int64_t i = 0; i < items; ++i) {
-    int64_t lo = cost(i, 0);
-    for (int64_t j = 1; j < choices; ++j) lo = std::min(lo, cost(i, j));
-    s += lo;
+    V best = value(i, 0);
+    for (int64_t j = 1; j < choices; ++j) best = std::min(best, value(i, j), better);
+    s += best;
   }
   return s;
+}
+
+}  // namespace
+
+int64_t KnapsackProblem::min_cost() const {
+  return sum_of_best<int64_t>(items, choices, [this](int64_t i, int64_t j) { return cost(i, j); }, std::less<>());
 }
 
 int64_t KnapsackProblem::max_cost() const {
-  int64_t s = 0;
-  for (int64_t i = 0; i < items; ++i) {
-    int64_t hi = cost(i, 0);
-    for (int64_t j = 1; j < choices; ++j) hi = std::max(hi, cost(i, j));
-    s += hi;
-  }
-  return s;
+  return sum_of_best<int64_t>(items, choices, [this](int64_t i, int64_t j) { return cost(i, j); },
+                              std::greater<>());
 }
 
 double KnapsackProblem::min_error() const {
-  double s = 0.0;
-  for (int64_t i = 0; i < items; ++i) {
-    double lo = error(i, 0);
-    for (int64_t j = 1; j < choices; ++j) lo = std::min(lo, error(i, j));
-    s += lo;
-  }
-  return s;
+  return sum_of_best<double>(items, choices, [this](int64_t i, int64_t j) { return error(i, j); }, std::less<>());
 }
 
 int64_t KnapsackProblem::dp_cells(int64_t budget) const {

@@ -85,6 +85,7 @@ class AdaptiveLayer(CacheLayerMixin):
         self.rows = 0  # batch rows held (not `batch_size`: Cache.batch_size reads that name from layers)
         self.stats: Optional[AttentionStats] = None
         self.geometry: Optional[BlockGeometry] = None
+        self._paged = None  # PagedKV of the sealed blocks, valid until the block table or the pools change
 
     # ---- members the policies use (kvprec/policy/base.py) ------------------------------------------------
     @property
@@ -103,6 +104,23 @@ class AdaptiveLayer(CacheLayerMixin):
 
     def set_block_tiers(self, index: int, tiers: torch.Tensor) -> None:
         self.buffer.set_block_tiers(index, tiers.to(torch.int8).cpu())
+        self._paged = None
+
+    def paged(self):
+        """The buffer as the kernels read it (:class:`~kvprec.reference.PagedKV`).
+
+        The pools and the device copy of the block table are taken once and reused until a seal, re-tier, crop or
+        batch selection changes them (each of those goes through this layer and drops the copy); only the tail
+        views are taken fresh each call. Rebuilding it every step would cost two host table copies, two
+        host-to-device uploads and a dozen pool lookups per layer per decode step.
+        """
+        from dataclasses import replace
+
+        from .reference import PagedKV
+
+        if self._paged is None:
+            self._paged = PagedKV.from_buffer(self.buffer)
+        return replace(self._paged, tail_k=self.buffer.tail_keys(), tail_v=self.buffer.tail_values())
 
     def memory(self):
         return self.buffer.memory()
@@ -143,6 +161,8 @@ class AdaptiveLayer(CacheLayerMixin):
             tiers = self._checked(self.cache.policy.assign(self.layer_idx, range(first, first + sealing), stats),
                                   (b, h, sealing))
         self.buffer.append(key_states, value_states, tiers)
+        if sealing:
+            self._paged = None
         if self.stats is not None:
             self.stats.resize(math.ceil(self.get_seq_length() / self.block_size))
         self.cache.policy.rebalance(self.cache, self.layer_idx)
@@ -174,9 +194,8 @@ class AdaptiveLayer(CacheLayerMixin):
                                  counter=self.cache.read_counter)
         if backend == "triton":
             from . import ops
-            from .reference import PagedKV
 
-            out, lse, mass = ops.decode_attention(q, PagedKV.from_buffer(self.buffer), scale=scale or None, mask=mask,
+            out, lse, mass = ops.decode_attention(q, self.paged(), scale=scale or None, mask=mask,
                                                   sliding_window=sliding_window, softcap=softcap,
                                                   block_mass=block_mass, backend="triton")
             return out, lse, mass if mass is not None else torch.empty(0, device=q.device)
@@ -198,7 +217,7 @@ class AdaptiveLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.buffer, self.stats, self.geometry, self.rows = None, None, None, 0
+        self.buffer, self.stats, self.geometry, self.rows, self._paged = None, None, None, 0, None
         self.is_initialized = False
 
     def _index_batch(self, idx: torch.Tensor) -> None:
@@ -206,6 +225,7 @@ class AdaptiveLayer(CacheLayerMixin):
             return
         idx = idx.to(torch.int64).cpu()
         self.buffer.index_batch(idx)
+        self._paged = None
         self.rows = idx.numel()
         if self.stats is not None:
             self.stats.index_batch(idx)
@@ -233,6 +253,7 @@ class AdaptiveLayer(CacheLayerMixin):
         if new_len < 0:
             raise ValueError(f"crop({tokens_to_remove}): the layer holds only {self.get_seq_length()} tokens")
         self.buffer.crop(new_len)
+        self._paged = None
         if self.stats is not None:
             self.stats.resize(math.ceil(new_len / self.block_size))
             if new_len % self.block_size:  # the partly kept block's mass includes dropped positions: forget it

@@ -172,3 +172,48 @@ def test_policy_returning_bad_tiers_is_named(tiny_model, prompts):
     cache = AdaptiveCache(model.config, policy=Broken(), block_size=8)
     with kvprec.enabled(model), pytest.raises(ValueError, match=r"Broken.assign returned \(1, 2\); expected"):
         model(input_ids=prompts["single"]["input_ids"], past_key_values=cache, use_cache=True)
+
+
+def test_paged_view_is_reused_and_follows_every_table_change(monkeypatch):
+    """AdaptiveLayer.paged() keeps the pools and device block table between decode steps and rebuilds them after
+    each seal, re-tier, crop and batch selection; after every operation it must read what a fresh view reads."""
+    from transformers import LlamaConfig
+
+    from kvprec.reference import PagedKV
+
+    builds = []
+    original = PagedKV.from_buffer.__func__
+    monkeypatch.setattr(PagedKV, "from_buffer", classmethod(lambda cls, buf: builds.append(1) or original(cls, buf)))
+    config = LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, hidden_size=64)
+    cache = AdaptiveCache(config, policy="uniform:int4", block_size=8, shadow="cpu")
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(0)
+
+    def append(n, rows=2):
+        layer.update(torch.randn(rows, 2, n, 32, generator=g), torch.randn(rows, 2, n, 32, generator=g))
+
+    def check():
+        fresh = original(PagedKV, layer.buffer)
+        for a, b in zip(layer.paged().dense(), fresh.dense()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    append(19)  # seals 2 blocks
+    check()
+    count = len(builds)
+    append(1)  # no seal: the view is reused
+    check()
+    assert len(builds) == count
+    append(4)  # 24 positions: seals block 2
+    check()
+    assert len(builds) == count + 1
+    layer.set_block_tiers(1, torch.full((2, 2), int(Tier.INT8), dtype=torch.int8))  # promotion from the shadow
+    check()
+    layer.crop(-9)
+    check()
+    layer.batch_select_indices(torch.tensor([1]))
+    check()
+    append(11, rows=1)
+    check()
+    layer.reset()
+    append(9)
+    check()

@@ -9,7 +9,8 @@ Per (batch, context) and cache: the prompt is prefilled in chunks (not timed), t
 token per row are timed with CUDA events (median and p20/p80 of the per-step times); decode tokens/s =
 batch / median step; peak memory over the weights during decode (torch.cuda.max_memory_allocated after a
 reset, minus the weights) and the cache's resident bytes (AdaptiveCache: its own accounting; dense caches:
-2 * layers * B * Hkv * N * D * 2). Figures go to benchmark.extra_info and one JSON under bench/results/ with
+2 * layers * B * Hkv * N * D * 2). The host shadow's cost is the ``shadow=cpu`` row against the plain INT4 one (speed) and its host_shadow_bytes.
+Figures go to benchmark.extra_info and one JSON under bench/results/ with
 the device, versions and shapes, and each cache's ratio against DynamicCache() measured in the same run.
 Note (transformers 5.17): generate's default DynamicCache(config=...) was 4x slower per step than a plain
 DynamicCache(); the baseline here is the plain one.
@@ -86,7 +87,10 @@ def _caches(model):
 
     out = {"DynamicCache": (DynamicCache, "sdpa"),
            "kvprec uniform:int4": (lambda: kvprec.AdaptiveCache(model.config, policy="uniform:int4"), "kvprec"),
-           "kvprec sink_window": (lambda: kvprec.AdaptiveCache(model.config, policy="sink_window"), "kvprec")}
+           "kvprec sink_window": (lambda: kvprec.AdaptiveCache(model.config, policy="sink_window"), "kvprec"),
+           # the cost of the host shadow (promotion, exact crop): a device-to-host copy of every sealed block
+           "kvprec uniform:int4 shadow=cpu": (
+               lambda: kvprec.AdaptiveCache(model.config, policy="uniform:int4", shadow="cpu"), "kvprec")}
     try:
         from transformers import QuantizedCache
     except ImportError:  # pragma: no cover - old transformers
@@ -120,8 +124,8 @@ def _dense_cache_bytes(model, batch: int, tokens: int) -> int:
     return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * tokens * head_dim * torch.finfo(DTYPE).bits // 8
 
 
-CACHE_NAMES = ["DynamicCache", "kvprec uniform:int4", "kvprec sink_window", "QuantizedCache quanto int4",
-               "QuantizedCache hqq int4"]
+CACHE_NAMES = ["DynamicCache", "kvprec uniform:int4", "kvprec uniform:int4 shadow=cpu", "kvprec sink_window",
+               "QuantizedCache quanto int4", "QuantizedCache hqq int4"]
 
 
 @pytest.mark.parametrize("cache_name", CACHE_NAMES)
@@ -159,7 +163,9 @@ def test_generate_decode(benchmark, model, batch, context, cache_name):
            "p80_s": q(0.8), "tokens_per_s": batch / median,
            "cache_bytes": int(cache.memory_report().resident_bytes if hasattr(cache, "memory_report")
                               else _dense_cache_bytes(model, batch, tokens)),
-           "peak_over_weights_bytes": (torch.cuda.max_memory_allocated() - weights) if DEVICE == "cuda" else None}
+           "peak_over_weights_bytes": (torch.cuda.max_memory_allocated() - weights) if DEVICE == "cuda" else None,
+           "host_shadow_bytes": (int(cache.memory_report().shadow_bytes.sum()) if hasattr(cache, "memory_report")
+                                 else 0)}
     base = next((r for r in _RESULTS["cases"] if r["cache"] == "DynamicCache" and r["batch"] == batch
                  and r["context"] == context), None)
     if base is not None:  # measured in this run, just before (DynamicCache is the first parameter)

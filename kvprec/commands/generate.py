@@ -18,6 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--shadow", default="none", choices=["none", "cpu"],
+                   help="keep a host copy of every sealed block (exact crop, promotion); its bytes are reported")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch", "triton"],
+                   help="attention over the cache (see kvprec.AdaptiveCache)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size (tokens)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -36,7 +40,8 @@ def run(args) -> int:
     loaded = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     model = loaded.model
     ids = torch.tensor([loaded.encode(prompt)], device=args.device)
-    cache = kvprec.AdaptiveCache(model.config, policy=args.policy, block_size=args.block_size)
+    cache = kvprec.AdaptiveCache(model.config, policy=args.policy, block_size=args.block_size,
+                                 shadow=None if args.shadow == "none" else args.shadow, backend=args.backend)
     from tqdm import tqdm
 
     with kvprec.enabled(model), torch.no_grad():

@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Everything a GPU session needs, in one call on the GPU machine (the device tool runs it from the repo root):
-# build with the CUDA kernels, run every test (pytest on CPU and CUDA, ctest), run the benchmarks, and leave
-# the logs and the recorded results under $OUT (at most 8 files come back; keep it that way).
+# Everything a GPU session needs, on the GPU machine (the device tool runs it from the repo root): build with the
+# CUDA kernels, run every test (pytest on CPU and CUDA, ctest), run the benchmarks, and leave the logs and the
+# recorded results under $OUT (at most 8 files come back: versions, build, pytest, ctest, bench logs + results).
 #
-#   device run:  bash scripts/gpu_check.sh            (add BENCH=0 to skip the benchmarks)
+#   device run:  STAGE=test  bash scripts/gpu_check.sh     build + pytest + ctest        (about 5-8 min)
+#                STAGE=bench bash scripts/gpu_check.sh     build (kept if the machine is warm) + bench/
+#                             BENCH_FILES="bench/bench_decode_attention.py" narrows the benchmarks
+#
+# One device command may run 10 minutes, so the stages are separate calls; make them back to back (the machine
+# goes back after 30 s idle and a cold one rebuilds). Every step has its own time limit, so one that hangs
+# still leaves the logs of the others.
 #
 # The GPU machine has torch with CUDA, triton, transformers, scikit-build-core, cmake and ninja already; this
 # script installs nothing from a registry (there is none there) and builds against the torch it finds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvprec-gpu-out}
+STAGE=${STAGE:-test}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -21,21 +28,25 @@ PY=${PYTHON:-python3}
 cat "$OUT/versions.txt"
 
 status=0
-# --no-deps: never let pip look for packages on a machine with no registry. The build dir is fresh there.
-KVPREC_CUDA=ON "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || status=1
-tail -5 "$OUT/build.log"
+step() {  # step SECONDS LOG COMMAND...: run with a time limit, log to $OUT/LOG, show the tail
+  local limit=$1 log=$2; shift 2
+  timeout "$limit" "$@" > "$OUT/$log" 2>&1 || { echo "FAILED (rc $?): $*" | tee -a "$OUT/$log"; status=1; }
+  tail -5 "$OUT/$log"
+}
+
+# --no-deps: never let pip look for packages on a machine with no registry. Incremental when the build dir is kept.
+step 420 build.log env KVPREC_CUDA=ON "$PY" -m pip install -v --no-build-isolation --no-deps -e .
 "$PY" -c "import kvprec; assert kvprec.cuda_kernels_available(), 'CUDA kernels not built'; print('CUDA kernels loaded')" \
   || status=1
 
-"$PY" -m pytest python_tests -q -p no:cacheprovider -rs > "$OUT/pytest.log" 2>&1 || status=1
-tail -3 "$OUT/pytest.log"
-ctest --test-dir build/python --output-on-failure > "$OUT/ctest.log" 2>&1 || status=1
-tail -3 "$OUT/ctest.log"
+if [ "$STAGE" = "test" ]; then
+  step 300 pytest.log "$PY" -m pytest python_tests -q -p no:cacheprovider -rs --durations=15
+  step 120 ctest.log ctest --test-dir build/python --output-on-failure
+fi
 
-if [ "${BENCH:-1}" = "1" ]; then
-  "$PY" -m pytest bench -q -p no:cacheprovider --benchmark-disable-gc > "$OUT/bench.log" 2>&1 || status=1
-  tail -15 "$OUT/bench.log"
-  # the newest recorded result of each benchmark module
-  for f in $(ls -t bench/results/*.json 2>/dev/null | head -2); do cp "$f" "$OUT/"; done
+if [ "$STAGE" = "bench" ]; then
+  # shellcheck disable=SC2086
+  step 540 bench.log "$PY" -m pytest ${BENCH_FILES:-bench} -q -p no:cacheprovider --benchmark-disable-gc
+  for f in $(ls -t bench/results/*.json 2>/dev/null | head -3); do cp "$f" "$OUT/"; done
 fi
 exit $status

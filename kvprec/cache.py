@@ -85,7 +85,12 @@ class AdaptiveLayer(CacheLayerMixin):
         self.rows = 0  # batch rows held (not `batch_size`: Cache.batch_size reads that name from layers)
         self.stats: Optional[AttentionStats] = None
         self.geometry: Optional[BlockGeometry] = None
-        self._paged = None  # PagedKV of the sealed blocks, valid until the block table or the pools change
+        #: bumped whenever the block table or the pools change (seal, re-tier, crop, batch selection, reset); the
+        #: host tiers, the kernels' PagedKV view and the policies' rebalance memo are kept until it moves
+        self.table_version = 0
+        self.rebalance_memo: dict = {}
+        self._paged = None
+        self._tiers: Optional[torch.Tensor] = None
 
     # ---- members the policies use (kvprec/policy/base.py) ------------------------------------------------
     @property
@@ -97,14 +102,20 @@ class AdaptiveLayer(CacheLayerMixin):
         return self.stats is not None
 
     def tiers(self) -> torch.Tensor:
-        """int8 [B, H_kv, n_sealed]."""
+        """int8 [B, H_kv, n_sealed], a host tensor shared until the table changes: read it, do not modify it."""
         if self.buffer is None:
             return torch.zeros(0, 0, 0, dtype=torch.int8)
-        return self.buffer.tiers().cpu()
+        if self._tiers is None:
+            self._tiers = self.buffer.tiers().cpu()
+        return self._tiers
 
     def set_block_tiers(self, index: int, tiers: torch.Tensor) -> None:
         self.buffer.set_block_tiers(index, tiers.to(torch.int8).cpu())
-        self._paged = None
+        self._table_changed()
+
+    def _table_changed(self) -> None:
+        self.table_version += 1
+        self._paged = self._tiers = None
 
     def paged(self):
         """The buffer as the kernels read it (:class:`~kvprec.reference.PagedKV`).
@@ -162,7 +173,7 @@ class AdaptiveLayer(CacheLayerMixin):
                                   (b, h, sealing))
         self.buffer.append(key_states, value_states, tiers)
         if sealing:
-            self._paged = None
+            self._table_changed()
         if self.stats is not None:
             self.stats.resize(math.ceil(self.get_seq_length() / self.block_size))
         self.cache.policy.rebalance(self.cache, self.layer_idx)
@@ -217,7 +228,8 @@ class AdaptiveLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.buffer, self.stats, self.geometry, self.rows, self._paged = None, None, None, 0, None
+        self.buffer, self.stats, self.geometry, self.rows = None, None, None, 0
+        self._table_changed()
         self.is_initialized = False
 
     def _index_batch(self, idx: torch.Tensor) -> None:
@@ -225,7 +237,7 @@ class AdaptiveLayer(CacheLayerMixin):
             return
         idx = idx.to(torch.int64).cpu()
         self.buffer.index_batch(idx)
-        self._paged = None
+        self._table_changed()
         self.rows = idx.numel()
         if self.stats is not None:
             self.stats.index_batch(idx)
@@ -253,7 +265,7 @@ class AdaptiveLayer(CacheLayerMixin):
         if new_len < 0:
             raise ValueError(f"crop({tokens_to_remove}): the layer holds only {self.get_seq_length()} tokens")
         self.buffer.crop(new_len)
-        self._paged = None
+        self._table_changed()
         if self.stats is not None:
             self.stats.resize(math.ceil(new_len / self.block_size))
             if new_len % self.block_size:  # the partly kept block's mass includes dropped positions: forget it

@@ -31,6 +31,8 @@ def test_lookup_by_name():
     ("sink_window:window=8,4", "positional argument '4' after keyword"),
     ("sink_window:recent=int4,rest=fp16", "recent tier int4 is a lower precision"),
     ("attention_mass:keep=0", "fraction in"),
+    ("attention_mass:every=-8", "every must be a whole number of tokens >= 0"),
+    ("attention_mass:every=2.5", "every must be a whole number of tokens >= 0"),
 ])
 def test_lookup_errors(spec, error):
     with pytest.raises(ValueError, match=error):
@@ -69,6 +71,33 @@ def test_sink_window_demotes_blocks_leaving_the_window(tiny_model, prompts):
     # 34 tokens, window (26, 34]: blocks 1 and 2 were sealed inside the window and have been demoted
     for layer in cache.layers:
         assert layer.tiers()[0].tolist() == [[Tier.FP16, Tier.INT4, Tier.INT4, Tier.FP16]] * 2
+
+
+@native
+def test_rebalance_runs_only_when_the_table_or_the_window_block_moves(tiny_model, prompts, monkeypatch):
+    """A decode step that seals nothing and moves no block out of the window costs the policy a lookup
+    (kvprec.policy.base.needs_rebalance), yet after every step the tiers are exactly what the rule says."""
+    import sys
+
+    sw = sys.modules["kvprec.policy.sink_window"]  # the package's `sink_window` attribute is the factory
+    calls = []
+    real = sw.demote_to
+    monkeypatch.setattr(sw, "demote_to", lambda layer, targets: calls.append(1) or real(layer, targets))
+    model = tiny_model("llama")
+    policy = P.sink_window(sinks=4, window=8, rest="int4", recent="fp16")
+    cache = AdaptiveCache(model.config, policy=policy, block_size=8)
+    ids = torch.cat([prompts["single"]["input_ids"]] * 3, dim=1)  # 63 tokens
+    forward(model, cache, ids[:, :21])
+    for t in range(21, 61):
+        forward(model, cache, ids[:, t:t + 1])
+        for layer in cache.layers:
+            n = layer.tiers().shape[-1]
+            keep = policy._keep(torch.arange(n), 8, t + 1)
+            want = torch.where(keep, int(Tier.FP16), int(Tier.INT4)).to(torch.int8)
+            assert torch.equal(layer.tiers(), want.expand_as(layer.tiers()))
+    # 40 steps x 2 layers = 80 updates; the window's first block moves and a block seals every 8 tokens, and
+    # each change is followed by one more check: at most 3 computations per 8 tokens per layer (+ the prefill's).
+    assert len(calls) <= 2 * (3 * 40 // 8 + 2) < 80
 
 
 class FakeLayer:

@@ -9,8 +9,10 @@ that fell on each block (free, from the same pass), the layer accumulates it in
 
 Per (batch row, KV head), the ceil(keep * n) blocks with the highest score are "heavy" and stay at ``high``; the
 others go to ``low``. At sealing, a block is compared with the blocks already sealed (a block no query has seen
-yet, e.g. right after prefill, counts as heavy); after each update, :meth:`AttentionMass.rebalance` demotes
-sealed blocks that dropped out of the heavy set. Demotion is one way unless the cache keeps a host shadow:
+yet, e.g. right after prefill, counts as heavy); :meth:`AttentionMass.rebalance` demotes sealed blocks that
+dropped out of the heavy set at every seal and every ``every`` tokens (default: the block size). Not after each
+token: ranking the scores reads them on the host, a device synchronisation per layer that would stall decode,
+and one token moves a block's mean mass by about 1/seen. Demotion is one way unless the cache keeps a host shadow:
 as in H2O, a block judged light is not brought back.
 """
 from __future__ import annotations
@@ -20,16 +22,20 @@ import math
 import torch
 
 from ..formats import Tier
-from .base import Policy, SealStats, demote_to
+from .base import Policy, SealStats, demote_to, needs_rebalance
 
 
 class AttentionMass(Policy):
     wants_attention_mass = True
 
-    def __init__(self, keep: float = 0.5, high: Tier | str | int = Tier.FP16, low: Tier | str | int = Tier.INT4):
+    def __init__(self, keep: float = 0.5, high: Tier | str | int = Tier.FP16, low: Tier | str | int = Tier.INT4,
+                 every: int = 0):
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"attention_mass: keep must be a fraction in (0, 1], got {keep}")
-        self.keep = float(keep)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"attention_mass: every must be a whole number of tokens >= 0 (0 = the block size), "
+                             f"got {every!r}")
+        self.keep, self.every = float(keep), every
         self.high, self.low = Tier.parse(high), Tier.parse(low)
         if self.high > self.low:
             raise ValueError(f"attention_mass: high tier {self.high} is a lower precision than low tier {self.low}")
@@ -61,6 +67,8 @@ class AttentionMass(Policy):
 
     def rebalance(self, cache, layer_idx: int) -> None:
         layer = cache.layers[layer_idx]
+        if not needs_rebalance(self, layer, lambda: layer.get_seq_length() // (self.every or layer.block_size)):
+            return
         n = layer.tiers().shape[-1]
         if n == 0:
             return
@@ -72,9 +80,9 @@ class AttentionMass(Policy):
         return torch.nan_to_num(scores, posinf=torch.finfo(torch.float32).max)
 
     def describe(self) -> str:
-        return f"attention_mass:keep={self.keep},high={self.high},low={self.low}"
+        return f"attention_mass:keep={self.keep},high={self.high},low={self.low},every={self.every}"
 
 
 def attention_mass(keep: float = 0.5, high: Tier | str | int = Tier.FP16,
-                   low: Tier | str | int = Tier.INT4) -> AttentionMass:
-    return AttentionMass(keep, high, low)
+                   low: Tier | str | int = Tier.INT4, every: int = 0) -> AttentionMass:
+    return AttentionMass(keep, high, low, every)

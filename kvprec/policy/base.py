@@ -6,12 +6,15 @@ blocks are sealed (a block seals when its ``block_size`` positions are filled), 
 * :meth:`Policy.on_attention` receives the per-block attention mass emitted by the attention kernel, for
   policies that set ``wants_attention_mass`` (the layer also accumulates it in :class:`AttentionStats`);
 * :meth:`Policy.rebalance` runs after every cache update of a layer and may re-tier sealed blocks of that layer
-  (demotion re-quantizes from the highest copy held; promotion needs the host shadow).
+  (demotion re-quantizes from the highest copy held; promotion needs the host shadow). It runs once per layer per
+  decode step, so it must be cheap when there is nothing to do: :func:`needs_rebalance` lets a policy skip the
+  work while the block table and the quantity its decision depends on are unchanged.
 
 Policies never import transformers: they see a cache layer through a few members of ``AdaptiveLayer``:
 ``layer_idx``, ``block_size``, ``geometry`` (BlockGeometry), ``get_seq_length()``, ``tiers()`` (int8
-[B, H_kv, n_sealed]), ``set_block_tiers(index, tiers)``, ``memory()`` (the buffer's MemoryReport) and ``stats``
-(:class:`AttentionStats`, or None when no policy asked for attention mass).
+[B, H_kv, n_sealed]), ``set_block_tiers(index, tiers)``, ``memory()`` (the buffer's MemoryReport), ``stats``
+(:class:`AttentionStats`, or None when no policy asked for attention mass), and optionally ``table_version`` /
+``rebalance_memo`` (see :func:`needs_rebalance`).
 
 Tier ids order precision: a smaller id is a higher precision (FP32=0 > FP16 > BF16 > INT8 > INT4 > INT2=5),
 so "demote" means "raise the id".
@@ -19,7 +22,7 @@ so "demote" means "raise the id".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 
@@ -123,6 +126,24 @@ class Policy:
 
     def describe(self) -> str:
         return type(self).__name__
+
+
+def needs_rebalance(policy: Policy, layer, key: Callable[[], Hashable]) -> bool:
+    """Whether ``policy`` must rebalance ``layer`` now: False when the layer's block table (``table_version``,
+    bumped by every seal, re-tier, crop and batch selection) and ``key()`` (what else the decision depends on, e.g.
+    the block index where the window starts) are what they were at the policy's last rebalance of this layer.
+
+    Layers without ``rebalance_memo`` (test doubles) always rebalance. A rebalance that re-tiers bumps the version,
+    so the next call recomputes once and finds nothing to do; the decode steps between changes cost a lookup.
+    """
+    memo = getattr(layer, "rebalance_memo", None)
+    if memo is None:
+        return True
+    state = (layer.table_version, key())
+    if memo.get(id(policy)) == state:
+        return False
+    memo[id(policy)] = state
+    return True
 
 
 def demote_to(layer, targets: torch.Tensor) -> int:

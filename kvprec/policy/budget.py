@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..formats import Tier
-from .base import Policy, SealStats, demote_to
+from .base import Policy, SealStats, demote_to, needs_rebalance
 
 DEFAULT_LADDER = (Tier.FP32, Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2)
 
@@ -90,6 +90,10 @@ class Budget(Policy):
     def enforce(self, cache, layer_idx: int) -> int:
         """Demote blocks of layer ``layer_idx`` until its share of the budget is met; returns blocks demoted."""
         layer = cache.layers[layer_idx]
+        # Pages, tail and table bytes change only with the block table (appends to the tail do not change its
+        # allocated size): between seals and re-tiers there is nothing to check.
+        if not needs_rebalance(self, layer, lambda: None):
+            return 0
         tiers = layer.tiers()
         if tiers.shape[-1] == 0:
             return 0

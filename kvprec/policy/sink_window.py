@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import Tier
-from .base import Policy, SealStats, demote_to
+from .base import Policy, SealStats, demote_to, needs_rebalance
 
 
 class SinkWindow(Policy):
@@ -41,6 +41,9 @@ class SinkWindow(Policy):
 
     def rebalance(self, cache, layer_idx: int) -> None:
         layer = cache.layers[layer_idx]
+        # Block j leaves the window when (j + 1) T <= seq_len - window: the set changes once per T tokens.
+        if not needs_rebalance(self, layer, lambda: max(0, layer.get_seq_length() - self.window) // layer.block_size):
+            return
         b, h, n = layer.tiers().shape
         if n == 0:
             return

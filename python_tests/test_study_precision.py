@@ -128,7 +128,7 @@ def test_block_sums_and_item_sampling():
 # ---- the study end to end ----------------------------------------------------------------------------------
 
 TINY_SETTINGS = dict(context=32, queries=4, block_size=16, max_items=6, hutchinson_samples=2, prefill=48, steps=8,
-                     memory_contexts=[64, 160], budgets=[4.5, 5.5])
+                     memory_contexts=[64, 160], budgets=[4.5, 5.5], heldout_queries=4, heldout_gap=4)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_study_end_to_end_on_a_tiny_random_model_under_a_minute(study_run):
         assert (out / name).is_file(), name
     plots = {p.name for p in (out / "plots").iterdir()}
     assert {"pareto.png", "precision_map.png", "locality.png", "sensitivity.png",
-            "curvature_attention.png", "curvature_hessian.png"} <= plots
+            "curvature_attention.png", "curvature_hessian.png", "kinds.png", "heldout.png"} <= plots
     assert a["shape"] == {"layers": 2, "kv_heads": 2, "context": 32, "queries": 4, "blocks": 2, "items": 6}
     assert set(a["correlations"]) == {"kl", "dlogp", "d_attn"}
     names = [r["cache"] for r in a["comparison"]["rows"]]
@@ -162,6 +162,13 @@ def test_study_end_to_end_on_a_tiny_random_model_under_a_minute(study_run):
     assert uni["uniform:fp16"] > uni["uniform:int8"] > uni["uniform:int4"] > uni["uniform:int2"]
     # The block at INT2 hurts more than at INT8 on average (what the tiers are for).
     assert a["sensitivity"]["kl"]["int2"]["mean"] > a["sensitivity"]["kl"]["int8"]["mean"]
+    # One probe per built-in prompt kind, calibration queries 32..35, held-out queries 40..43 after a gap of 4.
+    probes = a["probes"]
+    assert probes["kinds"] == list(pr.BUILTIN_PROMPTS) and probes["n_probes"] == 5 and probes["items"] == 6
+    assert probes["calibration_queries"] == [32, 33, 34, 35] and probes["heldout_queries"] == [40, 41, 42, 43]
+    assert set(probes["overall"]) == {"in_sample", "heldout_queries", "heldout_prompt", "heldout_both", "ceiling"}
+    report = (out / "report.md").read_text()
+    assert "## 6. Per prompt kind" in report and "## 7. Held-out validation" in report
     # `kvprec study precision` is reachable from the command line parser.
     from kvprec.cli import build_parser
 
@@ -222,11 +229,156 @@ def test_command_line_threshold_map_text_file_and_reanalyze(tmp_path):
     out = tmp_path / "run"
     assert main(["study", "precision", "--model", "tiny", "--text", str(text), "--eps", "1e-3", "--context", "32",
                  "--queries", "4", "--max-items", "4", "--hutchinson", "1", "--prefill", "32", "--steps", "4",
-                 "--budget", "5.5", "--memory-context", "64", "--out", str(out)]) == 0
+                 "--budget", "5.5", "--memory-context", "64", "--heldout-gap", "2", "--file-probes", "2",
+                 "--kind-items", "3", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["text"] == str(text) and config["eps"] == 1e-3 and config["budgets_resolved"] == [5.5]
+    assert (config["heldout_gap"], config["file_probes"], config["kind_max_items"]) == (2, 2, 3)
     report = (out / "report.md").read_text()
     assert "threshold eps=0.001" in report and f"file {text}" in report
+    # With --text the kind is "file": its windows are the probes, each calibrated on the other one out of sample.
+    a = json.loads((out / "analysis.json").read_text())["probes"]
+    assert a["kinds"] == ["file"] and a["n_probes"] == 2 and a["items"] == 3
+    assert [pp["calibrated_on"] for pp in a["per_probe"]] == [[1], [0]]
+    assert "2 disjoint windows of the file (kind `file`)" in report and "One kind only (`file`)" in report
     before = (out / "analysis.json").read_bytes()
     assert main(["study", "precision", "--reanalyze", str(out)]) == 0
     assert (out / "analysis.json").read_bytes() == before
+
+
+# ---- per prompt kind and held-out validation ----------------------------------------------------------------
+
+def _blocks(x, t):
+    """[..., P] -> [..., P / T] block sums (P a block multiple here), independent of pr.block_sums."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // t, t).sum(-1)
+
+
+def _rho(x, y):
+    from scipy.stats import spearmanr
+
+    return None if np.ptp(x) == 0 or np.ptp(y) == 0 else float(spearmanr(x, y).statistic)
+
+
+def test_per_kind_and_heldout_numbers_are_recomputed_from_the_raw_data(study_run):
+    out, a, _ = study_run
+    raw = sp.load_raw(out / "raw.npz")
+    tiers = ["int2", "int4", "int8"]
+    kinds = raw["probe_kinds"].tolist()
+    items = raw["probe_items"]
+    idx = (slice(None),) + tuple(items.T)
+    pos = raw["probe_query_positions"].tolist()
+    cal_cols = [pos.index(x) for x in raw["probe_cal_queries"].tolist()]
+    ho_cols = [pos.index(x) for x in raw["probe_ho_queries"].tolist()]
+    methods = ("attention", "grad_attn", "gradient", "hessian", "hybrid", "attention_mass")
+    checked = 0
+    for m in methods:
+        cal = _blocks(raw[f"probe_cal_{m}"], 16)   # [K, L, Hkv, B]
+        ho = _blocks(raw[f"probe_ho_{m}"], 16)
+        # other kinds' calibration scores, each normalised by its own mean, averaged: carried over by position
+        norm = cal / cal.reshape(len(cal), -1).mean(1)[:, None, None, None]
+        cross = np.stack([norm[[j for j in range(len(kinds)) if kinds[j] != kinds[i]]].mean(0)
+                          for i in range(len(kinds))])
+        for measure in ("kl", "dlogp", "d_attn"):
+            sens = raw[f"probe_sens_{measure}"]          # [K, M, tiers, queries]
+            s_cal, s_ho = sens[..., cal_cols].mean(-1), sens[..., ho_cols].mean(-1)
+            for ti, tier in enumerate(tiers):
+                settings = {"in_sample": (cal, s_cal), "heldout_queries": (cal, s_ho),
+                            "heldout_prompt": (cross, s_cal), "heldout_both": (cross, s_ho), "ceiling": (ho, s_ho)}
+                for name, (scores, y) in settings.items():
+                    per = [_rho(scores[idx][i], y[i, :, ti]) for i in range(len(kinds))]
+                    for i, kind in enumerate(kinds):  # one probe per kind
+                        got = a["probes"]["per_kind"][kind]["correlations"][name][measure][tier][m]
+                        assert (got is None) == (per[i] is None)
+                        if got is not None:
+                            assert got == pytest.approx(per[i], abs=1e-12)
+                            checked += 1
+                    valid = [v for v in per if v is not None]
+                    got = a["probes"]["overall"][name][measure][tier][m]
+                    assert got == (pytest.approx(float(np.mean(valid)), abs=1e-12) if valid else None)
+    assert checked > 500
+    # locality per kind from the calibration queries' patterns
+    for i, kind in enumerate(kinds):
+        loc = a["probes"]["per_kind"][kind]["locality"]
+        assert loc["recency_share"] == pytest.approx(float(raw["probe_loc_recency_share"][i].mean()), abs=1e-12)
+        assert loc["anchor_share"] == pytest.approx(float(raw["probe_loc_anchor_share"][i].mean()), abs=1e-12)
+        mass = raw["probe_cal_attention_mass"][i]
+        assert loc["first_block_mass_share"] == pytest.approx(float((mass[..., :16].sum(-1) / mass.sum(-1)).mean()),
+                                                              abs=1e-12)
+    report = (out / "report.md").read_text()
+    ho = a["probes"]["overall"]["heldout_both"]["kl"]["int4"]["attention"]
+    assert f"| attention | {a['probes']['overall']['in_sample']['kl']['int4']['attention']:.3f} |" in report
+    assert f"{ho:.3f}" in report
+
+
+def test_heldout_queries_and_prompts_are_disjoint_from_the_calibration(study_run, tiny_model, tmp_path):
+    from kvprec.analysis import precision_heldout as ph
+    from kvprec.analysis.precision_probes import collect_probes
+
+    out, a, _ = study_run
+    raw = sp.load_raw(out / "raw.npz")
+    cal, ho, p = raw["probe_cal_queries"], raw["probe_ho_queries"], int(raw["probe_context"])
+    # Positions: the calibration queries and their targets (up to max(cal) + 1) all precede the held-out queries.
+    assert not set(cal.tolist()) & set(ho.tolist()) and cal.min() >= p and cal.max() + 1 < ho.min()
+    # Prompts: no probe is calibrated on itself or on a probe of its own kind.
+    kinds = raw["probe_kinds"].tolist()
+    for i, pp in enumerate(a["probes"]["per_probe"]):
+        assert i not in pp["calibrated_on"] and pp["calibrated_on"]
+        assert all(kinds[j] != kinds[i] for j in pp["calibrated_on"])
+    assert ph.cross_sets(["file", "file", "file"]).tolist() == [[False, True, True], [True, False, True],
+                                                                [True, True, False]]
+    # Information flow: change every token after the calibration targets; the calibration scores and the
+    # sensitivity at the calibration queries stay bit-identical, the held-out ones move.
+    text = pr.BUILTIN_PROMPTS["code"]
+    w = p + len(cal) + 4 + len(ho) + 1
+    scrambled = list(text)
+    for start in (0, w):
+        for j in range(start + int(cal.max()) + 2, start + w):
+            scrambled[j] = "Z" if scrambled[j] != "Z" else "Q"
+    model = tiny_model("llama")
+    runs = []
+    for name, body in (("a.txt", text), ("b.txt", "".join(scrambled))):
+        f = tmp_path / name
+        f.write_text(body)
+        cfg = sp.StudyConfig(**TINY_SETTINGS, text=str(f), file_probes=2)
+        runs.append(collect_probes(model, lambda s: list(s.encode("utf-8")), cfg, log=lambda *x: None))
+    r0, r1 = runs
+    assert r0["probe_kinds"].tolist() == ["file", "file"] and r0["probe_offsets"].tolist() == [0, w]
+    assert not np.array_equal(r0["probe_ids"], r1["probe_ids"])
+    cols = [r0["probe_query_positions"].tolist().index(x) for x in r0["probe_cal_queries"].tolist()]
+    hcols = [r0["probe_query_positions"].tolist().index(x) for x in r0["probe_ho_queries"].tolist()]
+    for m in ("attention", "grad_attn", "gradient", "hessian", "attention_mass"):
+        np.testing.assert_array_equal(r0[f"probe_cal_{m}"], r1[f"probe_cal_{m}"])
+        assert not np.array_equal(r0[f"probe_ho_{m}"], r1[f"probe_ho_{m}"])
+    for measure in ("kl", "dlogp", "d_attn"):
+        np.testing.assert_allclose(r0[f"probe_sens_{measure}"][..., cols], r1[f"probe_sens_{measure}"][..., cols],
+                                   rtol=1e-9, atol=1e-15)
+        assert not np.allclose(r0[f"probe_sens_{measure}"][..., hcols], r1[f"probe_sens_{measure}"][..., hcols])
+
+
+def test_old_run_directories_without_probes_still_reanalyze(study_run, tmp_path):
+    import shutil
+
+    out, _, _ = study_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    raw = sp.load_raw(old / "raw.npz")
+    np.savez_compressed(old / "raw.npz", **{k: v for k, v in raw.items() if not k.startswith("probe_")})
+    a = sp.reanalyze(old)
+    assert "predates the per-kind and held-out collection" in a["probes"]["skipped"]
+    report = (old / "report.md").read_text()
+    assert "## 6. Per prompt kind" in report and "Not measured: not in this run's raw.npz" in report
+    assert a["correlations"] == json.loads((out / "analysis.json").read_text())["correlations"]
+
+
+def test_probes_too_short_for_the_settings_are_skipped_with_the_reason():
+    from kvprec.analysis.precision_probes import ProbesSkipped, plan
+
+    p, probes = plan([("prose", list(range(60))), ("code", list(range(80)))], context=256, queries=4, heldout=4,
+                     gap=4, block_size=16, file_probes=3)
+    assert p == 32 and [(k, o, len(ids)) for k, o, ids in probes] == [("prose", 0, 45), ("code", 0, 45)]
+    p, probes = plan([("file", list(range(100)))], context=16, queries=4, heldout=4, gap=4, block_size=16,
+                     file_probes=3)
+    assert p == 16 and [o for _, o, _ in probes] == [0, 29, 58]
+    with pytest.raises(ProbesSkipped, match="prose, 20 tokens"):
+        plan([("prose", list(range(20))), ("code", list(range(80)))], context=256, queries=4, heldout=4, gap=4,
+             block_size=16, file_probes=3)

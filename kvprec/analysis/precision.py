@@ -172,18 +172,23 @@ def hutchinson_diagonal(grads: Sequence[torch.Tensor], leaves: Sequence[torch.Te
     return [a / samples for a in acc]
 
 
-def end_to_end_scores(model, ids: torch.Tensor, context: int, *, hutchinson_samples: int = 8, seed: int = 0):
+def end_to_end_scores(model, ids: torch.Tensor, context: int, *, hutchinson_samples: int = 8, seed: int = 0,
+                      query_index: Optional[Sequence[int]] = None):
     """(gradient, hessian) per (layer, KV head, position < context), numpy [L, Hkv, context] (module docstring).
 
     ``ids`` [1, P+Q+1]: the context x[0, P) is prefilled into a DynamicCache without grad, each layer's cached keys
     become leaf tensors, the Q query tokens are fed with eager attention (differentiable twice), and query i's
-    log-probability of x[P+i+1] is differentiated."""
+    log-probability of x[P+i+1] is differentiated. ``query_index`` (default: all Q) picks the queries whose
+    log-probabilities enter both scores (the others are fed, unscored: held-out queries after a gap)."""
     from transformers import DynamicCache
 
     ids = ids.to(model.device)
     nq = ids.shape[1] - context - 1
     if nq < 1 or context < 1:
         raise ValueError(f"end_to_end_scores: ids of length {ids.shape[1]} leave no query after context {context}")
+    chosen = list(range(nq)) if query_index is None else [int(i) for i in query_index]
+    if not chosen or min(chosen) < 0 or max(chosen) >= nq:
+        raise ValueError(f"end_to_end_scores: query_index {chosen} is not a non-empty subset of range({nq})")
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -200,10 +205,10 @@ def end_to_end_scores(model, ids: torch.Tensor, context: int, *, hutchinson_samp
             logp = torch.log_softmax(logits.double(), -1)
             target = logp.gather(-1, ids[0, context + 1:context + nq + 1, None].to(logp.device))[:, 0]  # [Q]
             grad = np.zeros((len(leaves), *leaves[0].shape[1:3]))
-            for i in range(nq):
+            for i in chosen:
                 gs = torch.autograd.grad(target[i], leaves, retain_graph=True)
-                grad += np.stack([x[0].norm(dim=-1).double().cpu().numpy() for x in gs]) / nq
-            total = target.sum()
+                grad += np.stack([x[0].norm(dim=-1).double().cpu().numpy() for x in gs]) / len(chosen)
+            total = target[chosen].sum()
             gs = torch.autograd.grad(total, leaves, create_graph=True)
             diag = hutchinson_diagonal(gs, leaves, hutchinson_samples, torch.Generator().manual_seed(seed))
         hess = np.stack([d[0].abs().sum(-1).double().detach().cpu().numpy() for d in diag])
@@ -249,7 +254,16 @@ def locality(inputs: List[LayerInputs], window: int, **kw) -> Dict[str, np.ndarr
 
 def measure_sensitivity(model, ids: torch.Tensor, context: int, items: np.ndarray, tiers: Sequence,
                         block_size: int) -> Dict[str, np.ndarray]:
-    """For each item (layer, KV head, block) [M, 3] and tier: d_attn, kl, dlogp [M, n_tiers] (module docstring).
+    """For each item (layer, KV head, block) [M, 3] and tier: d_attn, kl, dlogp [M, n_tiers] (module docstring):
+    the means over the Q queries of :func:`measure_sensitivity_per_query`."""
+    per_query = measure_sensitivity_per_query(model, ids, context, items, tiers, block_size)
+    return {k: v.mean(-1) for k, v in per_query.items()}
+
+
+def measure_sensitivity_per_query(model, ids: torch.Tensor, context: int, items: np.ndarray, tiers: Sequence,
+                                  block_size: int) -> Dict[str, np.ndarray]:
+    """For each item (layer, KV head, block) [M, 3], tier and query i: d_attn, kl, dlogp [M, n_tiers, Q], i.e. the
+    module docstring's measures before the mean over queries (d_attn still a mean over the group's query heads).
     ``context`` must be a multiple of ``block_size`` so the query positions never share a block with the context."""
     from ..attention import enabled
     from ..cache import AdaptiveCache
@@ -287,7 +301,7 @@ def measure_sensitivity(model, ids: torch.Tensor, context: int, items: np.ndarra
         hkv = cache.layers[0].tiers().shape[1]
         hq = ref_out[0].shape[0]
         g = hq // hkv
-        res = {k: np.zeros((len(items), len(tiers))) for k in ("d_attn", "kl", "dlogp")}
+        res = {k: np.zeros((len(items), len(tiers), nq)) for k in ("d_attn", "kl", "dlogp")}
         for m, (layer_idx, head, block) in enumerate(np.asarray(items).tolist()):
             layer = cache.layers[layer_idx]
             for ti, tier in enumerate(tiers):
@@ -297,10 +311,10 @@ def measure_sensitivity(model, ids: torch.Tensor, context: int, items: np.ndarra
                 logp, out = query_pass()
                 layer.set_block_tiers(block, torch.zeros(1, hkv, dtype=torch.int8))  # promotion from the shadow
                 d = (out[layer_idx] - ref_out[layer_idx])[head * g:(head + 1) * g]
-                res["d_attn"][m, ti] = float(d.norm(dim=-1).mean())
-                res["kl"][m, ti] = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
-                res["dlogp"][m, ti] = float((logp.gather(-1, target[:, None]) - ref_logp.gather(-1, target[:, None]))
-                                            .abs().mean())
+                res["d_attn"][m, ti] = d.norm(dim=-1).mean(0).numpy()
+                res["kl"][m, ti] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).numpy()
+                res["dlogp"][m, ti] = (logp.gather(-1, target[:, None]) - ref_logp.gather(-1, target[:, None])
+                                       )[:, 0].abs().numpy()
     return res
 
 

@@ -103,4 +103,42 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
     fig.savefig(out / "sensitivity.png", dpi=80)
     plt.close(fig)
     written.append("sensitivity.png")
-    return written
+    return written + _probe_plots(a["probes"], config, out, plt)
+
+
+def _bars(ax, groups: List[str], series: Dict[str, list], title: str):
+    width = 0.8 / max(1, len(series))
+    xs = np.arange(len(groups))
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar(xs + i * width, [np.nan if v is None else v for v in vals], width=width, label=name)
+    ax.set_xticks(xs + 0.4 - width / 2, groups, fontsize=8)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylim(-1, 1)
+    ax.set_ylabel("Spearman rho")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+
+
+def _probe_plots(p: dict, config: dict, out: Path, plt) -> List[str]:
+    """kinds.png (in-sample rho per kind and method) and heldout.png (rho per method and setting), KL at the report
+    tier; nothing where the run has no probes."""
+    from .precision_heldout import SETTING_TITLES, SETTINGS, report_tier
+
+    if "skipped" in p:
+        return []
+    tier = report_tier(list(config["tiers"]))
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    _bars(ax, p["kinds"], {m: [p["per_kind"][k]["correlations"]["in_sample"]["kl"][tier][m] for k in p["kinds"]]
+                           for m in SCORE_METHODS}, f"in-sample rho vs measured KL at {tier}, per prompt kind")
+    fig.tight_layout()
+    fig.savefig(out / "kinds.png", dpi=80)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    _bars(ax, list(SCORE_METHODS), {SETTING_TITLES[x]: [p["overall"][x]["kl"][tier][m] for m in SCORE_METHODS]
+                                    for x in SETTINGS},
+          f"rho vs measured KL at {tier}: in-sample vs held-out (mean over {p['n_probes']} probes)")
+    fig.tight_layout()
+    fig.savefig(out / "heldout.png", dpi=80)
+    plt.close(fig)
+    return ["kinds.png", "heldout.png"]

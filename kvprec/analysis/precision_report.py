@@ -10,6 +10,7 @@ import numpy as np
 
 from ..formats import Tier
 from . import precision as pr
+from .precision_heldout import analyze_probes, render_probes
 
 SCORE_METHODS = ("attention", "grad_attn", "gradient", "hessian", "hybrid", "attention_mass")
 MEASURES = ("kl", "dlogp", "d_attn")
@@ -140,7 +141,7 @@ def analyze(raw: Dict[str, np.ndarray], config: dict) -> dict:
             "thresholds": thresholds, "memory": memory,
             "precision_map": {"bits_per_element": _f(raw["map_bits_per_element"]), "tier_blocks": tier_counts,
                               "layer_bits_per_element": map_layer_bits},
-            "layer_groups": groups, "locality": locality}
+            "layer_groups": groups, "locality": locality, "probes": analyze_probes(raw, config)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def render_report(a: dict, config: dict) -> str:
     verdict.append("The tiers quantize V as well as K, and only K enters the curvature methods. The gradient and "
                    "Hessian scores are taken on the same query tokens the sensitivity is measured with (in-sample for "
                    "those queries); the closed form uses the same queries too, and the precision map carries the "
-                   "scores to other text by position only.")
+                   "scores to other text by position only. Section 7 tests every method out of sample.")
     out += [" ".join(verdict), ""]
 
     out += ["Measured sensitivity per tier (mean / median / max over the sampled blocks):", "",
@@ -312,4 +313,5 @@ def render_report(a: dict, config: dict) -> str:
                    + " | " + ", ".join(f"{x:.3f}" for x in loc["cluster_top_share"][l])
                    + " | " + ", ".join(f"{x:.3f}" for x in loc["first_block_mass_share"][l]) + " |")
     out += ["", "Plot: `plots/locality.png`.", ""]
+    out += render_probes(a["probes"], config)
     return "\n".join(out)

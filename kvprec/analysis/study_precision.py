@@ -5,8 +5,9 @@ A run writes one directory::
 
     config.json     the settings (and the model name, token counts, versions)
     raw.npz         every measurement: per-position scores of each curvature method, locality, the sampled
-                    blocks and their measured sensitivity per tier, the precision map, the policy comparison
-                    rows and the memory table
+                    blocks and their measured sensitivity per tier, the per-kind probes (``probe_*``: scores from
+                    calibration and held-out queries, sensitivity per query), the precision map, the policy
+                    comparison rows and the memory table
     analysis.json   computed from raw.npz and config.json only (precision_report.analyze)
     report.md       every number from analysis.json (precision_report.render_report)
     plots/*.png     from raw.npz and analysis.json (precision_plots.make_plots)
@@ -27,7 +28,11 @@ What is measured (formulas in kvprec/analysis/precision.py):
    curvature policy, attention mass and sink+window, each wrapped in ``budget(..., bits_per_element=b)`` so the
    sealed pages of every layer obey the same budget; the measured effective bits come from the cache's own
    accounting (tail and block table included);
-5. memory at the requested context lengths from ``AdaptiveCache.memory_report()``, filled by appending random
+5. per prompt kind (each built-in prompt, or windows of --text FILE) with calibration and held-out queries: every
+   method's scores and the measured sensitivity per query, so the rank correlations can be taken per kind and out
+   of sample (held-out queries at later positions, held-out prompts of other kinds): kvprec/analysis/
+   precision_probes.py collects, kvprec/analysis/precision_heldout.py analyses (report sections 6 and 7);
+6. memory at the requested context lengths from ``AdaptiveCache.memory_report()``, filled by appending random
    K/V of the model's shapes to each layer (no model forward: the bytes depend only on shapes and tiers);
    compression at top-1 agreement thresholds; early / middle / late layer patterns.
 """
@@ -47,6 +52,7 @@ from ..formats import BlockGeometry, Tier
 from . import precision as pr
 
 from .precision_plots import make_plots
+from .precision_probes import collect_probes
 from .precision_report import analyze, render_report
 
 
@@ -74,6 +80,13 @@ class StudyConfig:
     memory_contexts: List[int] = field(default_factory=lambda: [512, 2048, 8192])
     dtype: str = "float32"
     device: str = "cpu"
+    # per-prompt-kind probes and held-out validation (kvprec/analysis/precision_probes.py)
+    per_kind: bool = True
+    kind_context: Optional[int] = None      # P of every probe (rounded down to a block multiple); None: context
+    heldout_queries: Optional[int] = None   # H held-out queries per probe; None: queries
+    heldout_gap: Optional[int] = None       # G tokens between calibration and held-out queries; None: block_size
+    kind_max_items: Optional[int] = None    # sampled items per probe; None: max_items
+    file_probes: int = 3                    # with --text FILE: disjoint windows of the file (kind "file")
 
 
 def page_bits(geometry: BlockGeometry, tier) -> float:
@@ -167,6 +180,7 @@ def collect(cfg: StudyConfig, loaded, log=print) -> Dict[str, np.ndarray]:
     raw["items"] = items
     raw.update({f"sens_{k}": v for k, v in sens.items()})
     log(f"sensitivity: {len(items)} blocks x {len(cfg.tiers)} tiers ({time.perf_counter() - start:.1f} s)")
+    raw.update(collect_probes(model, loaded.encode, cfg, log))
 
     geometry = BlockGeometry(t, inputs[0].k.shape[-1], cfg.group_size)
     map_bits = cfg.map_budget if cfg.map_budget is not None else page_bits(geometry, "int4")

@@ -2,6 +2,7 @@
 report.md, plots/). Every number in a report is recomputed from the raw data by ``--reanalyze DIR``.
 
     kvprec study precision --model PATH [--text FILE] [--budget BITS ...] [--eps EPS] [--out DIR]
+                           [--heldout-queries H] [--heldout-gap G] [--kind-context P] [--no-per-kind]
     kvprec study precision --reanalyze DIR
 """
 from __future__ import annotations
@@ -42,6 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--steps", type=int, default=128, help="quality harness teacher-forced steps")
     q.add_argument("--memory-context", type=int, action="append", default=None,
                    help="context lengths of the memory table (repeatable; default 512, 2048, 8192)")
+    q.add_argument("--no-per-kind", action="store_true",
+                   help="skip the per-prompt-kind probes and the held-out validation (report sections 6 and 7)")
+    q.add_argument("--kind-context", type=int, default=None,
+                   help="context tokens of every per-kind probe (default: --context, capped by the shortest prompt)")
+    q.add_argument("--heldout-queries", type=int, default=None,
+                   help="held-out queries per probe, after the calibration queries (default: --queries)")
+    q.add_argument("--heldout-gap", type=int, default=None,
+                   help="tokens between calibration and held-out queries (default: --block-size)")
+    q.add_argument("--kind-items", type=int, default=None,
+                   help="sampled (layer, head, block) items per probe (default: --max-items)")
+    q.add_argument("--file-probes", type=int, default=3,
+                   help="with --text: disjoint windows of the file used as probes (kind 'file')")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,7 +77,9 @@ def run(args) -> int:
                          max_items=args.max_items, hutchinson_samples=args.hutchinson, seed=args.seed,
                          budgets=args.budget, map_budget=args.map_budget, eps=args.eps, prefill=args.prefill,
                          steps=args.steps, memory_contexts=args.memory_context or [512, 2048, 8192],
-                         dtype=args.dtype, device=args.device)
+                         dtype=args.dtype, device=args.device, per_kind=not args.no_per_kind,
+                         kind_context=args.kind_context, heldout_queries=args.heldout_queries,
+                         heldout_gap=args.heldout_gap, kind_max_items=args.kind_items, file_probes=args.file_probes)
     out = args.out or f"runs/precision-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
     sp.run(cfg, out)

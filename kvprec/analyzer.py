@@ -4,10 +4,12 @@ The Python face of the C++ analyzer (``csrc/include/kvprec/analyzer.h``, exposed
 ``torch.classes.kvprec.KVCacheAnalyzer``). Pipeline (formulas in ``kvprec/curvature.h`` and
 ``kvprec/precision_mapper.h``; DESIGN.md "Precision policy"):
 
-1. ``add_calibration(layer, q, k, v)``: per-position curvature of one layer on one calibration input,
-   ``kappa_t = s^3 a_t^3 |1 - 2 a_t| ||v_t - o||^2 ||q||^3``, reduced over inputs, the query heads of each GQA
-   group and the queries that see t (``query_reduce``: mean or max), per KV head: [Hkv, N_max]. Inputs of
-   different lengths are aligned at their first token; each batch row counts as one input.
+1. ``add_calibration(layer, q, k, v, backend=...)``: per-position curvature of one layer on one calibration
+   input, ``kappa_t = s^3 a_t^3 |1 - 2 a_t| ||v_t - o||^2 ||q||^3``, reduced over inputs, the query heads of each
+   GQA group and the queries that see t (``query_reduce``: mean or max), per KV head: [Hkv, N_max]. Inputs of
+   different lengths are aligned at their first token; each batch row counts as one input. On a GPU the
+   reduction over query heads and queries runs there (the Triton curvature kernel) and only [B?, Hkv, N]
+   statistics reach the host; on CPU the C++ accumulator computes it from host copies.
 2. Per block of T positions: ``kappa_max`` (threshold mode: every position's bound must hold) and ``kappa_sum``
    (knapsack modes: predicted errors of positions add).
 3. ``analyze(mode)``:
@@ -36,7 +38,8 @@ from .precision import DEFAULT_C, DEFAULT_CANDIDATES, DEFAULT_EPS, METHODS
 MODES = ("threshold", "budget", "quality")
 QUERY_REDUCTIONS = ("mean", "max")
 
-__all__ = ["KVCacheAnalyzer", "PrecisionMap", "HeadReport", "LayerCurvature", "MODES", "check_request"]
+__all__ = ["KVCacheAnalyzer", "PrecisionMap", "HeadReport", "LayerCurvature", "MODES", "check_request",
+           "calibration_backend", "visible_count"]
 
 
 @dataclass(frozen=True)
@@ -167,17 +170,65 @@ class KVCacheAnalyzer:
         self.geometry = BlockGeometry(int(block_size), int(head_dim), int(group_size))
         self.candidates = [Tier.parse(t) for t in candidates]
         self.c, self.eps = float(c), float(eps)
+        self.scale, self.causal = float(0.0 if scale is None else scale), bool(causal)  # 0: 1/sqrt(D)
+        self.backends: Dict[str, int] = {}  # add_calibration calls per backend that ran
         self._impl = torch.classes.kvprec.KVCacheAnalyzer(
             self.c, self.eps, self.geometry.block_size, self.geometry.head_dim, self.geometry.group_size,
-            [int(t) for t in self.candidates], float(0.0 if scale is None else scale), bool(causal), query_reduce)
+            [int(t) for t in self.candidates], self.scale, self.causal, query_reduce)
 
-    def add_calibration(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def add_calibration(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                        backend: str = "auto") -> str:
         """Add one layer's attention inputs on one calibration input (post-RoPE): q [B?, Hq, Q, D], k/v
-        [B?, Hkv, N, D]. Every call for a layer must have the same Hkv. Tensors are read on CPU (copied if not)."""
+        [B?, Hkv, N, D]. Every call for a layer must have the same Hkv. Returns the backend that ran.
+
+        backend (:func:`calibration_backend`):
+
+        * ``"cpp"``: q, k, v are copied to the host and the C++ accumulator computes the closed form there (FP64);
+        * ``"triton"`` (what ``"auto"`` picks for CUDA tensors; also CPU tensors under TRITON_INTERPRET=1): the
+          curvature reduction runs where q is, twice (query_reduce "sum" and "max"), and only the position
+          statistics pos_sum, pos_max [B?, Hkv, N] come to the host, where :meth:`add_reduced` adds them with the
+          count of (query head, query) pairs that see each position (:func:`visible_count`, from the shapes).
+          FP32 arithmetic: within the kernel's tolerance of the C++ path (kvprec/triton_ops/curvature.py);
+        * ``"torch"``: the same reduced path with the FP64 pure-torch reference on q's device (an oracle: it
+          materialises [B, Hq, Q, N] several times);
+        * ``"auto"``: triton where the op registry resolves curvature_reduce to it for q's device (CUDA), else cpp.
+        """
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"add_calibration: {name} must be a tensor, got {type(t).__name__}")
-        self._impl.add_calibration(int(layer), q.detach().cpu(), k.detach().cpu(), v.detach().cpu())
+        which = calibration_backend(backend, q.device)
+        if which == "cpp":
+            self._impl.add_calibration(int(layer), q.detach().cpu(), k.detach().cpu(), v.detach().cpu())
+        else:
+            from .analysis.curvature import curvature_reduce
+
+            if int(layer) < 0:
+                raise ValueError(f"layer: {layer} is not accepted; expected >= 0")
+            d = self.geometry.head_dim
+            if k.dim() >= 1 and k.shape[-1] != d:  # the native path's check, before any kernel runs
+                raise ValueError(f"add_calibration: k has head_dim {k.shape[-1]} but the geometry's head_dim is {d} "
+                                 "(head_dim=)")
+            q, k, v = q.detach(), k.detach(), v.detach()
+            args = (q, k, v, self.scale, self.causal, self.geometry.block_size)
+            pos_sum = curvature_reduce(*args, "sum", "sum", backend=which)[0]
+            pos_max = curvature_reduce(*args, "max", "max", backend=which)[0]
+            # curvature_reduce checked the shapes: q [B?, Hq, Q, D], k [B?, Hkv, N, D], Hq % Hkv == 0, causal Q <= N.
+            batch = q.shape[0] if q.dim() == 4 else 1
+            count = visible_count(batch, q.shape[-3] // k.shape[-3], q.shape[-2], k.shape[-2], self.causal)
+            self._impl.add_reduced(int(layer), pos_sum.cpu(), pos_max.cpu(), count)
+        self.backends[which] = self.backends.get(which, 0) + 1
+        return which
+
+    def add_reduced(self, layer: int, pos_sum: torch.Tensor, pos_max: torch.Tensor, count: torch.Tensor) -> None:
+        """Add one layer's statistics on one calibration input, already reduced (C++
+        ``CurvatureAccumulator::add_reduced``): pos_sum / pos_max [B?, Hkv, N], the sum / max of kappa over the
+        group's query heads and the queries that see each position (``curvature_reduce`` with query_reduce "sum" /
+        "max", computed with this analyzer's scale and causality); count [N] or [Hkv, N], :func:`visible_count`.
+        Copied to the host if they are not there."""
+        for name, t in (("pos_sum", pos_sum), ("pos_max", pos_max), ("count", count)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"add_reduced: {name} must be a tensor, got {type(t).__name__}")
+        self._impl.add_reduced(int(layer), pos_sum.detach().cpu(), pos_max.detach().cpu(), count.detach().cpu())
 
     @property
     def num_layers(self) -> int:
@@ -236,6 +287,35 @@ class KVCacheAnalyzer:
         return (f"KVCacheAnalyzer(head_dim={g.head_dim}, block_size={g.block_size}, group_size={g.group_size}, "
                 f"c={self.c}, eps={self.eps}, candidates={[str(t) for t in self.candidates]}, "
                 f"layers={self.num_layers})")
+
+
+def calibration_backend(backend: str, device: torch.device) -> str:
+    """The backend :meth:`KVCacheAnalyzer.add_calibration` runs for q on ``device``: "cpp", "triton" or "torch"
+    (see there). ``auto`` takes the curvature_reduce op's choice (kvprec.ops.resolve_backend) where it is a device
+    kernel (triton: CUDA tensors), else cpp; an explicit backend the registry cannot run on ``device`` raises."""
+    from . import ops  # late: kvprec.ops imports kvprec.analysis
+
+    device = torch.device(device)
+    if backend == "cpp":
+        return "cpp"  # host copies: any device
+    if backend == "auto":
+        which = ops.resolve_backend("curvature_reduce", "auto", device)
+        return which if which == "triton" else "cpp"
+    if backend in ("torch", "triton"):
+        return ops.resolve_backend("curvature_reduce", backend, device)  # raises, saying why, if it cannot run
+    raise ValueError(f"backend: {backend!r} is not accepted; use auto, cpp, triton or torch")
+
+
+def visible_count(batch: int, group: int, queries: int, positions: int, causal: bool = True) -> torch.Tensor:
+    """FP64 [N]: the (batch row, query head, query) triples that see each position of one calibration input,
+    ``count_t = B * G * (causal ? min(Q, N - t) : Q)`` (query i sits at N - Q + i; G = Hq / Hkv). The count
+    :meth:`KVCacheAnalyzer.add_reduced` takes, computed from the shapes on the host."""
+    if min(batch, group, queries, positions) < 1 or (causal and queries > positions):
+        raise ValueError(f"visible_count: batch {batch}, group {group}, queries {queries}, positions {positions} "
+                         "are not accepted; expected all >= 1 and, causal, queries <= positions")
+    t = torch.arange(positions, dtype=torch.float64)
+    seen = (positions - t).clamp(max=queries) if causal else torch.full_like(t, float(queries))
+    return seen * (batch * group)
 
 
 def check_request(mode: str, budget_bytes: Optional[int], bits_per_element: Optional[float],

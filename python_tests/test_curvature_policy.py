@@ -23,7 +23,7 @@ import torch
 import kvprec
 from kvprec import policy as P
 from kvprec.analysis.curvature import block_reduce, curvature_reduce
-from kvprec.analyzer import KVCacheAnalyzer, PrecisionMap
+from kvprec.analyzer import KVCacheAnalyzer, PrecisionMap, visible_count
 from kvprec.formats import BlockGeometry, Tier
 from kvprec.policy import Curvature
 from kvprec.precision import knapsack_tiers, map_tiers, page_costs, required_bits, tier_errors
@@ -188,6 +188,74 @@ def test_native_class_checks_what_the_wrapper_passes_on():
         impl.analyze("budget", 10 ** 6, 0.0, "x")
     with pytest.raises(ValueError, match="budget: 10 bytes is below the minimum achievable"):
         impl.analyze("budget", 10, 0.0, "auto")
+
+
+# ---- reduced statistics (the GPU path's hand-over) ---------------------------------------------------------
+
+def reduced(q, k, v, causal=True, scale=0.0):
+    """(pos_sum, pos_max, count) of one input as the device path hands them over, from the C++ kernel."""
+    s = curvature_reduce(q, k, v, scale, causal, T, "sum", "sum", backend="cpp")[0]
+    m = curvature_reduce(q, k, v, scale, causal, T, "max", "max", backend="cpp")[0]
+    batch = q.shape[0] if q.dim() == 4 else 1
+    return s, m, visible_count(batch, q.shape[-3] // k.shape[-3], q.shape[-2], k.shape[-2], causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_add_reduced_equals_add_calibration(causal):
+    """add_reduced fed with curvature_reduce's sum and max of the same q, k, v accumulates exactly what
+    add_calibration does; backend="torch" (the reduced path with the FP64 reference) agrees to rounding."""
+    direct, via_reduced, via_torch = (KVCacheAnalyzer(head_dim=D, block_size=T, causal=causal) for _ in range(3))
+    for layer in range(2):
+        q, k, v = random_qkv(layer)
+        inputs = [(q, k, v), (q[0, :, 30:], k[0], v[0]), (q[1, :, :1], k[1, :, :20], v[1, :, :20])]  # Q < N, Q = 1
+        for x in inputs:
+            assert direct.add_calibration(layer, *x, backend="cpp") == "cpp"
+            via_reduced.add_reduced(layer, *reduced(*x, causal=causal))
+            assert via_torch.add_calibration(layer, *x, backend="torch") == "torch"
+    assert direct.backends == {"cpp": 6} and via_torch.backends == {"torch": 6}
+    for layer in range(2):
+        a, b, t = direct.curvature(layer), via_reduced.curvature(layer), via_torch.curvature(layer)
+        assert a.inputs == b.inputs == t.inputs == 4
+        assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+        assert torch.equal(a.count, t.count)
+        torch.testing.assert_close(t.sum, a.sum, rtol=1e-12, atol=0.0)
+        torch.testing.assert_close(t.max, a.max, rtol=1e-12, atol=0.0)
+    pa, pb = direct.analyze("threshold"), via_reduced.analyze("threshold")
+    assert all(torch.equal(x, y) for x, y in zip(pa.kappa_sum + pa.tiers, pb.kappa_sum + pb.tiers))
+
+
+@pytest.mark.parametrize("args,error", [
+    (lambda s, m, c: (0, s[0, 0], m[0, 0], c), r"pos_sum must be \[Hkv, N\] or \[B, Hkv, N\]"),
+    (lambda s, m, c: (0, s, m[..., :-1], c), "pos_max must have pos_sum's shape"),
+    (lambda s, m, c: (0, s, m, c[:-1]), r"count must be \[N\] or \[Hkv, N\]"),
+    (lambda s, m, c: (0, s.int(), m, c), "pos_sum must be a floating tensor"),
+    (lambda s, m, c: (0, s, m, c > 0), "count must be a floating or integer tensor"),
+    (lambda s, m, c: (0, -s, m, c), "pos_sum must be finite and >= 0"),
+    (lambda s, m, c: (0, s, m * float("nan"), c), "pos_max must be finite and >= 0"),
+    (lambda s, m, c: (0, s, m, c * 0), "count is 0 at a position where pos_sum or pos_max is not"),
+    (lambda s, m, c: (0, s[:, :1], m[:, :1], c), "pos_sum has 1 KV heads, the accumulator 2"),
+    (lambda s, m, c: (-1, s, m, c), "layer: -1 is not accepted"),
+    (lambda s, m, c: (0, s, m, [1.0] * 37), "count must be a tensor"),
+])
+def test_add_reduced_errors_name_the_argument(args, error):
+    a = analyzer_with(1)
+    s, m, c = reduced(*random_qkv(0))
+    with pytest.raises(ValueError, match=error):
+        a.add_reduced(*args(s, m, c))
+    assert a.curvature(0).inputs == 2  # a refused call adds nothing
+
+
+def test_calibrate_backend_argument(tiny_model):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="backend: 'fast' is not accepted"):
+        Curvature.calibrate(model, calibration_ids(), mode="threshold", block_size=T, backend="fast")
+    pol = Curvature.calibrate(model, [calibration_ids(), calibration_ids(20)], mode="threshold", block_size=T)
+    assert pol.calibration_backends == {"cpp": 4}  # auto on CPU: the C++ path (2 forwards x 2 layers)
+    ref = Curvature.calibrate(model, [calibration_ids(), calibration_ids(20)], mode="threshold", block_size=T,
+                              backend="torch")
+    assert ref.calibration_backends == {"torch": 4}
+    for x, y in zip(pol.map.kappa_max, ref.map.kappa_max):
+        torch.testing.assert_close(y, x, rtol=1e-9, atol=0.0)
 
 
 # ---- the policy on a model -----------------------------------------------------------------------------------

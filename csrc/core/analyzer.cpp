@@ -10,6 +10,7 @@
 #include <queue>
 #include <sstream>
 #include <stdexcept>
+#include <utility>
 
 namespace kvprec {
 namespace {
@@ -146,9 +147,24 @@ void KVCacheAnalyzer::add_calibration(int64_t layer, const at::Tensor& q, const 
   const int64_t D = opts_.mapper.geometry.head_dim;
   TORCH_CHECK_VALUE(k.size(-1) == D, "add_calibration: k has head_dim ", k.size(-1), " but the geometry's head_dim is ",
                     D, " (MapperOptions::geometry)");
+  if (layer < num_layers() && layers_[layer].kv_heads() > 0) return layers_[layer].add(q, k, v);
+  CurvatureAccumulator first(k.size(-3), opts_.scale, opts_.causal);
+  first.add(q, k, v);  // a refused first input leaves no layer behind
   if (layer >= num_layers()) layers_.resize(layer + 1);
-  if (layers_[layer].kv_heads() == 0) layers_[layer] = CurvatureAccumulator(k.size(-3), opts_.scale, opts_.causal);
-  layers_[layer].add(q, k, v);
+  layers_[layer] = std::move(first);
+}
+
+void KVCacheAnalyzer::add_reduced(int64_t layer, const at::Tensor& pos_sum, const at::Tensor& pos_max,
+                                  const at::Tensor& count) {
+  TORCH_CHECK_VALUE(layer >= 0, "layer: ", layer, " is not accepted; expected >= 0");
+  TORCH_CHECK_VALUE(pos_sum.defined() && (pos_sum.dim() == 2 || pos_sum.dim() == 3),
+                    "add_reduced: pos_sum must be [Hkv, N] or [B, Hkv, N]",
+                    pos_sum.defined() ? ", got shape " + c10::str(pos_sum.sizes()) : std::string());
+  if (layer < num_layers() && layers_[layer].kv_heads() > 0) return layers_[layer].add_reduced(pos_sum, pos_max, count);
+  CurvatureAccumulator first(pos_sum.size(-2), opts_.scale, opts_.causal);
+  first.add_reduced(pos_sum, pos_max, count);  // a refused first input leaves no layer behind
+  if (layer >= num_layers()) layers_.resize(layer + 1);
+  layers_[layer] = std::move(first);
 }
 
 const CurvatureAccumulator& KVCacheAnalyzer::curvature(int64_t layer) const {

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kvprec {
@@ -268,15 +269,65 @@ CurvatureAccumulator::CurvatureAccumulator(int64_t kv_heads, double scale, bool 
 
 void CurvatureAccumulator::add(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK_VALUE(kv_heads_ >= 1, "CurvatureAccumulator::add: default-constructed accumulator; give it kv_heads");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK_VALUE(!t->defined() || t->device().is_cpu(), "CurvatureAccumulator::add: q, k, v must be CPU tensors, "
+                      "got ", t->device(), "; on a GPU reduce them there (curvature_reduce with Reduce::Sum and "
+                      "Reduce::Max) and pass the results to add_reduced");
   const Inputs in = prepare("CurvatureAccumulator::add", q, k, &v, scale_, causal_);
   TORCH_CHECK_VALUE(in.Hkv == kv_heads_, "CurvatureAccumulator::add: k has ", in.Hkv, " KV heads, the accumulator ", kv_heads_);
   PositionStats st = position_stats(in);
-  at::Tensor s = st.sum.sum(0), m = st.max.amax(0);                                   // [Hkv, N]
   at::Tensor c = (st.count * static_cast<double>(in.B)).unsqueeze(0).expand({in.Hkv, in.N});
+  accumulate(st.sum.sum(0), st.max.amax(0), c, in.B);
+}
+
+void CurvatureAccumulator::add_reduced(const at::Tensor& pos_sum, const at::Tensor& pos_max, const at::Tensor& count) {
+  constexpr const char* op = "CurvatureAccumulator::add_reduced";
+  TORCH_CHECK_VALUE(kv_heads_ >= 1, op, ": default-constructed accumulator; give it kv_heads");
+  TORCH_CHECK_VALUE(pos_sum.defined() && pos_max.defined() && count.defined(), op,
+                    ": pos_sum, pos_max and count must be defined tensors");
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"pos_sum", &pos_sum}, {"pos_max", &pos_max},
+                         {"count", &count}})
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor (copy the reduced statistics to the "
+                      "host), got ", t->device());
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"pos_sum", &pos_sum}, {"pos_max", &pos_max}})
+    TORCH_CHECK_VALUE(at::isFloatingType(t->scalar_type()), op, ": ", name,
+                      " must be a floating tensor (float64 preferred; float32, float16, bfloat16 are widened), got ",
+                      t->scalar_type());
+  TORCH_CHECK_VALUE(count.scalar_type() != at::kBool && !at::isComplexType(count.scalar_type()), op,
+                    ": count must be a floating or integer tensor, got ", count.scalar_type());
+  TORCH_CHECK_VALUE(pos_sum.dim() == 2 || pos_sum.dim() == 3, op,
+                    ": pos_sum must be [Hkv, N] or [B, Hkv, N], got shape ", pos_sum.sizes());
+  TORCH_CHECK_VALUE(pos_max.sizes() == pos_sum.sizes(), op, ": pos_max must have pos_sum's shape ", pos_sum.sizes(),
+                    ", got ", pos_max.sizes());
+  const int64_t B = pos_sum.dim() == 3 ? pos_sum.size(0) : 1, H = pos_sum.size(-2), N = pos_sum.size(-1);
+  TORCH_CHECK_VALUE(B >= 1 && N >= 1, op, ": empty statistics: pos_sum ", pos_sum.sizes());
+  TORCH_CHECK_VALUE(H == kv_heads_, op, ": pos_sum has ", H, " KV heads, the accumulator ", kv_heads_);
+  TORCH_CHECK_VALUE((count.dim() == 1 && count.size(0) == N) ||
+                        (count.dim() == 2 && count.size(0) == H && count.size(1) == N),
+                    op, ": count must be [N] or [Hkv, N] = [", N, "] or [", H, ", ", N, "] (pos_sum ", pos_sum.sizes(),
+                    "), got ", count.sizes());
+  at::Tensor s = pos_sum.to(at::kDouble), m = pos_max.to(at::kDouble);
+  at::Tensor c = count.to(at::kDouble);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"pos_sum", &s}, {"pos_max", &m}, {"count", &c}})
+    TORCH_CHECK_VALUE(at::isfinite(*t).all().item<bool>() && (*t >= 0).all().item<bool>(), op, ": ", name,
+                      " must be finite and >= 0 (kappa and counts are)");
+  if (s.dim() == 3) {
+    s = s.sum(0);
+    m = m.amax(0);
+  }
+  c = c.dim() == 1 ? c.unsqueeze(0).expand({H, N}) : c;
+  TORCH_CHECK_VALUE(((c > 0) | ((s == 0) & (m == 0))).all().item<bool>(), op,
+                    ": count is 0 at a position where pos_sum or pos_max is not: every position with curvature was "
+                    "seen by some (query head, query); count_t = B * G * (causal ? min(Q, N - t) : Q)");
+  accumulate(s, m, c, B);
+}
+
+void CurvatureAccumulator::accumulate(const at::Tensor& s, const at::Tensor& m, const at::Tensor& c, int64_t inputs) {
+  const int64_t N = s.size(1);
   const int64_t n_old = max_len();
-  if (in.N > n_old) {
+  if (N > n_old) {
     auto grow = [&](const at::Tensor& t) {
-      at::Tensor z = at::zeros({kv_heads_, in.N}, s.options());
+      at::Tensor z = at::zeros({kv_heads_, N}, s.options());
       if (t.defined()) z.narrow(1, 0, n_old).copy_(t);
       return z;
     };
@@ -284,10 +335,10 @@ void CurvatureAccumulator::add(const at::Tensor& q, const at::Tensor& k, const a
     max_ = grow(max_);
     count_ = grow(count_);
   }
-  sum_.narrow(1, 0, in.N).add_(s);
-  max_.narrow(1, 0, in.N).copy_(at::maximum(max_.narrow(1, 0, in.N), m));
-  count_.narrow(1, 0, in.N).add_(c);
-  inputs_ += in.B;
+  sum_.narrow(1, 0, N).add_(s);
+  max_.narrow(1, 0, N).copy_(at::maximum(max_.narrow(1, 0, N), m));
+  count_.narrow(1, 0, N).add_(c);
+  inputs_ += inputs;
 }
 
 at::Tensor CurvatureAccumulator::mean() const {

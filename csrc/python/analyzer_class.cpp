@@ -83,6 +83,10 @@ TORCH_LIBRARY_FRAGMENT(kvprec, m) {
       // q [B?, Hq, Q, D], k/v [B?, Hkv, N, D] of one layer on one calibration input (post-RoPE).
       .def("add_calibration", [](const Self& s, int64_t layer, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v) { s->analyzer.add_calibration(layer, q, k, v); })
+      // pos_sum, pos_max [B?, Hkv, N] and count [N] or [Hkv, N] of one layer on one calibration input, reduced on a
+      // device (kvprec/analyzer.py: the Triton curvature reduction); CPU tensors.
+      .def("add_reduced", [](const Self& s, int64_t layer, const at::Tensor& pos_sum, const at::Tensor& pos_max,
+                             const at::Tensor& count) { s->analyzer.add_reduced(layer, pos_sum, pos_max, count); })
       .def("num_layers", [](const Self& s) { return s->analyzer.num_layers(); })
       // Accumulated per-position statistics of one layer: (sum, max, count) FP64 [Hkv, N_max], inputs.
       .def("curvature",

@@ -105,6 +105,46 @@ void test_threshold_map_and_report() {
                "head_dim");
 }
 
+// add_reduced with the statistics curvature_reduce computes from the same inputs (what the GPU path hands over)
+// gives the map add_calibration gives.
+void test_add_reduced_gives_the_same_map() {
+  KVCacheAnalyzer direct = calibrated(kEps);
+  KVCacheAnalyzer reduced(options(kEps));
+  at::manual_seed(0);  // the inputs of calibrated()
+  for (int64_t layer = 0; layer < 2; ++layer)
+    for (int64_t n : {64, 50}) {
+      Calib c = calib(n, 2.0 + layer);
+      const double scale = 1.0 / std::sqrt(static_cast<double>(kD));  // the options' scale 0, resolved
+      auto s = curvature_reduce(c.q, c.k, c.v, scale, true, kT, Reduce::Sum, Reduce::Sum);
+      auto m = curvature_reduce(c.q, c.k, c.v, scale, true, kT, Reduce::Max, Reduce::Max);
+      // A prefill (Q = N): query i sees t <= i, so position t is seen by N - t queries of each of the G heads.
+      at::Tensor count = (n - at::arange(n, at::kDouble)) * static_cast<double>(kHq / kHkv);
+      reduced.add_reduced(layer, s.position, m.position, count);
+    }
+  for (int64_t l = 0; l < 2; ++l) {
+    CHECK(reduced.curvature(l).inputs() == direct.curvature(l).inputs());
+    CHECK(at::equal(reduced.curvature(l).sum(), direct.curvature(l).sum()));
+    CHECK(at::equal(reduced.curvature(l).count(), direct.curvature(l).count()));
+  }
+  PrecisionMap a = direct.analyze(), b = reduced.analyze();
+  for (int64_t l = 0; l < 2; ++l)
+    CHECK(at::equal(a.tiers[l], b.tiers[l]) && at::equal(a.kappa_max[l], b.kappa_max[l]) &&
+          at::equal(a.kappa_sum[l], b.kappa_sum[l]));
+  CHECK(a.report.to_markdown() == b.report.to_markdown());
+  at::Tensor pos = at::rand({kHkv, 8}, at::kDouble);
+  CHECK_THROWS(reduced.add_reduced(-1, pos, pos, at::ones({8})), "layer: -1");
+  CHECK_THROWS(reduced.add_reduced(2, pos.view({-1}), pos, at::ones({8})), "pos_sum must be [Hkv, N]");
+  CHECK_THROWS(reduced.add_reduced(0, pos.narrow(0, 0, 1), pos.narrow(0, 0, 1), at::ones({8})),
+               "1 KV heads, the accumulator 2");
+  // A refused first input of a layer leaves no layer behind (nor its head count for the next call).
+  CHECK_THROWS(reduced.add_reduced(3, pos.narrow(0, 0, 1), pos.narrow(0, 0, 1), at::zeros({8})), "count is 0");
+  CHECK_THROWS(reduced.add_calibration(3, at::randn({kHq, 9, kD}), at::randn({1, 8, kD}), at::randn({1, 8, kD})),
+               "Q <= N");
+  CHECK(reduced.num_layers() == 2);
+  reduced.add_reduced(2, pos, pos, at::ones({8}));
+  CHECK(reduced.num_layers() == 3 && reduced.curvature(2).kv_heads() == kHkv);
+}
+
 void test_knapsack_modes() {
   KVCacheAnalyzer a = calibrated(kEps);
   PrecisionMap th = a.analyze();
@@ -256,6 +296,7 @@ void test_adjuster_attention_mass() {
 
 int main() {
   test_threshold_map_and_report();
+  test_add_reduced_gives_the_same_map();
   test_knapsack_modes();
   test_buffer_from_map();
   test_adjuster_demotes_least_important_first();

@@ -2,6 +2,7 @@
 // accumulator and the locality patterns on inputs built to show each pattern.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -185,6 +186,83 @@ void test_reductions() {
   CHECK_THROWS(acc.add(q, k.narrow(0, 0, 1), v.narrow(0, 0, 1)), "KV heads");
 }
 
+// count_t = B * G * (causal ? min(Q, N - t) : Q): the (batch row, query head, query) triples that see position t.
+at::Tensor visible_count(int64_t B, int64_t G, int64_t Q, int64_t N, bool causal) {
+  at::Tensor seen = causal ? at::clamp_max(N - at::arange(N, at::kDouble), static_cast<double>(Q))
+                           : at::full({N}, static_cast<double>(Q), at::kDouble);
+  return seen * static_cast<double>(B * G);
+}
+
+void test_add_reduced_equals_add() {
+  at::manual_seed(4);
+  const int64_t Hq = 6, Hkv = 2, G = 3, D = 8;
+  for (bool causal : {true, false}) {
+    kvprec::CurvatureAccumulator direct(Hkv, 0.3, causal), reduced(Hkv, 0.3, causal);
+    // Inputs of different lengths, batched and not, FP32 and FP64, Q < N and Q = N (a prefill): the reduced path
+    // fed by curvature_reduce of the same q, k, v accumulates the same statistics bit for bit.
+    struct Case {
+      int64_t B, Q, N;
+      at::ScalarType dtype;
+    };
+    for (const Case& c : {Case{2, 5, 11, at::kDouble}, Case{0, 7, 7, at::kFloat}, Case{1, 1, 13, at::kFloat},
+                          Case{0, 3, 4, at::kDouble}}) {
+      std::vector<int64_t> lead;
+      if (c.B > 0) lead.push_back(c.B);
+      auto mk = [&](int64_t h, int64_t n) {
+        std::vector<int64_t> shape = lead;
+        shape.insert(shape.end(), {h, n, D});
+        return at::randn(shape, at::kDouble).to(c.dtype);
+      };
+      at::Tensor q = mk(Hq, c.Q), k = mk(Hkv, c.N), v = mk(Hkv, c.N);
+      direct.add(q, k, v);
+      auto s = kvprec::curvature_reduce(q, k, v, 0.3, causal, 4, Reduce::Sum, Reduce::Sum);
+      auto m = kvprec::curvature_reduce(q, k, v, 0.3, causal, 4, Reduce::Max, Reduce::Max);
+      CHECK(s.position.sizes() == (c.B > 0 ? at::IntArrayRef({c.B, Hkv, c.N}) : at::IntArrayRef({Hkv, c.N})));
+      reduced.add_reduced(s.position, m.position, visible_count(std::max<int64_t>(c.B, 1), G, c.Q, c.N, causal));
+    }
+    CHECK(reduced.inputs() == direct.inputs() && direct.inputs() == 5);
+    CHECK(reduced.max_len() == 13);
+    CHECK(at::equal(reduced.sum(), direct.sum()));
+    CHECK(at::equal(reduced.max(), direct.max()));
+    CHECK(at::equal(reduced.count(), direct.count()));
+    CHECK(at::equal(reduced.mean(), direct.mean()));
+    CHECK(at::equal(reduced.block(4, Reduce::Mean, Reduce::Sum), direct.block(4, Reduce::Mean, Reduce::Sum)));
+    CHECK((direct.sum() > 0).all().item<bool>());  // the comparison is not between zeros
+  }
+  // A per-head count [Hkv, N] and an integer count are accepted.
+  kvprec::CurvatureAccumulator a(Hkv, 0.0, true), b(Hkv, 0.0, true);
+  at::Tensor pos = at::rand({Hkv, 5}, at::kDouble);
+  a.add_reduced(pos, pos, at::full({5}, 3, at::kLong));
+  b.add_reduced(pos.to(at::kFloat), pos, at::full({Hkv, 5}, 3.0, at::kDouble));
+  CHECK(at::equal(a.count(), b.count()) && at::allclose(a.sum(), b.sum(), 1e-7, 0));
+}
+
+void test_add_reduced_errors() {
+  const int64_t H = 2, N = 5;
+  kvprec::CurvatureAccumulator acc(H, 0.0, true);
+  at::Tensor pos = at::rand({H, N}, at::kDouble), cnt = at::ones({N}, at::kDouble);
+  CHECK_THROWS(acc.add_reduced(pos.view({H * N}), pos.view({H * N}), cnt), "pos_sum must be [Hkv, N] or [B, Hkv, N]");
+  CHECK_THROWS(acc.add_reduced(pos, pos.narrow(1, 0, 4), cnt), "pos_max must have pos_sum's shape");
+  CHECK_THROWS(acc.add_reduced(at::rand({3, N}, at::kDouble), at::rand({3, N}, at::kDouble), cnt),
+               "pos_sum has 3 KV heads, the accumulator 2");
+  CHECK_THROWS(acc.add_reduced(pos, pos, at::ones({N + 1})), "count must be [N] or [Hkv, N]");
+  CHECK_THROWS(acc.add_reduced(pos, pos, at::ones({3, N})), "count must be [N] or [Hkv, N]");
+  CHECK_THROWS(acc.add_reduced(pos.to(at::kInt), pos, cnt), "pos_sum must be a floating tensor");
+  CHECK_THROWS(acc.add_reduced(pos, pos.to(at::kLong), cnt), "pos_max must be a floating tensor");
+  CHECK_THROWS(acc.add_reduced(pos, pos, cnt.to(at::kBool)), "count must be a floating or integer tensor");
+  CHECK_THROWS(acc.add_reduced(-pos, pos, cnt), "pos_sum must be finite and >= 0");
+  at::Tensor inf = pos.clone();
+  inf[0][0] = INFINITY;
+  CHECK_THROWS(acc.add_reduced(pos, inf, cnt), "pos_max must be finite and >= 0");
+  at::Tensor zero = cnt.clone();
+  zero[2] = 0.0;
+  CHECK_THROWS(acc.add_reduced(pos, pos, zero), "count is 0 at a position where");
+  acc.add_reduced(at::zeros({H, N}, at::kDouble), at::zeros({H, N}, at::kDouble), zero);  // nothing seen, nothing there
+  CHECK(acc.inputs() == 1);
+  CHECK_THROWS(kvprec::CurvatureAccumulator().add_reduced(pos, pos, cnt), "default-constructed");
+  CHECK(acc.inputs() == 1);  // refused calls changed nothing
+}
+
 void test_locality() {
   at::manual_seed(3);
   const int64_t N = 32, D = 16, Q = 8;
@@ -241,6 +319,8 @@ int main() {
   test_shapes_gqa_batch_dtype();
   test_errors();
   test_reductions();
+  test_add_reduced_equals_add();
+  test_add_reduced_errors();
   test_locality();
   return kvprec_test::finish("test_curvature");
 }

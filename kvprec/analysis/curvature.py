@@ -68,8 +68,10 @@ def _check_float(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} contains non-finite values")
 
 
-def _prepare(op: str, q, k, v, scale: float, causal: bool):
-    """Checks the arguments; returns 4-D FP64 q, k, v (v may be None), batched flag, G, scale and output dtype."""
+def check_inputs(op: str, q, k, v, scale: float, causal: bool):
+    """Checks the arguments without copying them; returns (batched, G, resolved scale, reference output dtype).
+    Shared by the reference and the Triton launcher (kvprec/triton_ops/curvature.py), so both raise the same
+    errors."""
     _check_float(op, "q", q)
     _check_float(op, "k", k)
     if q.dim() not in (3, 4):
@@ -78,8 +80,8 @@ def _prepare(op: str, q, k, v, scale: float, causal: bool):
         raise ValueError(f"{op}: k must have q's rank ({q.dim()}): [Hkv, N, D] or [B, Hkv, N, D], got shape "
                          f"{list(k.shape)}")
     batched = q.dim() == 4
-    q4 = (q if batched else q.unsqueeze(0)).double()
-    k4 = (k if batched else k.unsqueeze(0)).double()
+    q4 = q if batched else q.unsqueeze(0)
+    k4 = k if batched else k.unsqueeze(0)
     b, hq, nq, d = q4.shape
     _, hkv, n, dk = k4.shape
     if k4.shape[0] != b:
@@ -93,18 +95,26 @@ def _prepare(op: str, q, k, v, scale: float, causal: bool):
     if causal and nq > n:
         raise ValueError(f"{op}: causal alignment puts query i at position N - Q + i, so it needs Q <= N; got "
                          f"Q={nq}, N={n}")
-    v4 = None
     dtypes = [q.dtype, k.dtype]
     if v is not None:
         _check_float(op, "v", v)
         if v.dim() != q.dim():
             raise ValueError(f"{op}: v must be [Hkv, N, Dv] (or [B, Hkv, N, Dv]) like k, got shape {list(v.shape)}")
-        v4 = (v if batched else v.unsqueeze(0)).double()
+        v4 = v if batched else v.unsqueeze(0)
         if tuple(v4.shape[:3]) != (b, hkv, n):
             raise ValueError(f"{op}: v must match k in batch, heads and positions; k {list(k.shape)}, v {list(v.shape)}")
         dtypes.append(v.dtype)
     out_dtype = torch.float64 if all(t == torch.float64 for t in dtypes) else torch.float32
-    return q4, k4, v4, batched, hq // hkv, resolve_scale(scale, d), out_dtype
+    return batched, hq // hkv, resolve_scale(scale, d), out_dtype
+
+
+def _prepare(op: str, q, k, v, scale: float, causal: bool):
+    """Checks the arguments; returns 4-D FP64 q, k, v (v may be None), batched flag, G, scale and output dtype."""
+    batched, g, s, out_dtype = check_inputs(op, q, k, v, scale, causal)
+
+    def four(x):
+        return None if x is None else (x if batched else x.unsqueeze(0)).double()
+    return four(q), four(k), four(v), batched, g, s, out_dtype
 
 
 def _attention(q4, k4, g: int, scale: float, causal: bool) -> torch.Tensor:
@@ -299,9 +309,17 @@ def attention_curvature(q, k, v, scale: float = 0.0, causal: bool = True, *, bac
 def curvature_reduce(q, k, v, scale: float = 0.0, causal: bool = True, block_size: int = 64,
                      query_reduce: str = "mean", block_reduce: str = "max", *,
                      backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(position [B?, Hkv, N], block [B?, Hkv, ceil(N / T)]) FP64; see kvprec/curvature.h."""
-    if _run("curvature_reduce", backend, q.device) == "torch":
+    """(position [B?, Hkv, N], block [B?, Hkv, ceil(N / T)]) FP64; see kvprec/curvature.h.
+
+    backend: "torch" (this module's reference), "cpp" (CPU tensors), "triton" (kvprec/triton_ops/curvature.py:
+    CUDA tensors, or CPU under TRITON_INTERPRET=1; FP32 arithmetic), "auto" (triton on CUDA, else the reference)."""
+    which = _run("curvature_reduce", backend, q.device)
+    if which == "torch":
         return curvature_reduce_reference(q, k, v, scale, causal, block_size, query_reduce, block_reduce)
+    if which == "triton":
+        from .. import ops
+        return tuple(ops.REGISTRY["curvature_reduce"].triton(q, k, v, scale, causal, block_size, query_reduce,
+                                                             block_reduce))
     return tuple(torch.ops.kvprec.curvature_reduce(q, k, v, scale, causal, block_size, query_reduce, block_reduce))
 
 

@@ -6,11 +6,13 @@ DESIGN.md "Precision policy": for a cached position t with attention weight a_t,
     p_t >= log2(c kappa_t D^2 / eps)                       (the precision obstruction bound)
 
 :meth:`Curvature.calibrate` runs the model once on calibration tokens, feeds every layer's post-RoPE query, key and
-value to :class:`~kvprec.analyzer.KVCacheAnalyzer`, and maps (layer, KV head, block) to tiers by threshold,
-byte budget (multiple-choice knapsack, exact DP or greedy with an LP bound) or total predicted error. The policy
-then assigns block j of head h in layer l the map's tier; blocks past the calibrated length take the head's
-default tier (the lower median of its mapped tiers by effective bits). The map is per position index, not per
-content: it carries what the calibration text says about where curvature sits (sinks, recency) to other inputs.
+value to :class:`~kvprec.analyzer.KVCacheAnalyzer` (on a GPU the curvature reduction runs there, the Triton
+kernel, and only per-position statistics reach the host; on CPU the C++ closed form), and maps (layer, KV head,
+block) to tiers by threshold, byte budget (multiple-choice knapsack, exact DP or greedy with an LP bound) or total
+predicted error. The policy then assigns block j of head h in layer l the map's tier; blocks past the calibrated
+length take the head's default tier (the lower median of its mapped tiers by effective bits). The map is per
+position index, not per content: it carries what the calibration text says about where curvature sits (sinks,
+recency) to other inputs.
 
 Capture: the model runs under ``kvprec.enabled(model)`` with a throw-away AdaptiveCache whose blocks are FP32
 (lossless for FP32/FP16/BF16 models); each of its layers records the query the "kvprec" attention function hands
@@ -25,7 +27,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 
-from ..analyzer import KVCacheAnalyzer, PrecisionMap, check_request
+from ..analyzer import KVCacheAnalyzer, PrecisionMap, calibration_backend, check_request
 from ..formats import Tier
 from ..precision import DEFAULT_EPS
 from .base import Policy, SealStats
@@ -42,13 +44,14 @@ class Curvature(Policy):
             raise ValueError(f"Curvature: precision_map must be a kvprec.analyzer.PrecisionMap, got "
                              f"{type(precision_map).__name__}; use Curvature.calibrate(model, input_ids, ...)")
         self.map = precision_map
+        self.calibration_backends: dict = {}  # calibrate(): add_calibration calls per backend that ran
 
     @classmethod
     def calibrate(cls, model, input_ids: Union[torch.Tensor, Sequence[torch.Tensor]], *, mode: str = "budget",
                   bits_per_element: Optional[float] = None, budget_bytes: Optional[int] = None,
                   max_error: Optional[float] = None, eps: Optional[float] = None, c: float = 1.0,
                   candidates: Iterable = ("int4", "int8", "fp16"), block_size: int = 64, group_size: int = 32,
-                  query_reduce: str = "mean", method: str = "auto") -> "Curvature":
+                  query_reduce: str = "mean", method: str = "auto", backend: str = "auto") -> "Curvature":
         """Run ``model`` once on ``input_ids`` and return the policy of the resulting map.
 
         input_ids: int64 [N] or [B, N] without padding (each row is one calibration input), or a list of such
@@ -64,13 +67,20 @@ class Curvature(Policy):
         candidates, block_size, group_size: the tiers and the block geometry of the cache the policy is for.
         query_reduce: "mean" or "max" of curvature over inputs, query heads and queries; method: knapsack
             solver, auto | dp | greedy.
+        backend: how each layer's curvature is reduced (:meth:`KVCacheAnalyzer.add_calibration`): "auto" runs the
+            Triton kernel where the model is on a GPU (only [B, Hkv, N] statistics per layer reach the host) and
+            the C++ accumulator on host copies otherwise; "cpp", "triton" (CUDA, or CPU under TRITON_INTERPRET=1)
+            or "torch" (the FP64 reference) force one. The policy's ``calibration_backends`` says which ran.
         """
         check_request(mode, budget_bytes, bits_per_element, max_error, method)
+        calibration_backend(backend, model.device)  # refuse an unknown or unavailable backend before the forward
         analyzer = _calibrate(model, _sequences(input_ids), dict(
             block_size=block_size, group_size=group_size, c=c, eps=DEFAULT_EPS if eps is None else eps,
-            candidates=candidates, query_reduce=query_reduce))
-        return cls(analyzer.analyze(mode, budget_bytes=budget_bytes, bits_per_element=bits_per_element,
-                                    max_error=max_error, method=method))
+            candidates=candidates, query_reduce=query_reduce), backend)
+        policy = cls(analyzer.analyze(mode, budget_bytes=budget_bytes, bits_per_element=bits_per_element,
+                                      max_error=max_error, method=method))
+        policy.calibration_backends = dict(analyzer.backends)
+        return policy
 
     # ---- the policy interface ---------------------------------------------------------------------------
     def _check(self, layer_idx: int, kv_heads: int, layer) -> None:
@@ -121,9 +131,9 @@ def _sequences(input_ids) -> List[torch.Tensor]:
     return out
 
 
-def _calibrate(model, sequences: List[torch.Tensor], options: dict) -> KVCacheAnalyzer:
+def _calibrate(model, sequences: List[torch.Tensor], options: dict, backend: str = "auto") -> KVCacheAnalyzer:
     """One forward per calibration tensor; every layer's (q, k, v) into an analyzer made at the first attention
-    call (head_dim and softmax scale are the model's)."""
+    call (head_dim and softmax scale are the model's), reduced by ``backend``."""
     from ..attention import enabled  # transformers is needed here only
     from ..cache import AdaptiveCache
 
@@ -142,7 +152,7 @@ def _calibrate(model, sequences: List[torch.Tensor], options: dict) -> KVCacheAn
             warnings.warn(f"Curvature.calibrate: layer {layer.layer_idx} uses a sliding window ({sliding_window}) or "
                           f"a logit softcap ({softcap}); the curvature is computed for plain causal softmax "
                           "attention over all positions", stacklevel=2)
-        state["analyzer"].add_calibration(layer.layer_idx, q, k, v)
+        state["analyzer"].add_calibration(layer.layer_idx, q, k, v, backend=backend)
 
     for ids in sequences:
         cache = AdaptiveCache(model.config, policy=Uniform(Tier.FP32), block_size=options["block_size"],

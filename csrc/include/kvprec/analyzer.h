@@ -5,7 +5,8 @@
 // Pipeline (kvprec/curvature.h and kvprec/precision_mapper.h hold the formulas):
 //   1. add_calibration(layer, q, k, v): per-position curvature kappa_t, reduced over the calibration inputs, the
 //      query heads of each GQA group and the queries that see t (AnalyzerOptions::query_reduce, default Mean),
-//      per KV head: [Hkv, N_max] (CurvatureAccumulator).
+//      per KV head: [Hkv, N_max] (CurvatureAccumulator). add_reduced(layer, pos_sum, pos_max, count) takes the
+//      same statistics of one input already reduced on a device (kvprec/analyzer.py does that on a GPU).
 //   2. per block of T positions: kappa_max (the block's most sensitive position: threshold mode needs every
 //      position's bound to hold) and kappa_sum (predicted errors of positions add: the knapsack modes).
 //   3. analyze(request):
@@ -116,6 +117,11 @@ class KVCacheAnalyzer {
   // q [B?, Hq, Q, D], k/v [B?, Hkv, N, D] of one layer's attention on one calibration input (post-RoPE).
   // D must be the geometry's head_dim; every call for a layer must have the same Hkv.
   void add_calibration(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+  // The same layer's statistics on one calibration input, already reduced by a kernel (on the GPU: the Triton
+  // curvature reduction with query_reduce sum and max, computed with this analyzer's scale, causality and
+  // head_dim): pos_sum, pos_max [B?, Hkv, N], count [N] or [Hkv, N]; CurvatureAccumulator::add_reduced gives
+  // the shapes, the count and the equivalence with add_calibration. Every call for a layer must have the same Hkv.
+  void add_reduced(int64_t layer, const at::Tensor& pos_sum, const at::Tensor& pos_max, const at::Tensor& count);
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   const CurvatureAccumulator& curvature(int64_t layer) const;
 

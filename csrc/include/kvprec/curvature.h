@@ -80,7 +80,26 @@ class CurvatureAccumulator {
   CurvatureAccumulator() = default;
   CurvatureAccumulator(int64_t kv_heads, double scale, bool causal);
 
+  // q [B?, Hq, Q, D], k [B?, Hkv, N, D], v [B?, Hkv, N, Dv], CPU tensors: the closed form in FP64, reduced here.
   void add(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+
+  // The statistics of one calibration input that a kernel has already reduced (for example on the GPU, by the
+  // Triton curvature reduction kvprec/triton_ops/curvature.py), so that only [B?, Hkv, N] crosses to the host:
+  //   pos_sum [B?, Hkv, N]  per batch row, KV head and position: the sum of kappa over the group's query heads
+  //                         and the queries that see t;
+  //   pos_max [B?, Hkv, N]  the max over the same (query head, query) pairs;
+  //   count   [N] or [Hkv, N]  the number of (batch row, query head, query) triples that see t:
+  //                         count_t = B * G * (causal ? min(Q, N - t) : Q),  G = Hq / Hkv
+  //                         (query i sits at N - Q + i and, causal, sees t <= N - Q + i).
+  // Equivalence: with pos_sum = curvature_reduce(q, k, v, s, c, T, Reduce::Sum, *).position, pos_max = the same
+  // with Reduce::Max, and count as above, add_reduced(pos_sum, pos_max, count) accumulates exactly what
+  // add(q, k, v) accumulates for an accumulator of scale s and causality c: bit for bit from this file's
+  // curvature_reduce (csrc/tests/test_curvature.cpp), within the producing kernel's tolerance from another one.
+  // The scale, causality and head_dim the statistics were computed with are not visible here: matching them is
+  // the caller's part. A 2-D pos_sum is one input; a 3-D one is B inputs. Floating pos_sum / pos_max (converted
+  // to FP64), a floating or integer count; CPU tensors (the statistics are host-side, small), all finite and
+  // >= 0, and count > 0 wherever pos_sum or pos_max is (a position no query saw has no curvature).
+  void add_reduced(const at::Tensor& pos_sum, const at::Tensor& pos_max, const at::Tensor& count);
 
   int64_t kv_heads() const { return kv_heads_; }
   int64_t inputs() const { return inputs_; }
@@ -94,6 +113,9 @@ class CurvatureAccumulator {
   at::Tensor block(int64_t block_size, Reduce query_reduce, Reduce block_reduce) const;
 
  private:
+  // The one place statistics are added: s, m, c FP64 [Hkv, N] on one device, `inputs` calibration rows.
+  void accumulate(const at::Tensor& s, const at::Tensor& m, const at::Tensor& c, int64_t inputs);
+
   int64_t kv_heads_ = 0;
   double scale_ = 0.0;
   bool causal_ = true;

@@ -1,16 +1,20 @@
-"""Decode attention over a mixed-precision paged cache (Triton flash-decoding) against torch SDPA on FP16 K/V.
+"""Decode attention over a mixed-precision paged cache (Triton and CUDA flash-decoding) against torch SDPA on FP16
+K/V.
 
 Run on a CUDA machine: ``python -m pytest bench/bench_decode_attention.py -q`` (skips without CUDA). Each case
 times one decode step (Q = 1) with CUDA events around the call, over input sets rotated so that the L2 (50 MB
 on an H100) never holds the next call's K/V (cold L2, as a decode step that reads every layer's cache sees it).
 Figures go to ``benchmark.extra_info`` and, at the end of the module, to one JSON file under bench/results/ with
 the device, versions, shapes and, per case: median and p20/p80 in microseconds, bytes read, effective GB/s,
-% of the device-to-device copy bandwidth measured in the same run, and SDPA's median / ours.
+% of the device-to-device copy bandwidth measured in the same run, and SDPA's median / ours. Where the CUDA
+kernels are built (kvprec.cuda_kernels_available()), each case also times the CUDA kernel on the same input sets
+and records it under "cuda" (with its speedup over Triton); pytest-benchmark's own timing stays on Triton.
 
 Timings are of eager calls: they include the launcher's host work (input checks, two Triton launches with ~70
-arguments) whenever the GPU would otherwise wait for it; no CUDA graph hides it. Bytes read = the pages the block table uses (K and V data plus FP16 scales and zeros: BlockGeometry.page_bytes)
-+ the tail + the block table + q and out; SDPA reads FP16 K/V + q + out. Mixed "10/30/60" is 10% FP16, 30% INT8
-and 60% INT4 blocks, drawn at random per (b, head, block).
+arguments; for CUDA the op's checks and two launches) whenever the GPU would otherwise wait for it; no CUDA graph
+hides it. Bytes read = the pages the block table uses (K and V data plus FP16 scales and zeros:
+BlockGeometry.page_bytes) + the tail + the block table + q and out; SDPA reads FP16 K/V + q + out. Mixed
+"10/30/60" is 10% FP16, 30% INT8 and 60% INT4 blocks, drawn at random per (b, head, block).
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ ROUNDS, WARMUP = 50, 5
 MAX_SETS = 16
 RESULTS_DIR = Path(__file__).parent / "results"
 _RESULTS: dict = {"cases": []}
+CUDA_KERNELS = kvprec.cuda_kernels_available()
 
 
 def _tier_map(b, hkv, nb, tiers, gen):
@@ -119,6 +124,7 @@ def copy_bandwidth():
                                      cwd=Path(__file__).parent).stdout.strip(),
         "block_size": BLOCK_SIZE, "group_size": GROUP_SIZE, "rounds": ROUNDS,
         "backend": ops.resolve_backend("decode_attention", "auto", torch.device("cuda")),
+        "cuda_kernels": CUDA_KERNELS,
     })
     yield gbps
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -148,16 +154,22 @@ def test_decode_attention(benchmark, copy_bandwidth, shape, tiers):
     def sdpa(s):
         return torch.nn.functional.scaled_dot_product_attention(s[0], s[2], s[3], enable_gqa=True)
 
+    def ours_cuda(s):
+        return ops.decode_attention(s[0], s[1], backend="cuda")
+
     # correctness guard: the timed kernel must agree with SDPA on the dequantized K/V of the first set
     q, paged, _, _ = sets[0]
     if b * hkv * n <= 8 * 8 * 16384:
         k_deq, v_deq = paged.dense(torch.float16)
         want = torch.nn.functional.scaled_dot_product_attention(q, k_deq, v_deq, enable_gqa=True)
         torch.testing.assert_close(ours(sets[0])[0], want, atol=2e-3, rtol=2e-2)
+        if CUDA_KERNELS:
+            torch.testing.assert_close(ours_cuda(sets[0])[0], want, atol=2e-3, rtol=2e-2)
         del k_deq, v_deq
 
     ours_t = _event_times(ours, sets, ROUNDS, WARMUP)
     sdpa_t = _event_times(sdpa, sets, ROUNDS, WARMUP)
+    cuda_t = _event_times(ours_cuda, sets, ROUNDS, WARMUP) if CUDA_KERNELS else None
     counter = iter(range(10 ** 9))
 
     def timed():  # what pytest-benchmark times: one synchronized call on the next input set
@@ -179,6 +191,13 @@ def test_decode_attention(benchmark, copy_bandwidth, shape, tiers):
                  "gbps": bytes_sdpa / (sdpa_q["median_us"] * 1e-6) / 1e9},
         "speedup_vs_sdpa": sdpa_q["median_us"] / ours_q["median_us"],
     }
+    if cuda_t is not None:
+        cuda_q = _quantiles(cuda_t)
+        cuda_gbps = bytes_ours / (cuda_q["median_us"] * 1e-6) / 1e9
+        info["cuda"] = {**cuda_q, "bytes": bytes_ours, "gbps": cuda_gbps,
+                        "pct_of_copy": 100 * cuda_gbps / copy_bandwidth,
+                        "speedup_vs_sdpa": sdpa_q["median_us"] / cuda_q["median_us"],
+                        "speedup_vs_triton": ours_q["median_us"] / cuda_q["median_us"]}
     benchmark.extra_info.update(info)
     _RESULTS["cases"].append(info)
     del sets

@@ -39,7 +39,7 @@ from .policy.base import AttentionStats, SealStats
 #: return value to the attention function unchanged (checked in transformers 5.23, HF_INTEGRATION.md).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2")
 
-BACKENDS = ("auto", "cpp", "torch", "triton")
+BACKENDS = ("auto", "cpp", "torch", "triton", "cuda")
 
 
 def text_config(config):
@@ -203,12 +203,12 @@ class AdaptiveLayer(CacheLayerMixin):
         if backend == "torch":
             return attend_blocks(self.buffer, q, mask, scale, sliding_window, softcap, block_mass,
                                  counter=self.cache.read_counter)
-        if backend == "triton":
+        if backend in ("triton", "cuda"):
             from . import ops
 
             out, lse, mass = ops.decode_attention(q, self.paged(), scale=scale or None, mask=mask,
                                                   sliding_window=sliding_window, softcap=softcap,
-                                                  block_mass=block_mass, backend="triton")
+                                                  block_mass=block_mass, backend=backend)
             return out, lse, mass if mass is not None else torch.empty(0, device=q.device)
         return self.buffer.attend(q, mask, scale=scale, sliding_window=sliding_window, softcap=softcap,
                                   block_mass=block_mass)
@@ -290,10 +290,12 @@ class AdaptiveCache(Cache):
         block_size: positions per block (power of two). group_size: value quantization group along head_dim.
         shadow: None, or "cpu" to keep a host copy of each sealed block in the model dtype (exact crop,
             promotion possible; host memory, reported apart).
-        backend: attention over the buffer: "cpp" (the native kernel, block by block with ATen ops), "triton"
-            (the flash-decoding kernel reading the packed tiers; head_dim 64/128/256), "torch" (the pure-torch
-            block-by-block reference, instrumented by ``read_counter``), or "auto": "triton" for CUDA tensors of a
-            head_dim it supports when triton is installed, else "cpp".
+        backend: attention over the buffer: "cpp" (the native kernel, block by block with ATen ops), "cuda" (the
+            CUDA flash-decoding kernel reading the packed tiers; built with KVPREC_CUDA, fp16/bf16, head_dim
+            64/128/256, block_size >= 16), "triton" (the Triton flash-decoding kernel; head_dim 64/128/256),
+            "torch" (the pure-torch block-by-block reference, instrumented by ``read_counter``), or "auto": for
+            CUDA tensors "cuda" where it is built and takes the inputs, else "triton" where installed and the
+            head_dim fits, else "cpp" (warned: CPU kernels over device pages).
         offloading: not supported; True raises.
     """
 
@@ -308,6 +310,13 @@ class AdaptiveCache(Cache):
             raise ValueError(f"AdaptiveCache: shadow must be None or 'cpu' (a host copy), got {shadow!r}")
         if backend not in BACKENDS:
             raise ValueError(f"AdaptiveCache: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        from ._native import cuda_kernels_available
+
+        if backend == "cuda" and not cuda_kernels_available():
+            raise ValueError("AdaptiveCache: backend 'cuda' needs the CUDA kernels (build with KVPREC_CUDA=ON against "
+                             "a CUDA torch); use backend='auto', 'triton' or 'cpp'")
+        if backend == "triton" and importlib.util.find_spec("triton") is None:
+            raise ValueError("AdaptiveCache: backend 'triton' needs the triton package; use backend='auto' or 'cpp'")
         if block_size <= 0 or block_size & (block_size - 1):
             raise ValueError(f"AdaptiveCache: block_size {block_size} is not a power of two")
         self.config = text_config(config)
@@ -324,13 +333,14 @@ class AdaptiveCache(Cache):
         """The backend that attends for queries ``q`` [B, Hq, Q, D] (see ``backend`` in the class docstring)."""
         if self.backend != "auto":
             return self.backend
-        from .ops import TRITON_DECODE_HEAD_DIMS
+        from ._native import cuda_kernels_available
+        from .ops import TRITON_DECODE_HEAD_DIMS, cuda_decode_fits
 
+        if q.is_cuda and cuda_kernels_available() and cuda_decode_fits(q, self.block_size):
+            return "cuda"
         if q.is_cuda and q.shape[-1] in TRITON_DECODE_HEAD_DIMS and importlib.util.find_spec("triton") is not None:
             return "triton"
         if q.is_cuda and not self._warned_cpu_kernels:
-            from ._native import cuda_kernels_available
-
             if not cuda_kernels_available():
                 self._warned_cpu_kernels = True
                 warnings.warn("kvprec.AdaptiveCache: CUDA tensors, but neither the Triton kernel (head_dim "

@@ -1,13 +1,15 @@
 """Reference decode attention over a paged mixed-tier cache (kvprec/reference), its PagedKV builders, and the
 registered op: block-by-block FP32 online softmax against dense FP32 softmax attention on the same dequantized
-K/V (1e-5 level), block mass, masks, GQA, the buffer adapter, dispatch and input errors."""
+K/V (1e-5 level), block mass, masks, GQA, the buffer adapter, dispatch and input errors; then the backends of
+kvprec.ops.decode_attention against the FP32 reference ("torch" everywhere, "cuda" where the CUDA kernels are
+built and a GPU exists), the kvprec::decode_attention op's fake, opcheck and input errors."""
 import math
 
 import pytest
 import torch
 
 import kvprec
-from kvprec import formats, ops
+from kvprec import _ops, formats, ops
 from kvprec.formats import Tier
 from kvprec.reference import PagedKV, decode_attention, dense_decode_attention
 
@@ -184,3 +186,235 @@ def test_bad_inputs_are_named():
         k = torch.randn(1, 2, 16, 64)
         PagedKV({}, torch.zeros(1, 2, 0, dtype=torch.int8), torch.zeros(1, 2, 0, dtype=torch.int32), k, k, 16,
                 16).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends against the FP32 reference: "torch" everywhere (so that the comparison itself runs on CPU CI), "cuda"
+# where the CUDA kernels are built and a GPU exists (csrc/cuda/decode_attention_kernels.cu). Error rule of the
+# kernels (DESIGN.md, "Kernels and dispatch"; as python_tests/test_triton_kernels.py): over the rows that may
+# attend to something, max |backend - FP32 reference| <= 2 * max |torch in q's dtype - FP32 reference| + 1e-5
+# for out, lse and block mass, where the FP32 reference runs on the same dequantized K/V; rows that may attend to
+# nothing get out 0, lse -inf and mass 0 exactly.
+
+cuda_kernels = pytest.mark.skipif(not kvprec.cuda_kernels_available(),
+                                  reason="needs the CUDA kernels (a KVPREC_CUDA build) and a GPU")
+BACKENDS = [pytest.param("torch"), pytest.param("cuda", marks=cuda_kernels)]
+
+
+def backend_case(backend, b, hkv, g, nq, n, d, t, dtype, *, tiers="mixed", use_mask=False, group_size=16, seed=0,
+                 kv_dtype=None):
+    """q, PagedKV and mask on the backend's device. K/V are drawn in FP32 and stored from ``kv_dtype`` (q's
+    dtype by default; the tail keeps that dtype), at random tiers per block (or one tier)."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, hkv, n, d, generator=gen)
+    v = torch.randn(b, hkv, n, d, generator=gen)
+    if tiers == "mixed":
+        tiers = torch.randint(0, len(Tier), (b, hkv, n // t), generator=gen).to(torch.int8)
+    kv_dtype = kv_dtype or dtype
+    paged = PagedKV.from_dense(k.to(kv_dtype).to(device), v.to(kv_dtype).to(device), tiers, t, group_size,
+                               generator=gen)
+    q = torch.randn(b, hkv * g, nq, d, generator=gen).to(dtype).to(device)
+    mask = (torch.rand(b, nq, n, generator=gen) > 0.3).to(device) if use_mask else None
+    return q, paged, mask
+
+
+def check_backend_against_fp32(backend, q, paged, mask=None, window=0, cap=0.0, got=None):
+    """Run ``backend`` with block mass (or take its result ``got``) and apply the error rule above."""
+    if got is None:
+        got = ops.decode_attention(q, paged, mask=mask, sliding_window=window, softcap=cap, block_mass=True,
+                                   backend=backend)
+    got_out, got_lse, got_mass = got
+    ref_out, ref_lse, ref_mass = decode_attention(q.float(), paged, mask=mask, sliding_window=window, softcap=cap,
+                                                  block_mass=True)
+    assert got_out.dtype == q.dtype and got_out.shape == q.shape and got_out.device == q.device
+    assert got_lse.dtype == torch.float32 and got_mass.shape == ref_mass.shape
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(got_lse), empty)
+    assert (got_out[empty] == 0).all() and (got_mass[empty] == 0).all()
+    live = ~empty
+    k, v = paged.dense()
+    same_out, same_lse, weights = dense_decode_attention(q, k, v, mask=mask, sliding_window=window, softcap=cap,
+                                                         dtype=q.dtype)
+    same_mass = block_sums(weights, paged.seq_len, paged.block_size)
+    for name, got_x, same_x, ref_x in (("out", got_out, same_out, ref_out), ("lse", got_lse, same_lse, ref_lse),
+                                       ("block_mass", got_mass, same_mass, ref_mass)):
+        bound = 2 * (same_x.float() - ref_x)[live].abs().max().item() + 1e-5
+        err = (got_x.float() - ref_x)[live].abs().max().item()
+        assert err <= bound, f"{backend} {name}: error {err:.3g} > bound {bound:.3g}"
+    return got
+
+
+BACKEND_CASES = [  # b, hkv, g, q, n, d, block_size, dtype, mask, window, softcap, group_size, K/V dtype
+    (1, 2, 2, 1, 1, 64, 16, torch.float16, False, 0, 0.0, 16, None),       # one position: the tail only
+    (2, 2, 2, 1, 7, 64, 16, torch.float16, False, 0, 0.0, 16, None),       # tail only
+    (2, 2, 2, 1, 123, 64, 16, torch.float16, False, 0, 0.0, 16, None),     # 7 mixed blocks + tail 11
+    (1, 2, 2, 1, 128, 64, 16, torch.float16, False, 0, 0.0, 16, None),     # no tail
+    (2, 2, 2, 1, 123, 64, 16, torch.bfloat16, True, 0, 0.0, 16, None),
+    (1, 2, 2, 1, 123, 128, 32, torch.bfloat16, False, 0, 0.0, 8, None),    # several value groups per thread
+    (2, 2, 2, 3, 123, 64, 16, torch.float16, True, 40, 3.0, 16, None),     # Q > 1, everything on
+    (1, 2, 2, 4, 123, 64, 16, torch.bfloat16, False, 20, 0.0, 16, None),   # the window skips early blocks
+    (1, 2, 2, 2, 123, 256, 16, torch.float16, False, 0, 5.0, 16, None),
+    (2, 2, 4, 5, 123, 64, 16, torch.float16, False, 0, 0.0, 16, None),     # G*Q = 20 > 16: two row tiles
+    (1, 2, 2, 1, 300, 128, 64, torch.float16, True, 0, 30.0, 32, torch.float32),  # FP32 tail under fp16 q
+    (1, 1, 2, 1, 1023, 64, 16, torch.float16, False, 0, 0.0, 16, None),
+    (1, 2, 4, 1, 4099, 128, 64, torch.bfloat16, False, 0, 0.0, 32, None),  # a longer sequence
+    (1, 1, 1, 1, 300, 64, 128, torch.float16, True, 0, 0.0, 64, None),     # block 128, one value group per row
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=lambda c: "b{}h{}g{}q{}n{}d{}t{}-{}{}{}{}-g{}{}".format(
+    *c[:7], str(c[7]).removeprefix("torch."), "-mask" if c[8] else "", f"-win{c[9]}" if c[9] else "",
+    f"-cap{c[10]:g}" if c[10] else "", c[11], "-kv32" if c[12] else ""))
+def test_backend_matches_fp32_reference(backend, case):
+    b, hkv, g, nq, n, d, t, dtype, use_mask, window, cap, group_size, kv_dtype = case
+    q, paged, mask = backend_case(backend, b, hkv, g, nq, n, d, t, dtype, use_mask=use_mask, group_size=group_size,
+                                  kv_dtype=kv_dtype)
+    check_backend_against_fp32(backend, q, paged, mask, window, cap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tier", list(Tier), ids=str)
+def test_backend_single_tier(backend, tier, dtype):
+    """One pool only. K/V come from FP32, so fp16 / bf16 / fp32 tiers under the other q dtype are rounded to q's
+    dtype on the way to the dot, as the same-dtype oracle rounds them: the errors then share their origin, and the
+    2x rule needs enough rows (16 here) for its maxima to be stable: in a CPU emulation of the CUDA kernel's
+    arithmetic, fp16 K under bf16 q exceeded the bound for 2 of 6 seeds with 4 rows, and for none of 20 with 16."""
+    q, paged, _ = backend_case(backend, 2, 2, 2, 2, 69, 64, 16, dtype, tiers=tier, group_size=32, seed=1,
+                               kv_dtype=torch.float32)
+    assert list(paged.pools) == [tier]
+    check_backend_against_fp32(backend, q, paged)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_fully_masked_row_and_window_before_every_block(backend):
+    q, paged, mask = backend_case(backend, 2, 2, 2, 2, 70, 64, 16, torch.float16, use_mask=True, seed=2)
+    mask[1, 0] = False  # batch row 1, query 0 sees nothing
+    out, lse, mass = check_backend_against_fp32(backend, q, paged, mask, window=5)
+    assert torch.isinf(lse[1, :, 0]).all()
+    assert (mass[..., :3] == 0).all()  # blocks 0..2 end before position 64 - 5: never read, mass 0
+
+
+@cuda_kernels
+def test_cuda_split_count_changes_nothing_beyond_rounding():
+    q, paged, _ = backend_case("cuda", 1, 2, 2, 1, 1000, 128, 16, torch.float16, seed=3)
+    args = (q, _ops.flatten_decode_pools(paged), paged.tiers, paged.pages, paged.tail_k, paged.tail_v, 16, 16,
+            1 / math.sqrt(128), None, 0, 0.0, True)
+    runs = [torch.ops.kvprec.decode_attention(*args, num_splits=s) for s in (1, 3, 100)]
+    for got in runs:
+        check_backend_against_fp32("cuda", q, paged, got=got)
+    for out, lse, mass in runs[1:]:
+        assert (out.float() - runs[0][0].float()).abs().max().item() <= 2 ** -10
+        torch.testing.assert_close(lse, runs[0][1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mass, runs[0][2], atol=1e-6, rtol=1e-4)
+
+
+@cuda_kernels
+def test_cuda_over_a_live_buffer():
+    b, hkv, d, t, n = 2, 2, 128, 64, 300
+    gen = torch.Generator().manual_seed(4)
+    buf = kvprec.MixedPrecisionBuffer(b, hkv, d, t, 32, dtype=torch.bfloat16, device="cuda")
+    tiers = torch.randint(0, len(Tier), (b, hkv, n // t), generator=gen).to(torch.int8)
+    buf.append(torch.randn(b, hkv, n, d, generator=gen).cuda(), torch.randn(b, hkv, n, d, generator=gen).cuda(), tiers)
+    q = torch.randn(b, 8, 1, d, generator=gen).to(torch.bfloat16).cuda()
+    check_backend_against_fp32("cuda", q, PagedKV.from_buffer(buf), window=100)
+
+
+@cuda_kernels
+def test_cuda_auto_dispatch_and_capability_checks():
+    q, paged, _ = backend_case("cuda", 1, 2, 2, 1, 40, 64, 16, torch.float16)
+    assert ops.resolve_backend("decode_attention", "auto", q.device) == "cuda"
+    got = ops.decode_attention(q, paged, block_mass=True)
+    want = ops.decode_attention(q, paged, block_mass=True, backend="cuda")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert ops.decode_attention(q, paged, backend="cuda")[2] is None
+    # float32 q is outside the CUDA kernel: auto passes it on (Triton or the reference), an explicit "cuda" says so
+    q32 = q.float()
+    out, lse, _ = ops.decode_attention(q32, paged)
+    ref_out, ref_lse, _ = decode_attention(q32, paged)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="q dtype Float is not accepted"):
+        ops.decode_attention(q32, paged, backend="cuda")
+
+
+@cuda_kernels
+def test_cuda_bad_inputs_are_named():
+    q, paged, _ = backend_case("cuda", 1, 2, 2, 1, 40, 32, 16, torch.float16)
+    with pytest.raises(RuntimeError, match=r"head_dim 32 is not supported; accepted head_dim 64, 128, 256"):
+        ops.decode_attention(q, paged, backend="cuda")
+    q, paged, _ = backend_case("cuda", 1, 2, 2, 1, 40, 64, 8, torch.float16, group_size=8)
+    with pytest.raises(RuntimeError, match="block_size 8 is not supported"):
+        ops.decode_attention(q, paged, backend="cuda")
+    q, paged, mask = backend_case("cuda", 1, 2, 2, 1, 40, 64, 16, torch.float16, use_mask=True)
+    flat = _ops.flatten_decode_pools(paged)
+    rest = (paged.tiers, paged.pages, paged.tail_k, paged.tail_v, 16, 16, 0.125)
+    with pytest.raises(RuntimeError, match="pools must hold 24 slots"):
+        torch.ops.kvprec.decode_attention(q, flat[:-1], *rest, None, 0, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"mask must be \[B=1, Q=1, N=40\]"):
+        torch.ops.kvprec.decode_attention(q, flat, *rest, mask[..., :-1], 0, 0.0, False)
+    with pytest.raises(RuntimeError, match="tiers must be int8"):
+        torch.ops.kvprec.decode_attention(q, flat, paged.tiers.int(), *rest[1:], None, 0, 0.0, False)
+    i = next(i for i, x in enumerate(flat) if x is not None)
+    strided = flat.copy()
+    strided[i] = torch.empty(*flat[i].shape[:-1], 2 * flat[i].shape[-1], dtype=flat[i].dtype,
+                             device="cuda")[..., ::2]
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.kvprec.decode_attention(q, strided, *rest, None, 0, 0.0, False)
+
+
+@cuda_kernels
+def test_cuda_unreadable_table_entry_poisons_only_its_rows():
+    """A tier without a pool or a page past its pool cannot be reported without a synchronisation: the kernel
+    reads nothing for it and makes the rows of that (batch row, KV head) NaN instead of faulting."""
+    q, paged, _ = backend_case("cuda", 1, 2, 2, 1, 64, 64, 16, torch.float16, tiers=Tier.INT4)
+    flat = _ops.flatten_decode_pools(paged)
+    no_pool, past_pool = paged.tiers.clone(), paged.pages.clone()
+    no_pool[0, 1, 2] = int(Tier.INT8)  # there is no int8 pool; KV head 1 serves query heads 2 and 3
+    past_pool[0, 1, 2] = 10 ** 6
+    for tiers, pages in ((no_pool, paged.pages), (paged.tiers, past_pool)):
+        out, lse, _ = torch.ops.kvprec.decode_attention(q, flat, tiers, pages, paged.tail_k, paged.tail_v, 16, 16,
+                                                        0.125, None, 0, 0.0, False)
+        assert torch.isnan(out[0, 2:]).all() and torch.isnan(lse[0, 2:]).all()
+        assert torch.isfinite(out[0, :2]).all() and torch.isfinite(lse[0, :2]).all()
+
+
+@cuda_kernels
+@pytest.mark.parametrize("block_mass", [True, False])
+def test_cuda_opcheck(block_mass):
+    q, paged, mask = backend_case("cuda", 1, 2, 2, 1, 40, 64, 16, torch.float16, use_mask=True)
+    args = (q, _ops.flatten_decode_pools(paged), paged.tiers, paged.pages, paged.tail_k, paged.tail_v, 16, 16,
+            0.125, mask, 0, 0.0, block_mass, 2)
+    torch.library.opcheck(torch.ops.kvprec.decode_attention.default, args)
+
+
+@native
+def test_decode_attention_fake_kernel_shapes():
+    """The fake of kvprec::decode_attention (kvprec/_ops.py), traced without any kernel: shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    paged = make_paged(1, 2, 50, 64, 16)  # NB = 3 sealed blocks + a tail of 2
+    q = torch.randn(1, 4, 3, 64).half()
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor
+        args = ([None if x is None else fake(x) for x in _ops.flatten_decode_pools(paged)], fake(paged.tiers),
+                fake(paged.pages), fake(paged.tail_k), fake(paged.tail_v), 16, 16, 0.125, None, 0, 0.0)
+        out, lse, mass = torch.ops.kvprec.decode_attention(fake(q), *args, True)
+        assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((1, 4, 3, 64), torch.float16, (1, 4, 3), torch.float32)
+        assert mass.shape == (1, 4, 3, 4) and mass.dtype == torch.float32
+        assert torch.ops.kvprec.decode_attention(fake(q), *args, False)[2].shape == (0,)
+
+
+def test_decode_pool_slots_are_the_triton_launchers():
+    """One slot order for the op's flat pool list (kvprec._ops.DECODE_POOL_SLOTS); the Triton launcher keeps a
+    copy (kvprec/triton_ops/decode_attention.py) that must agree until it imports this one."""
+    pytest.importorskip("triton")
+    from kvprec.triton_ops import decode_attention as tda
+
+    assert [(t, tuple(s)) for t, s in tda._POOL_SLOTS] == [(t, tuple(s)) for t, s in _ops.DECODE_POOL_SLOTS]
+    paged = make_paged(1, 2, 50, 64, 16)
+    ours, theirs = _ops.flatten_decode_pools(paged), tda._flatten_pools(paged)
+    assert len(ours) == _ops.DECODE_POOL_COUNT == len(theirs) == 24
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ours, theirs))

@@ -234,28 +234,35 @@ def test_block_mass_reaches_the_policy(tiny_model, prompts):
         assert layer.stats.seen.tolist() == [2 * (21 + 4), 2 * (13 + 4), 2 * (5 + 4), 2 * 1]
 
 
-def test_triton_backend_matches_the_native_one_in_generate():
-    """AdaptiveCache(backend="triton") runs the Triton flash-decoding kernel (here under TRITON_INTERPRET=1) over
-    the cache's pools; it must produce the tokens and, within FP32 rounding, the logits of the native backend."""
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_backend_matches_the_native_one_in_generate(backend):
+    """AdaptiveCache(backend="triton") runs the Triton flash-decoding kernel (on CPU under TRITON_INTERPRET=1)
+    over the cache's pools, backend="cuda" the CUDA one (fp16 on a GPU); each must produce the tokens and, within
+    rounding, the logits of the native backend."""
     import os
 
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernel needs a CUDA device or TRITON_INTERPRET=1 (set by scripts/test.sh)")
+    if backend == "cuda" and not (torch.cuda.is_available() and kvprec.cuda_kernels_available()):
+        pytest.skip("the CUDA kernel needs a GPU and a build with KVPREC_CUDA")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)  # head_dim 64
-    model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(3, 64, (1, 21))
+    device, dtype = ("cuda", torch.float16) if backend == "cuda" else ("cpu", torch.float32)
+    model = LlamaForCausalLM(config).eval().to(device, dtype)
+    ids = torch.randint(3, 64, (1, 21), device=device)
+    # the CUDA kernel takes blocks of >= 16 positions
+    block_size, tol = (16, 2e-2) if backend == "cuda" else (8, 1e-4)
     out = {}
-    for backend in ("cpp", "triton"):
-        cache = kvprec.AdaptiveCache(model.config, policy="sink_window:sinks=4,window=8,rest=int4", block_size=8,
-                                     backend=backend)
+    for name in ("cpp", backend):
+        cache = kvprec.AdaptiveCache(model.config, policy="sink_window:sinks=4,window=8,rest=int4",
+                                     block_size=block_size, backend=name)
         with kvprec.enabled(model):
-            out[backend] = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                          max_new_tokens=3, do_sample=False, pad_token_id=0,
-                                          return_dict_in_generate=True, output_logits=True)
-    assert torch.equal(out["cpp"].sequences, out["triton"].sequences)
-    for a, b in zip(out["cpp"].logits, out["triton"].logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            out[name] = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                       max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                       return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out["cpp"].sequences, out[backend].sequences)
+    for a, b in zip(out["cpp"].logits, out[backend].logits):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)

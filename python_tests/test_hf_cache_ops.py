@@ -148,8 +148,11 @@ def test_refusals_are_clear(tiny_model):
         AdaptiveCache(transformers.OPTConfig())
     with pytest.raises(ValueError, match="shadow"):
         AdaptiveCache(llama, shadow="disk")
-    with pytest.raises(ValueError, match="backend"):
-        AdaptiveCache(llama, backend="cuda")
+    with pytest.raises(ValueError, match="backend 'flash' is not one of auto, cpp, torch, triton, cuda"):
+        AdaptiveCache(llama, backend="flash")
+    if not kvprec.cuda_kernels_available():
+        with pytest.raises(ValueError, match="backend 'cuda' needs the CUDA kernels"):
+            AdaptiveCache(llama, backend="cuda")
     with pytest.raises(ValueError, match="power of two"):
         AdaptiveCache(llama, block_size=12)
     with pytest.raises(ValueError, match="unknown policy"):

@@ -57,6 +57,18 @@ def _dequantize_values_fake(codes, scale, zero, tier, head_dim, group_size, dtyp
     return codes.new_empty((codes.shape[0], codes.shape[1], head_dim), dtype=dtype)
 
 
+@_fake("kvprec::quantize_append")
+def _quantize_append_fake(x, pages, codes, scale, zero, amax, tier, keys, group_size):
+    # In place (codes, scale, zero, amax): nothing to return; the shape contract is what can be checked here.
+    Tier.parse(tier)
+    torch._check(3 <= x.dim() <= 5, lambda: "quantize_append: x must be [..., T, D] with 1 to 3 leading dims")
+    torch._check(tuple(pages.shape) == tuple(x.shape[:-2]),
+                 lambda: "quantize_append: pages must have shape x.shape[:-2]")
+    torch._check(codes.dim() == 3 and codes.shape[1] == x.shape[-2],
+                 lambda: "quantize_append: codes must be a [P, T, width] pool")
+    return None
+
+
 @_fake("kvprec::tier_table")
 def _tier_table_fake():
     return torch.empty((len(Tier), 4), dtype=torch.int64)
@@ -132,6 +144,46 @@ def _knapsack_tiers_fake(errors, costs, budget, method="auto"):
 @_fake("kvprec::knapsack_min_bytes")
 def _knapsack_min_bytes_fake(errors, costs, max_error, method="auto"):
     return _knapsack_fake("knapsack_min_bytes", errors)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Attention over the paged cache (csrc/python/ops_attention.cpp)
+
+#: The ``Tensor?[] pools`` argument of kvprec::decode_attention: tier by tier, the float tiers' (k, v) and the
+#: integer tiers' (k, k_scale, k_zero, v, v_scale, v_zero), given as indices into a PagedKV pool tuple
+#: (k, k_scale, k_zero, v, v_scale, v_zero). 24 slots; the CUDA glue (csrc/cuda/decode_attention_cuda.cpp) reads
+#: this order, and so does the Triton launcher's kernel signature.
+DECODE_POOL_SLOTS = ((Tier.FP32, (0, 3)), (Tier.FP16, (0, 3)), (Tier.BF16, (0, 3)),
+                     (Tier.INT8, (0, 1, 2, 3, 4, 5)), (Tier.INT4, (0, 1, 2, 3, 4, 5)), (Tier.INT2, (0, 1, 2, 3, 4, 5)))
+DECODE_POOL_COUNT = sum(len(slots) for _, slots in DECODE_POOL_SLOTS)
+
+
+def flatten_decode_pools(paged) -> list:
+    """``paged.pools`` (a :class:`kvprec.reference.PagedKV`'s {tier: pool tuple}) as the flat slot list of
+    DECODE_POOL_SLOTS, None where a tier has no pool; each tensor contiguous (a no-op for the buffer's pools)."""
+    flat = []
+    for tier, slots in DECODE_POOL_SLOTS:
+        pool = paged.pools.get(tier)
+        flat += [None if pool is None or pool[i] is None else pool[i].contiguous() for i in slots]
+    return flat
+
+
+@_fake("kvprec::decode_attention")
+def _decode_attention_fake(q, pools, tiers, pages, tail_k, tail_v, block_size, group_size, scale, mask,
+                           sliding_window, softcap, block_mass, num_splits=0):
+    torch._check(q.dim() == 4, lambda: f"decode_attention: q must be [B, Hq, Q, D], got {tuple(q.shape)}")
+    torch._check(len(pools) == DECODE_POOL_COUNT,
+                 lambda: f"decode_attention: pools must hold {DECODE_POOL_COUNT} slots (DECODE_POOL_SLOTS)")
+    torch._check(tiers.dim() == 3 and tail_k.dim() == 4,
+                 lambda: "decode_attention: tiers must be [B, Hkv, NB] and tail_k [B, Hkv, TL, D]")
+    b, hq, nq, d = q.shape
+    f32 = dict(dtype=torch.float32)
+    if block_mass:
+        nbt = tiers.shape[2] + (1 if tail_k.shape[2] > 0 else 0)
+        mass = q.new_empty((b, hq, nq, nbt), **f32)
+    else:
+        mass = q.new_empty((0,), **f32)
+    return q.new_empty((b, hq, nq, d)), q.new_empty((b, hq, nq), **f32), mass
 
 
 def registered_fakes() -> dict:

@@ -294,3 +294,127 @@ def dequantize_values(q: QuantizedBlock, tier: Tier | str | int, head_dim: int, 
 def element_error_bound(scale: torch.Tensor) -> torch.Tensor:
     """The stated bound on |x - x'| for elements of a group with FP16 ``scale``: scale / 2."""
     return scale.float() / 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quantize_append: whole blocks quantized straight into the pages of a pool (the buffer's seal path).
+
+def _append_meta_shape(keys: bool, t: int, d: int, group_size: int) -> tuple:
+    return (d,) if keys else (t, d // group_size)
+
+
+def check_append_args(x: torch.Tensor, tier: Tier, pages: torch.Tensor, codes: torch.Tensor,
+                      scale: Optional[torch.Tensor], zero: Optional[torch.Tensor], amax: Optional[torch.Tensor],
+                      keys: bool, group_size: int, what: str = "quantize_append") -> None:
+    """Raise ValueError naming the first bad argument of :func:`quantize_append` (shapes in its docstring).
+
+    Pages held on the host are range-checked here; pages on a GPU are not (that would synchronise): the kernels
+    skip entries outside [0, P) and ``kvprec.ops.quantize_append(check=True)`` reports them afterwards."""
+    tier = Tier.parse(tier)
+    if not isinstance(x, torch.Tensor) or not 3 <= x.dim() <= 5:
+        raise ValueError(f"{what}: x must be a [..., T, D] tensor with 1 to 3 leading dims, got shape "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{what}: x has dtype {x.dtype}; expected float32, float16 or bfloat16")
+    t, d = x.shape[-2:]
+    if tier.is_integer:
+        if d % tier.codes_per_byte:
+            raise ValueError(f"{what}: head_dim {d} of x is not a multiple of {tier.codes_per_byte} "
+                             f"({tier} packs {tier.codes_per_byte} codes per byte)")
+        if not keys and (group_size <= 0 or d % group_size):
+            raise ValueError(f"{what}: group_size {group_size} must divide head_dim {d}")
+    lead = tuple(x.shape[:-2])
+    if (not isinstance(pages, torch.Tensor) or pages.dtype not in (torch.int32, torch.int64)
+            or tuple(pages.shape) != lead):
+        raise ValueError(f"{what}: pages must be int32 or int64 with shape x.shape[:-2] = {list(lead)}, got "
+                         f"{(pages.dtype, tuple(pages.shape)) if isinstance(pages, torch.Tensor) else pages!r}")
+    if pages.device.type != "cpu" and pages.device != x.device:
+        raise ValueError(f"{what}: pages is on {pages.device}; expected the host or x's device {x.device}")
+    width, dtype = (d * tier.bits // 8, torch.uint8) if tier.is_integer else (d, tier.float_dtype)
+    if (not isinstance(codes, torch.Tensor) or codes.dim() != 3 or tuple(codes.shape[1:]) != (t, width)
+            or codes.dtype != dtype or not codes.is_contiguous()):
+        raise ValueError(f"{what}: codes must be a contiguous {dtype} pool [P, {t}, {width}] for {tier} (block_size "
+                         f"{t}, head_dim {d}), got " + (f"{codes.dtype} {tuple(codes.shape)}"
+                                                        if isinstance(codes, torch.Tensor) else repr(codes)))
+    if codes.device != x.device:
+        raise ValueError(f"{what}: codes is on {codes.device}; expected x's device {x.device}")
+    p = codes.shape[0]
+    meta = _append_meta_shape(keys, t, d, group_size)
+    for name, m in (("scale", scale), ("zero", zero)):
+        if not tier.is_integer:
+            if m is not None and m.numel():
+                raise ValueError(f"{what}: {name} must be None (or empty) for the float tier {tier}")
+            continue
+        if (m is None or m.dtype != torch.float16 or tuple(m.shape) != (p, *meta) or not m.is_contiguous()
+                or m.device != x.device):
+            raise ValueError(f"{what}: {name} must be a contiguous float16 [{', '.join(map(str, (p, *meta)))}] on "
+                             f"{x.device} ({'keys: [P, D]' if keys else 'values: [P, T, D/group_size]'}), got "
+                             f"{None if m is None else (m.dtype, tuple(m.shape), str(m.device))}")
+    if amax is not None and (amax.dtype != torch.float32 or amax.numel() != 1 or amax.device != x.device):
+        raise ValueError(f"{what}: amax must be a float32 tensor of one element on {x.device}, got "
+                         f"{amax.dtype} {tuple(amax.shape)} on {amax.device}")
+    if pages.device.type == "cpu" and pages.numel():
+        flat = pages.reshape(-1)
+        bad = (flat >= p).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"{what}: pages[{i}] (flat index) = {int(flat[i])} is out of range; the pool holds {p} "
+                             "pages (a negative entry skips its block)")
+
+
+def quantize_append(x: torch.Tensor, tier: Tier | str | int, pages: torch.Tensor, codes: torch.Tensor,
+                    scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
+                    amax: Optional[torch.Tensor] = None, *, keys: bool, group_size: int = 32) -> None:
+    """Quantize whole blocks ``x [..., T, D]`` at ``tier`` and write them into pages of a pool, in place.
+
+    x: float32 / float16 / bfloat16, 1 to 3 leading dims (N blocks, row-major), any strides. Block i goes to page
+    ``pages[i]`` (int32/int64, shape ``x.shape[:-2]``, on the host or x's device); a negative entry skips the
+    block (not read, not written). Pool (kvprec.reference.paged layout): integer tiers ``codes`` uint8
+    ``[P, T, D*bits/8]``, ``scale``/``zero`` FP16 keys ``[P, D]``, values ``[P, T, D/group_size]``; float tiers
+    ``codes [P, T, D]`` in the tier dtype, no scale/zero. A page gets exactly what :func:`quantize_keys` /
+    :func:`quantize_values` return for its block (this reference runs their arithmetic, then index writes);
+    pages not named are untouched. Non-negative entries must be distinct.
+
+    amax (optional float32, one element): ``amax = max(amax, max |x|)`` over the blocks written, NaN if any is
+    NaN: the fused range check. Blocks that are not finite with |x| <= 65504 get unspecified bytes at integer
+    tiers; the caller reads amax (one synchronisation for any number of calls) and discards them.
+    """
+    tier = Tier.parse(tier)
+    check_append_args(x, tier, pages, codes, scale, zero, amax, keys, group_size)
+    t, d = x.shape[-2:]
+    x3 = x.reshape(-1, t, d)
+    dst = pages.reshape(-1).to(device=x.device, dtype=torch.int64)
+    live = ((dst >= 0) & (dst < codes.shape[0])).nonzero().squeeze(1)
+    if live.numel() == 0:
+        return
+    xs, dst = x3[live], dst[live]
+    if amax is not None:
+        amax.copy_(torch.maximum(amax, xs.abs().amax().float().reshape(amax.shape)))
+    if not tier.is_integer:
+        codes.index_copy_(0, dst, xs.to(tier.float_dtype))
+        return
+    xf = xs.float()
+    if keys:
+        c, s, z = _quantize_groups(xf, dim=1, qmax=tier.qmax)
+    else:
+        n = xf.shape[0]
+        c, s, z = _quantize_groups(xf.reshape(n, t, d // group_size, group_size), dim=3, qmax=tier.qmax)
+        c = c.reshape(n, t, d)
+    codes.index_copy_(0, dst, pack_codes(c, tier))
+    scale.index_copy_(0, dst, s)
+    zero.index_copy_(0, dst, z)
+
+
+def check_append_amax(amax: torch.Tensor, tier: Tier | str | int, x_dtype: torch.dtype, what: str) -> None:
+    """The range contract of the tier on an ``amax`` from :func:`quantize_append` (one synchronisation):
+    integer tiers need finite values with |x| <= 65504 (FP16 scales); the fp16 tier from a wider dtype refuses
+    |x| > 65504 (it would store inf), as :func:`quantize_keys` does. Raises ValueError naming ``what``."""
+    tier = Tier.parse(tier)
+    if not tier.is_integer and not (tier is Tier.FP16 and x_dtype != torch.float16):
+        return
+    value = float(amax.reshape(-1)[0])
+    if tier.is_integer and not (math.isfinite(value) and value <= FP16_MAX):
+        raise ValueError(f"{what}: integer tiers store FP16 scales, so values must be finite with |x| <= 65504; "
+                         f"got max |x| = {value}")
+    if not tier.is_integer and value > FP16_MAX:
+        raise ValueError(f"{what}: the fp16 tier holds |x| <= 65504; got max |x| = {value}")

@@ -171,6 +171,53 @@ def dequantize_values(q: QuantizedBlock, tier, head_dim: int, group_size: int, d
                                               _meta_or_empty(q.zero, q.codes), int(tier), head_dim, group_size, dtype)
 
 
+register("quantize_append", formats.quantize_append, native="kvprec::quantize_append")
+
+
+def quantize_append(x: torch.Tensor, tier, pages: torch.Tensor, codes: torch.Tensor,
+                    scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None, *, keys: bool,
+                    group_size: int = 32, amax: Optional[torch.Tensor] = None, check: bool = True,
+                    backend: str = "auto") -> torch.Tensor:
+    """Quantize whole blocks x [..., T, D] at ``tier`` straight into ``pages`` of a pool, in place; returns amax.
+
+    The op behind the buffer's seal: FP16 read once, codes / scale / zero written once into the pool
+    (``codes`` ``[P, T, D*bits/8]`` uint8, ``scale``/``zero`` FP16 keys ``[P, D]``, values ``[P, T, D/G]``; float
+    tiers ``codes [P, T, D]`` in the tier dtype, no scale/zero). ``pages`` (int32/int64, shape x.shape[:-2]):
+    block i goes to page pages[i]; negative entries skip their block. Pages get exactly what
+    :func:`quantize_keys` / :func:`quantize_values` give (see :func:`kvprec.formats.quantize_append`).
+
+    amax: float32 [1] accumulated as max(amax, max |x|) over the blocks written (a new zero tensor when None);
+    pass the same tensor to several calls to check them all with one synchronisation. ``check=True`` does that
+    synchronisation now and raises ValueError naming x where the tier's range contract fails (integer tiers:
+    finite, |x| <= 65504; fp16 tier from a wider dtype: |x| <= 65504), and for device-held pages >= P; the pages
+    named have then been written with unspecified bytes (nothing outside them is touched).
+
+    backend: "torch" (reference), "cpp" (CPU kernel), "cuda", "triton"; "auto" picks cuda, then triton (CUDA
+    tensors only), then torch.
+    """
+    tier = Tier.parse(tier)
+    b = resolve_backend("quantize_append", backend, x.device)
+    if amax is None:
+        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+    if b == "torch":
+        formats.quantize_append(x, tier, pages, codes, scale, zero, amax, keys=keys, group_size=group_size)
+    elif b == "triton":
+        REGISTRY["quantize_append"].triton(x, tier, pages, codes, scale, zero, amax, keys=keys, group_size=group_size)
+    else:
+        torch.ops.kvprec.quantize_append(x, pages, codes, scale, zero, amax, int(tier), keys, group_size)
+    if check:
+        if pages.device.type != "cpu" and pages.numel():
+            value, hi = torch.stack([amax.reshape(()).double(), pages.max().double()]).tolist()  # one sync
+            if hi >= codes.shape[0]:
+                raise ValueError(f"quantize_append: pages holds {int(hi)}, out of range; the pool holds "
+                                 f"{codes.shape[0]} pages (those blocks were skipped)")
+            amax_host = torch.tensor([value], dtype=torch.float32)
+        else:
+            amax_host = amax
+        formats.check_append_amax(amax_host, tier, x.dtype, "quantize_append: x")
+    return amax
+
+
 # ------------------------------------------------------------------------------------------------------
 # Analysis ops: curvature (kvprec/analysis/curvature.py) and precision mapping (kvprec/precision.py). Their
 # entry points live in those modules; the references registered here are the CPU default and the oracle.
@@ -198,12 +245,13 @@ import importlib.util as _importlib_util  # noqa: E402
 from .reference import PagedKV  # noqa: E402
 from .reference.decode_attention import decode_attention as _decode_attention_reference  # noqa: E402
 
-register("decode_attention", _decode_attention_reference)
+register("decode_attention", _decode_attention_reference, native="kvprec::decode_attention")
 
 #: head_dim values the Triton decode kernel is compiled for (kvprec/triton_ops/decode_attention.py checks them).
 TRITON_DECODE_HEAD_DIMS = (64, 128, 256)
 
-_TRITON_OPS = ("decode_attention", "quantize_keys", "quantize_values", "dequantize_keys", "dequantize_values")
+_TRITON_OPS = ("decode_attention", "quantize_keys", "quantize_values", "dequantize_keys", "dequantize_values",
+               "quantize_append")
 
 
 class _LazyTritonLauncher:
@@ -227,6 +275,17 @@ if _importlib_util.find_spec("triton") is not None:
             register_triton(_name, _LazyTritonLauncher(_name))
 
 
+#: head_dim values the CUDA decode kernel is instantiated for (csrc/cuda/decode_attention_kernels.cu).
+CUDA_DECODE_HEAD_DIMS = (64, 128, 256)
+
+
+def cuda_decode_fits(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the CUDA decode kernel takes these inputs: float16/bfloat16 q [B, Hq, Q, D] with D in
+    CUDA_DECODE_HEAD_DIMS, block_size >= 16 (a power of two, as every buffer's is)."""
+    return (q.dim() == 4 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in CUDA_DECODE_HEAD_DIMS
+            and block_size >= 16)
+
+
 def decode_attention(q: torch.Tensor, paged: PagedKV, *, scale: Optional[float] = None,
                      mask: Optional[torch.Tensor] = None, sliding_window: int = 0, softcap: float = 0.0,
                      block_mass: bool = False, backend: str = "auto"):
@@ -239,11 +298,48 @@ def decode_attention(q: torch.Tensor, paged: PagedKV, *, scale: Optional[float] 
     or None): block_mass[j] is the softmax probability of block j (the tail last); rows sum to 1. A query that
     may attend to nothing gets out 0, lse -inf, block mass 0. See kvprec/reference/decode_attention.py.
 
-    backend: "torch" (reference), "triton" (flash-decoding kernels; CUDA, or CPU under TRITON_INTERPRET=1),
-    "auto" (triton on CUDA where installed, else torch).
+    backend: "torch" (reference), "cuda" (CUDA flash-decoding kernel, csrc/cuda/decode_attention_kernels.cu:
+    float16/bfloat16 q, head_dim 64/128/256, block_size a power of two >= 16), "triton" (flash-decoding kernels;
+    CUDA, or CPU under TRITON_INTERPRET=1), "auto" (cuda where built and the inputs fit it, else triton on CUDA
+    where installed, else torch).
     """
     b = resolve_backend("decode_attention", backend, q.device)
     kwargs = dict(scale=scale, mask=mask, sliding_window=sliding_window, softcap=softcap, block_mass=block_mass)
+    if b == "cuda":
+        fits = cuda_decode_fits(q, paged.block_size)
+        if backend == "auto" and not fits:  # a capability check, not a fallback: backend="cuda" gets the error
+            triton_ok = _why_unavailable(REGISTRY["decode_attention"], "triton", q.device) is None
+            b = "triton" if triton_ok else "torch"
+        else:
+            import math
+
+            from ._ops import flatten_decode_pools
+            from .reference.decode_attention import check_inputs
+
+            check_inputs(q, paged, mask, sliding_window, softcap)
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            out, lse, mass = torch.ops.kvprec.decode_attention(
+                q, flatten_decode_pools(paged), paged.tiers, paged.pages, paged.tail_k, paged.tail_v, paged.block_size,
+                paged.group_size, scale, mask, int(sliding_window), float(softcap), bool(block_mass))
+            return out, lse, (mass if block_mass else None)
     if b == "triton":
         return REGISTRY["decode_attention"].triton(q, paged, **kwargs)
     return _decode_attention_reference(q, paged, **kwargs)
+
+
+# The Triton curvature reduction (kvprec/triton_ops/curvature.py), attached lazily like the ops above; its entry
+# point is kvprec.analysis.curvature.curvature_reduce.
+if _importlib_util.find_spec("triton") is not None and REGISTRY["curvature_reduce"].triton is None:
+    register_triton("curvature_reduce", _LazyTritonLauncher("curvature_reduce"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Novelty reduction (issue #3, 1f): cosine / L2 distance of new keys from the window mean and their residual
+# outside the window's top-r subspace. Reference kvprec/analysis/novelty.py (no native kernel); its entry point
+# is kvprec.analysis.novelty.novelty. The Triton launcher (kvprec/triton_ops/novelty.py) is attached lazily like
+# the ops above.
+from .analysis import novelty as _novelty  # noqa: E402
+
+register("novelty_reduce", _novelty.novelty_reference)
+if _importlib_util.find_spec("triton") is not None and REGISTRY["novelty_reduce"].triton is None:
+    register_triton("novelty_reduce", _LazyTritonLauncher("novelty_reduce"))

@@ -47,6 +47,6 @@ fi
 if [ "$STAGE" = "bench" ]; then
   # shellcheck disable=SC2086
   step 540 bench.log "$PY" -m pytest ${BENCH_FILES:-bench} -q -p no:cacheprovider --benchmark-disable-gc
-  for f in $(ls -t bench/results/*.json 2>/dev/null | head -3); do cp "$f" "$OUT/"; done
+  for f in $(ls -t bench/results/*.json 2>/dev/null | head -5); do cp "$f" "$OUT/"; done
 fi
 exit $status

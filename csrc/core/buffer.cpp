@@ -3,7 +3,9 @@
 // Python reference (kvprec/formats.py).
 //
 // Every mutating call validates all of its arguments and computes everything that can fail (quantization
-// included) before it changes any state, so a rejected call leaves the buffer as it was.
+// included) before it changes any state, so a rejected call leaves the buffer as it was. append seals with
+// quantize_append straight into freshly taken pages, checks the FP16 range from the amax it returns (one
+// synchronisation), and puts the pools back as they were if that check refuses.
 #include "kvprec/buffer.h"
 
 #include <ATen/ATen.h>
@@ -207,14 +209,12 @@ at::Tensor checked_tier_ids(const at::Tensor& tiers, const char* what, at::IntAr
   return host;
 }
 
-// Integer tiers store FP16 scales (kvprec/quantize.h), so what they quantize must be finite and |x| <= 65504.
-// Checked before append changes anything, so that a failing seal cannot leave a half-appended buffer.
-void check_quantizable(const at::Tensor& x, const char* name) {
-  if (x.numel() == 0) return;
-  const float amax = x.abs().max().to(at::kFloat).item<float>();
-  TORCH_CHECK_VALUE(std::isfinite(amax) && amax <= 65504.0f, "append: ", name,
-                    " would be sealed at an integer tier (FP16 scales) or the fp16 tier, which need finite values with |x| <= 65504; "
-                    "got max |x| = ", amax);
+// Page ids as a host int64 tensor (quantize_append range-checks host pages, and uploads them without blocking).
+at::Tensor host_pages(const std::vector<int64_t>& v) { return at::tensor(v, at::TensorOptions().dtype(at::kLong)); }
+
+// A host copy of a [B, H, T, D] block in the model dtype (the shadow), whatever the source's layout.
+at::Tensor host_copy(const at::Tensor& src) {
+  return at::empty(src.sizes(), src.options().device(at::kCPU)).copy_(src);
 }
 
 }  // namespace
@@ -233,64 +233,129 @@ void MixedPrecisionBuffer::append(const at::Tensor& k, const at::Tensor& v, cons
     std::copy(host.data_ptr<int8_t>(), host.data_ptr<int8_t>() + host.numel(), tiers.begin());
   }
 
+  State& st = *state_;
   const at::Tensor kk = k.to(opts_.device, opts_.dtype), vv = v.to(opts_.device, opts_.dtype);
-  // Integer tiers (FP16 scales) and FP16 storage of a wider model dtype need |x| <= 65504: checked before
-  // anything is written, so a refused append leaves the buffer as it was.
-  const bool wide = opts_.dtype != at::kHalf;
-  const bool any_fp16_range = std::any_of(tiers.begin(), tiers.end(), [wide](int8_t t) {
-    return tier_is_integer(static_cast<Tier>(t)) || (wide && static_cast<Tier>(t) == Tier::FP16);
-  });
-  if (any_fp16_range) {
-    const int64_t tl = tail_len(), sealed_new = sealing * T - tl;  // new tokens that end up in sealed blocks
-    check_quantizable(state_->tail_k.narrow(2, 0, tl), "the tail keys");
-    check_quantizable(state_->tail_v.narrow(2, 0, tl), "the tail values");
-    check_quantizable(kk.narrow(2, 0, sealed_new), "k");
-    check_quantizable(vv.narrow(2, 0, sealed_new), "v");
+  const int64_t tl = tail_len();
+  if (sealing == 0) {
+    st.tail_k.narrow(2, tl, n).copy_(kk);
+    st.tail_v.narrow(2, tl, n).copy_(vv);
+    seq_len_ += n;
+    return;
   }
-
-  std::vector<int8_t> block_tiers(bh);
-  int64_t pos = 0, s = 0;
-  while (pos < n) {
-    const int64_t tl = tail_len(), m = std::min(T - tl, n - pos);
-    state_->tail_k.narrow(2, tl, m).copy_(kk.narrow(2, pos, m));
-    state_->tail_v.narrow(2, tl, m).copy_(vv.narrow(2, pos, m));
-    seq_len_ += m;
-    pos += m;
-    if (tail_len() == T) {
-      for (int64_t r = 0; r < bh; ++r) block_tiers[r] = tiers[r * sealing + s];
-      seal_tail(block_tiers);
-      ++s;
-    }
+  // The first block sealed completes the tail when the tail holds tokens; the others are quantized straight from
+  // k and v (views, no copy); what is left over becomes the new tail.
+  const bool from_tail = tl > 0;
+  const int64_t head = from_tail ? T - tl : 0, direct = sealing - (from_tail ? 1 : 0), rest = n - head - direct * T;
+  if (from_tail) {  // slots past tail_len are not visible: a refused append still leaves the buffer as it was
+    st.tail_k.narrow(2, tl, head).copy_(kk.narrow(2, 0, head));
+    st.tail_v.narrow(2, tl, head).copy_(vv.narrow(2, 0, head));
   }
+  at::Tensor kb, vb;
+  if (direct > 0) {
+    kb = kk.narrow(2, head, direct * T).unflatten(2, {direct, T});
+    vb = vv.narrow(2, head, direct * T).unflatten(2, {direct, T});
+  }
+  seal_blocks(tiers, sealing, from_tail, kb, vb);  // throws before committing anything
+  if (rest > 0) {  // after the seal read the tail (stream order on a GPU)
+    st.tail_k.narrow(2, 0, rest).copy_(kk.narrow(2, n - rest, rest));
+    st.tail_v.narrow(2, 0, rest).copy_(vv.narrow(2, n - rest, rest));
+  }
+  seq_len_ += n;
 }
 
-// Seal the full tail as block num_blocks_: every tier present is quantized in one batched call over its rows.
-void MixedPrecisionBuffer::seal_tail(const std::vector<int8_t>& row_tiers) {
+void MixedPrecisionBuffer::seal_blocks(const std::vector<int8_t>& tiers, int64_t count, bool from_tail,
+                                       const at::Tensor& kb, const at::Tensor& vb) {
   State& st = *state_;
-  const int64_t bh = opts_.batch * opts_.kv_heads, T = opts_.block_size, D = opts_.head_dim;
-  const at::Tensor k = st.tail_k.reshape({bh, T, D}), v = st.tail_v.reshape({bh, T, D});
-  const RowsByTier rows = rows_by_tier(row_tiers, 0, bh);
+  const int64_t B = opts_.batch, H = opts_.kv_heads, bh = B * H, T = opts_.block_size, D = opts_.head_dim;
+  const int64_t G = opts_.group_size, direct = count - (from_tail ? 1 : 0);
+  const BlockGeometry g = geometry();
 
-  // Quantize first (the only step that can throw), then take pages and write.
-  struct Sealed { Tier tier; std::vector<int64_t> rows; QuantizedBlock qk, qv; };
-  std::vector<Sealed> sealed;
-  for (Tier tier : kAllTiers) {
-    const auto& r = rows[tier_index(tier)];
-    if (r.empty()) continue;
-    const bool all = static_cast<int64_t>(r.size()) == bh;  // rows are 0..bh-1 in order: no gather needed
-    const at::Tensor idx = all ? at::Tensor() : index_tensor(r, k.device());
-    const at::Tensor xk = all ? k : k.index_select(0, idx), xv = all ? v : v.index_select(0, idx);
-    sealed.push_back({tier, r, quantize_keys(xk, tier), quantize_values(xv, tier, opts_.group_size)});
+  // Pages are taken block by block, tier by tier, as sealing one block at a time took them (same pages, same
+  // pool growth). The pools are saved first (tensor handles and free lists) and put back if anything fails.
+  const std::array<Pool, kNumTiers> saved = st.pools;
+  std::vector<int32_t> page(count * bh);  // (block s, row r) at s * bh + r
+  std::array<bool, kNumTiers> present{};
+  for (int64_t s = 0; s < count; ++s) {
+    RowsByTier rows;
+    for (int64_t r = 0; r < bh; ++r) rows[tiers[r * count + s]].push_back(r);
+    for (Tier tier : kAllTiers) {
+      const auto& rr = rows[tier_index(tier)];
+      if (rr.empty()) continue;
+      present[tier_index(tier)] = true;
+      const std::vector<int32_t> got =
+          allocate(st.pool(tier), tier, g, opts_.device, static_cast<int64_t>(rr.size()));
+      for (size_t q = 0; q < rr.size(); ++q) page[s * bh + rr[q]] = got[q];
+    }
   }
-  const int64_t j = num_blocks_;
-  st.table_tier.resize((j + 1) * bh);
-  st.table_page.resize((j + 1) * bh);
-  for (const Sealed& s : sealed) st.place(j, bh, s.tier, s.rows, s.qk, s.qv, geometry(), opts_.device);
-  if (opts_.shadow) {
-    st.shadow_k.push_back(st.tail_k.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true));
-    st.shadow_v.push_back(st.tail_v.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true));
+
+  // Integer tiers (FP16 scales) and FP16 storage of a wider model dtype need finite values with |x| <= 65504:
+  // their calls raise amax (keys, values of the block completing the tail; keys, values read straight from the
+  // input), read once below. Other tiers store any value.
+  const bool wide = opts_.dtype != at::kHalf;
+  auto needs_range = [wide](Tier t) { return tier_is_integer(t) || (wide && t == Tier::FP16); };
+  bool checked = false;
+  for (Tier tier : kAllTiers) checked = checked || (present[tier_index(tier)] && needs_range(tier));
+  try {
+    const at::Tensor amax =
+        checked ? at::zeros({4}, at::TensorOptions().dtype(at::kFloat).device(opts_.device)) : at::Tensor();
+    for (Tier tier : kAllTiers) {
+      if (!present[tier_index(tier)]) continue;
+      const PoolView& p = st.pool(tier).t;
+      auto slot = [&](int64_t i) { return needs_range(tier) ? amax.narrow(0, i, 1) : at::Tensor(); };
+      // pages: this tier's page of each block, -1 where the row is held at another tier (skipped by the kernel)
+      if (from_tail) {
+        std::vector<int64_t> pg(bh);
+        for (int64_t r = 0; r < bh; ++r) pg[r] = tiers[r * count] == static_cast<int8_t>(tier) ? page[r] : -1;
+        const at::Tensor pages = host_pages(pg);
+        quantize_append(st.tail_k.view({bh, T, D}), tier, true, G, pages, p.k, p.k_scale, p.k_zero, slot(0));
+        quantize_append(st.tail_v.view({bh, T, D}), tier, false, G, pages, p.v, p.v_scale, p.v_zero, slot(1));
+      }
+      if (direct > 0) {
+        const int64_t s0 = from_tail ? 1 : 0;
+        std::vector<int64_t> pg(bh * direct);
+        for (int64_t r = 0; r < bh; ++r)
+          for (int64_t j = 0; j < direct; ++j)
+            pg[r * direct + j] =
+                tiers[r * count + s0 + j] == static_cast<int8_t>(tier) ? page[(s0 + j) * bh + r] : -1;
+        const at::Tensor pages = host_pages(pg).view({B, H, direct});
+        quantize_append(kb, tier, true, G, pages, p.k, p.k_scale, p.k_zero, slot(2));
+        quantize_append(vb, tier, false, G, pages, p.v, p.v_scale, p.v_zero, slot(3));
+      }
+    }
+    if (checked) {
+      const at::Tensor host = amax.to(at::kCPU);  // the one synchronisation of this append
+      static const char* names[4] = {"k (with the tail keys it completes)", "v (with the tail values it completes)",
+                                     "k", "v"};
+      for (int i = 0; i < 4; ++i) {
+        const float m = host.data_ptr<float>()[i];
+        const char* name = names[i];
+        TORCH_CHECK_VALUE(std::isfinite(m) && m <= 65504.0f, "append: ", name,
+                          " would be sealed at an integer tier (FP16 scales) or the fp16 tier, which need finite "
+                          "values with |x| <= 65504; got max |x| = ", m);
+      }
+    }
+  } catch (...) {
+    st.pools = saved;  // the pages taken above go back, pool growth included
+    throw;
   }
-  ++num_blocks_;
+
+  // Commit: block table, shadow, block count.
+  const int64_t j0 = num_blocks_;
+  st.table_tier.resize((j0 + count) * bh);
+  st.table_page.resize((j0 + count) * bh);
+  for (int64_t s = 0; s < count; ++s)
+    for (int64_t r = 0; r < bh; ++r) {
+      st.table_tier[(j0 + s) * bh + r] = tiers[r * count + s];
+      st.table_page[(j0 + s) * bh + r] = page[s * bh + r];
+    }
+  if (opts_.shadow)
+    for (int64_t s = 0; s < count; ++s) {
+      const bool tail = from_tail && s == 0;
+      const int64_t j = s - (from_tail ? 1 : 0);
+      st.shadow_k.push_back(host_copy(tail ? st.tail_k : kb.select(2, j)));
+      st.shadow_v.push_back(host_copy(tail ? st.tail_v : vb.select(2, j)));
+    }
+  num_blocks_ += count;
 }
 
 // ------------------------------------------------------------------------------------------------------

@@ -7,8 +7,14 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 namespace kvprec {
 namespace {
@@ -43,6 +49,36 @@ c10::Half fp16_round_up(float x) {
   return h;
 }
 
+// FP16 zero (min rounded down) and scale ((max - zero) / qmax rounded up) of one group, and their FP32 values.
+inline void group_scale_zero(float mn, float mx, int qmax, c10::Half* scale, c10::Half* zero, float* sf, float* zf) {
+  mn = mn + 0.0f;  // -0 -> +0: the stored bits must not depend on which zero came first
+  mx = mx + 0.0f;
+  const c10::Half z = fp16_round_down(mn);
+  *zf = static_cast<float>(z);
+  const c10::Half sh = fp16_round_up((mx - *zf) / static_cast<float>(qmax));
+  *sf = static_cast<float>(sh);
+  *scale = sh;
+  *zero = z;
+}
+
+// Round half to even where it matters: every code of an in-range group has 0 <= y <= qmax (up to rounding), and
+// for |y| < 2^22, (y + 1.5 * 2^23) - 1.5 * 2^23 rounds to the nearest even integer in the default rounding mode,
+// exactly as std::nearbyint (a library call without SSE4.1); spelled this way it inlines and vectorizes.
+inline float round_half_even(float y) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (y + kMagic) - kMagic;
+}
+
+// The code of x in a group with FP32 zero zf and scale sf: clamp(round_half_even((x - zf) / sf), 0, qmax), 0
+// where sf == 0. The clamps are written so that a NaN becomes 0 (no undefined float -> int conversion).
+inline uint8_t encode(float x, float zf, float sf, float qmax) {
+  const float safe = sf > 0.0f ? sf : 1.0f;
+  float c = round_half_even((x - zf) / safe);
+  c = c > 0.0f ? c : 0.0f;
+  c = c < qmax ? c : qmax;
+  return static_cast<uint8_t>(static_cast<int>(sf > 0.0f ? c : 0.0f));
+}
+
 // One quantization group of n values x[i * stride]; codes written to codes[i * stride] (unpacked).
 void quantize_group(const float* x, int64_t n, int64_t stride, int qmax, uint8_t* codes, c10::Half* scale,
                     c10::Half* zero) {
@@ -52,23 +88,9 @@ void quantize_group(const float* x, int64_t n, int64_t stride, int qmax, uint8_t
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
   }
-  mn = mn + 0.0f;  // -0 -> +0: the stored bits must not depend on which zero came first
-  mx = mx + 0.0f;
-  const c10::Half z = fp16_round_down(mn);
-  const float zf = static_cast<float>(z);
-  const float s = (mx - zf) / static_cast<float>(qmax);
-  const c10::Half sh = fp16_round_up(s);
-  const float sf = static_cast<float>(sh);
-  for (int64_t i = 0; i < n; ++i) {
-    float c = 0.0f;
-    if (sf > 0.0f) {
-      c = std::nearbyint((x[i * stride] - zf) / sf);
-      c = c < 0.0f ? 0.0f : (c > static_cast<float>(qmax) ? static_cast<float>(qmax) : c);
-    }
-    codes[i * stride] = static_cast<uint8_t>(c);
-  }
-  *scale = sh;
-  *zero = z;
+  float sf, zf;
+  group_scale_zero(mn, mx, qmax, scale, zero, &sf, &zf);
+  for (int64_t i = 0; i < n; ++i) codes[i * stride] = encode(x[i * stride], zf, sf, static_cast<float>(qmax));
 }
 
 at::Tensor checked_fp32(const at::Tensor& x, const char* what) {
@@ -235,6 +257,291 @@ at::Tensor dequantize_values(const QuantizedBlock& q, Tier tier, int64_t head_di
     TORCH_CHECK(group_size > 0 && head_dim % group_size == 0, "dequantize_values: group_size ", group_size,
                 " must divide head_dim ", head_dim);
   return dequantize_impl(q, tier, head_dim, dtype, /*keys=*/false, group_size);
+}
+
+// ------------------------------------------------------------------------------------------------------
+// quantize_append (see kvprec/quantize.h)
+
+namespace {
+
+// The FP32 bit pattern of |v|: an integer max over these is a max of |v| that propagates NaN (NaN > inf).
+inline uint32_t abs_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u & 0x7fffffffu;
+}
+
+std::string shape_str(std::vector<int64_t> v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+void check_append_args(const at::Tensor& x, Tier tier, bool keys, int64_t group_size, const at::Tensor& pages,
+                       const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                       const at::Tensor& amax) {
+  constexpr const char* what = "quantize_append";
+  TORCH_CHECK_VALUE(x.defined() && x.dim() >= 3 && x.dim() <= 5, what,
+                    ": x must be a [..., T, D] tensor with 1 to 3 leading dims, got shape ",
+                    x.defined() ? x.sizes() : at::IntArrayRef{});
+  const at::ScalarType xt = x.scalar_type();
+  TORCH_CHECK_VALUE(xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16, what, ": x has dtype ",
+                    c10::toString(xt), "; expected float32, float16 or bfloat16");
+  const int64_t t = x.size(-2), d = x.size(-1);
+  if (tier_is_integer(tier)) {
+    TORCH_CHECK_VALUE(d % tier_codes_per_byte(tier) == 0, what, ": head_dim ", d, " of x is not a multiple of ",
+                      tier_codes_per_byte(tier), " (", tier_name(tier), " packs ", tier_codes_per_byte(tier),
+                      " codes per byte)");
+    TORCH_CHECK_VALUE(keys || (group_size > 0 && d % group_size == 0), what, ": group_size ", group_size,
+                      " must divide head_dim ", d);
+  }
+  const at::IntArrayRef lead = x.sizes().slice(0, x.dim() - 2);
+  TORCH_CHECK_VALUE(pages.defined() && (pages.scalar_type() == at::kInt || pages.scalar_type() == at::kLong) &&
+                        pages.sizes() == lead,
+                    what, ": pages must be int32 or int64 with shape x.shape[:-2] = ", lead, ", got ",
+                    pages.defined() ? c10::toString(pages.scalar_type()) : "undefined", " ",
+                    pages.defined() ? pages.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(pages.is_cpu() || pages.device() == x.device(), what, ": pages is on ", pages.device(),
+                    "; expected the host or x's device ", x.device());
+  const bool integer = tier_is_integer(tier);
+  const int64_t width = integer ? tier_row_bytes(tier, d) : d;
+  const at::ScalarType ct = integer ? at::kByte : tier_float_dtype(tier);
+  TORCH_CHECK_VALUE(codes.defined() && codes.dim() == 3 && codes.size(1) == t && codes.size(2) == width &&
+                        codes.scalar_type() == ct && codes.is_contiguous(),
+                    what, ": codes must be a contiguous ", c10::toString(ct), " pool [P, ", t, ", ", width, "] for ",
+                    tier_name(tier), " (block_size ", t, ", head_dim ", d, "), got ",
+                    codes.defined() ? c10::toString(codes.scalar_type()) : "undefined", " ",
+                    codes.defined() ? codes.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(codes.device() == x.device(), what, ": codes is on ", codes.device(), "; expected x's device ",
+                    x.device());
+  const int64_t p = codes.size(0);
+  const std::vector<int64_t> meta =
+      keys ? std::vector<int64_t>{p, d} : std::vector<int64_t>{p, t, d / std::max<int64_t>(group_size, 1)};
+  for (auto [name, m] : {std::pair<const char*, const at::Tensor*>{"scale", &scale}, {"zero", &zero}}) {
+    if (!integer) {
+      TORCH_CHECK_VALUE(!m->defined() || m->numel() == 0, what, ": ", name,
+                        " must be None (or empty) for the float tier ", tier_name(tier));
+      continue;
+    }
+    TORCH_CHECK_VALUE(m->defined() && m->scalar_type() == at::kHalf && m->sizes() == at::IntArrayRef(meta) &&
+                          m->is_contiguous() && m->device() == x.device(),
+                      what, ": ", name, " must be a contiguous float16 ", shape_str(meta), " on ", x.device(),
+                      keys ? " (keys: [P, D])" : " (values: [P, T, D/group_size])", ", got ",
+                      m->defined() ? c10::toString(m->scalar_type()) : "undefined", " ",
+                      m->defined() ? m->sizes() : at::IntArrayRef{});
+  }
+  TORCH_CHECK_VALUE(!amax.defined() || (amax.scalar_type() == at::kFloat && amax.numel() == 1 &&
+                                        amax.device() == x.device()),
+                    what, ": amax must be a float32 tensor of one element on ", x.device(), ", got ",
+                    c10::toString(amax.scalar_type()), " ", amax.sizes(), " on ", amax.device());
+  if (pages.is_cpu() && pages.numel() > 0) {
+    const at::Tensor flat = pages.reshape({-1}).to(at::kLong).contiguous();
+    const int64_t* pp = flat.data_ptr<int64_t>();
+    for (int64_t i = 0; i < flat.numel(); ++i)
+      TORCH_CHECK_VALUE(pp[i] < p, what, ": pages[", i, "] (flat index) = ", pp[i],
+                        " is out of range; the pool holds ", p, " pages (a negative entry skips its block)");
+  }
+}
+
+// Leading dims of x padded in front to three (size 1, stride 0): block i = (i0, i1, i2), row-major.
+struct Lead {
+  int64_t size[3] = {1, 1, 1};
+  int64_t stride[3] = {0, 0, 0};
+  explicit Lead(const at::Tensor& x) {
+    const int64_t nl = x.dim() - 2;
+    for (int64_t k = 0; k < nl; ++k) {
+      size[3 - nl + k] = x.size(k);
+      stride[3 - nl + k] = x.stride(k);
+    }
+  }
+  int64_t count() const { return size[0] * size[1] * size[2]; }
+  int64_t offset(int64_t i) const {
+    const int64_t i2 = i % size[2], i1 = (i / size[2]) % size[1], i0 = i / (size[1] * size[2]);
+    return i0 * stride[0] + i1 * stride[1] + i2 * stride[2];
+  }
+};
+
+// A contiguous row of the input as FP32. FP16 uses c10's exact conversion (fp16_ieee_to_fp32_value), written on
+// the bit patterns so that the loop vectorizes (c10::Half's operator float does not); BF16 is the upper half.
+inline void row_to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void row_to_float(const c10::Half* src, float* dst, int64_t n) {
+  const auto* h = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t w = static_cast<uint32_t>(h[i]) << 16;
+    const uint32_t two_w = w + w;
+    const float normalized = std::bit_cast<float>((two_w >> 4) + 0x70000000u) * 0x1.0p-112f;
+    const float denormalized = std::bit_cast<float>((two_w >> 17) | 0x3F000000u) - 0.5f;
+    const uint32_t tiny = 0u - static_cast<uint32_t>(two_w < (1u << 27));  // all ones for subnormals and zeros
+    const uint32_t magnitude =
+        (std::bit_cast<uint32_t>(denormalized) & tiny) | (std::bit_cast<uint32_t>(normalized) & ~tiny);
+    dst[i] = std::bit_cast<float>((w & 0x80000000u) | magnitude);
+  }
+}
+
+inline void row_to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const auto* h = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(h[i]) << 16);
+}
+
+// min and max of n values in 8 independent lanes (the loop vectorizes), then the lanes combined. For finite
+// values min / max do not depend on the order; only which of -0 / +0 comes out may, and group_scale_zero maps
+// both to +0.
+inline void min_max(const float* x, int64_t n, float* lo, float* hi) {
+  constexpr int kLanes = 8;
+  float l[kLanes], h[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    l[j] = std::numeric_limits<float>::infinity();
+    h[j] = -std::numeric_limits<float>::infinity();
+  }
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      l[j] = x[k + j] < l[j] ? x[k + j] : l[j];
+      h[j] = x[k + j] > h[j] ? x[k + j] : h[j];
+    }
+  for (; k < n; ++k) {
+    l[0] = x[k] < l[0] ? x[k] : l[0];
+    h[0] = x[k] > h[0] ? x[k] : h[0];
+  }
+  for (int j = 1; j < kLanes; ++j) {
+    l[0] = l[j] < l[0] ? l[j] : l[0];
+    h[0] = h[j] > h[0] ? h[j] : h[0];
+  }
+  *lo = l[0];
+  *hi = h[0];
+}
+
+template <typename out_t>
+void store_tile(const std::vector<float>& tile, void* page) {
+  out_t* o = static_cast<out_t*>(page);
+  for (size_t e = 0; e < tile.size(); ++e) o[e] = static_cast<out_t>(tile[e]);  // c10::Half/BFloat16: nearest even
+}
+
+// Packs PER codes per byte along each row, little end first (element PER*j + k at bits k * bits of byte j).
+template <int PER>
+void pack_into(const uint8_t* codes, int64_t bytes, uint8_t* out) {
+  constexpr int kBits = 8 / PER;
+  for (int64_t j = 0; j < bytes; ++j) {
+    uint32_t byte = 0;
+    for (int k = 0; k < PER; ++k) byte |= static_cast<uint32_t>(codes[j * PER + k]) << (kBits * k);
+    out[j] = static_cast<uint8_t>(byte);
+  }
+}
+
+// One CPU pass per block, blocks in parallel (at::parallel_for): the [T, D] tile is read once into FP32 (the
+// largest |x| bit pattern on the way), then
+//   keys:   per-channel min / max row by row, then codes row by row (inner loops over contiguous channels);
+//   values: per (token, group) min / max, then the group's codes;
+// then the codes are packed straight into the page. The arithmetic is quantize_group's, so the pages are those of
+// quantize_keys / quantize_values bit for bit; amax is reduced per block, then in block order.
+template <typename in_t>
+void append_cpu(const at::Tensor& x, Tier tier, bool keys, int64_t group_size, const int64_t* pages,
+                const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, uint32_t* amax) {
+  const Lead lead(x);
+  const int64_t n = lead.count(), t = x.size(-2), d = x.size(-1), st = x.stride(-2), sd = x.stride(-1);
+  const int64_t p = codes.size(0);
+  const bool integer = tier_is_integer(tier);
+  const int qmax = tier_qmax(tier), per = integer ? tier_codes_per_byte(tier) : 1;
+  const float qmax_f = static_cast<float>(qmax);
+  const int64_t page_elems = integer ? t * d / per : t * d;
+  const int64_t groups = keys ? 1 : d / std::max<int64_t>(group_size, 1);
+  const int64_t meta = keys ? d : t * groups;
+  const in_t* px = x.const_data_ptr<in_t>();
+  auto* pc = static_cast<char*>(codes.data_ptr());
+  const int64_t page_bytes = page_elems * static_cast<int64_t>(codes.element_size());
+  c10::Half* ps = integer ? scale.data_ptr<at::Half>() : nullptr;
+  c10::Half* pz = integer ? zero.data_ptr<at::Half>() : nullptr;
+  std::vector<uint32_t> block_amax(n, 0);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(t * d), mn(d), mx(d), sf(d), zf(d);
+    std::vector<uint8_t> unpacked(integer ? t * d : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t page = pages[i];
+      if (page < 0 || page >= p) continue;
+      const in_t* base = px + lead.offset(i);
+      uint32_t m = 0;
+      for (int64_t r = 0; r < t; ++r) {
+        const in_t* row = base + r * st;
+        float* out = tile.data() + r * d;
+        if (sd == 1) {
+          row_to_float(row, out, d);
+        } else {
+          for (int64_t c = 0; c < d; ++c) out[c] = static_cast<float>(row[c * sd]);
+        }
+        for (int64_t c = 0; c < d; ++c) m = std::max(m, abs_bits(out[c]));
+      }
+      block_amax[i] = m;
+      void* dst = pc + page * page_bytes;
+      if (!integer) {
+        switch (tier) {
+          case Tier::FP32: store_tile<float>(tile, dst); break;
+          case Tier::FP16: store_tile<c10::Half>(tile, dst); break;
+          default: store_tile<c10::BFloat16>(tile, dst); break;
+        }
+        continue;
+      }
+      c10::Half* s = ps + page * meta;
+      c10::Half* z = pz + page * meta;
+      if (keys) {
+        std::fill(mn.begin(), mn.end(), std::numeric_limits<float>::infinity());
+        std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+        for (int64_t r = 0; r < t; ++r) {
+          const float* row = tile.data() + r * d;
+          for (int64_t c = 0; c < d; ++c) {
+            mn[c] = row[c] < mn[c] ? row[c] : mn[c];
+            mx[c] = row[c] > mx[c] ? row[c] : mx[c];
+          }
+        }
+        for (int64_t c = 0; c < d; ++c) group_scale_zero(mn[c], mx[c], qmax, s + c, z + c, &sf[c], &zf[c]);
+        for (int64_t r = 0; r < t; ++r) {
+          const float* row = tile.data() + r * d;
+          uint8_t* cr = unpacked.data() + r * d;
+          for (int64_t c = 0; c < d; ++c) cr[c] = encode(row[c], zf[c], sf[c], qmax_f);
+        }
+      } else {
+        for (int64_t r = 0; r < t; ++r)
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t e = r * d + g * group_size;
+            const float* gx = tile.data() + e;
+            float lo, hi, sg, zg;
+            min_max(gx, group_size, &lo, &hi);
+            group_scale_zero(lo, hi, qmax, s + r * groups + g, z + r * groups + g, &sg, &zg);
+            uint8_t* cg = unpacked.data() + e;
+            for (int64_t k = 0; k < group_size; ++k) cg[k] = encode(gx[k], zg, sg, qmax_f);
+          }
+      }
+      auto* out = static_cast<uint8_t*>(dst);
+      switch (per) {
+        case 1: std::memcpy(out, unpacked.data(), page_elems); break;
+        case 2: pack_into<2>(unpacked.data(), page_elems, out); break;
+        default: pack_into<4>(unpacked.data(), page_elems, out); break;
+      }
+    }
+  });
+  if (amax != nullptr)
+    for (uint32_t m : block_amax) *amax = std::max(*amax, m);
+}
+
+}  // namespace
+
+void quantize_append(const at::Tensor& x, Tier tier, bool keys, int64_t group_size, const at::Tensor& pages,
+                     const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& amax) {
+  check_append_args(x, tier, keys, group_size, pages, codes, scale, zero, amax);
+  if (x.numel() == 0) return;
+#ifdef KVPREC_WITH_CUDA
+  if (x.is_cuda()) return quantize_append_cuda(x, tier, keys, group_size, pages, codes, scale, zero, amax);
+#endif
+  TORCH_CHECK_VALUE(x.is_cpu(), "quantize_append: x is on ", x.device(),
+                    "; this build has CPU kernels only (build with KVPREC_CUDA for CUDA tensors)");
+  const at::Tensor pg = pages.reshape({-1}).to(at::kLong).contiguous();
+  uint32_t* am = amax.defined() ? reinterpret_cast<uint32_t*>(amax.data_ptr<float>()) : nullptr;
+  const int64_t* pp = pg.data_ptr<int64_t>();
+  switch (x.scalar_type()) {
+    case at::kFloat: append_cpu<float>(x, tier, keys, group_size, pp, codes, scale, zero, am); break;
+    case at::kHalf: append_cpu<c10::Half>(x, tier, keys, group_size, pp, codes, scale, zero, am); break;
+    default: append_cpu<c10::BFloat16>(x, tier, keys, group_size, pp, codes, scale, zero, am);
+  }
 }
 
 }  // namespace kvprec

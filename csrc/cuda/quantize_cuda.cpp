@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "kvprec/quantize.h"
+#include "quantize_append_kernels.cuh"
 #include "quantize_kernels.cuh"
 
 namespace kvprec {
@@ -81,6 +82,50 @@ at::Tensor dequantize_keys_cuda(const QuantizedBlock& q, Tier tier, int64_t head
 at::Tensor dequantize_values_cuda(const QuantizedBlock& q, Tier tier, int64_t head_dim, int64_t group_size,
                                   at::ScalarType dtype) {
   return dequantize_cuda(q, tier, head_dim, dtype, cuda::GroupAxis::Values, group_size);
+}
+
+void quantize_append_cuda(const at::Tensor& x_in, Tier tier, bool keys, int64_t group_size, const at::Tensor& pages,
+                          const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                          const at::Tensor& amax) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  // Rows are read with unit stride; any layout of the leading dims and positions is read in place.
+  const at::Tensor x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
+  at::Tensor pg = pages.reshape({-1}).to(at::kLong).contiguous();
+  // Host pages (the buffer's case) go up through pinned memory without blocking: no synchronisation here.
+  if (pg.is_cpu()) pg = pg.pin_memory().to(x.device(), /*non_blocking=*/true);
+  cuda::AppendArgs a;
+  a.x = x.const_data_ptr();
+  a.x_type = input_type(x.scalar_type());
+  const int64_t nl = x.dim() - 2;
+  for (int64_t k = 0; k < nl; ++k) {
+    a.lead[3 - nl + k] = x.size(k);
+    a.lead_stride[3 - nl + k] = x.stride(k);
+  }
+  a.stride_t = x.stride(-2);
+  a.t = x.size(-2);
+  a.d = x.size(-1);
+  a.pages = pg.const_data_ptr<int64_t>();
+  a.num_pages = codes.size(0);
+  a.keys = keys;
+  a.group_size = keys ? 0 : group_size;
+  a.codes = codes.data_ptr();
+  if (tier_is_integer(tier)) {
+    a.bits = tier_bits(tier);
+    a.scale = reinterpret_cast<uint16_t*>(scale.data_ptr<at::Half>());
+    a.zero = reinterpret_cast<uint16_t*>(zero.data_ptr<at::Half>());
+  } else {
+    a.bits = 0;
+    a.out_type = input_type(tier_float_dtype(tier));
+  }
+  a.amax = amax.defined() ? reinterpret_cast<uint32_t*>(amax.data_ptr<float>()) : nullptr;
+  const size_t smem = cuda::quantize_append_smem_bytes(a);
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK_VALUE(smem <= static_cast<size_t>(optin), "quantize_append (cuda): a block of block_size ", a.t,
+                    " x head_dim ", a.d, " needs ", smem, " bytes of shared memory; this GPU allows ", optin,
+                    " per CTA (use the triton backend for such blocks)");
+  C10_CUDA_CHECK(cuda::quantize_append(a, c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace kvprec

@@ -35,6 +35,14 @@ at::Tensor dequantize_values_cpu(const at::Tensor& codes, const at::Tensor& scal
   return kvprec::dequantize_values({codes, scale, zero}, kvprec::tier_from_index(tier), head_dim, group_size, dtype);
 }
 
+// In place: writes pages of codes / scale / zero and raises amax (see kvprec/quantize.h).
+void quantize_append_impl(const at::Tensor& x, const at::Tensor& pages, const at::Tensor& codes,
+                          const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& zero,
+                          const std::optional<at::Tensor>& amax, int64_t tier, bool keys, int64_t group_size) {
+  kvprec::quantize_append(x, kvprec::tier_from_index(tier), keys, group_size, pages, codes,
+                          scale.value_or(at::Tensor()), zero.value_or(at::Tensor()), amax.value_or(at::Tensor()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvprec, m) {
@@ -43,6 +51,8 @@ TORCH_LIBRARY_FRAGMENT(kvprec, m) {
   m.def("dequantize_keys(Tensor codes, Tensor scale, Tensor zero, int tier, int head_dim, ScalarType dtype) -> Tensor");
   m.def("dequantize_values(Tensor codes, Tensor scale, Tensor zero, int tier, int head_dim, int group_size, "
         "ScalarType dtype) -> Tensor");
+  m.def("quantize_append(Tensor x, Tensor pages, Tensor(a!) codes, Tensor(b!)? scale, Tensor(c!)? zero, "
+        "Tensor(d!)? amax, int tier, bool keys, int group_size) -> ()");
   m.def("tier_table() -> Tensor");
 }
 
@@ -51,6 +61,7 @@ TORCH_LIBRARY_IMPL(kvprec, CPU, m) {
   m.impl("quantize_values", &quantize_values_cpu);
   m.impl("dequantize_keys", &dequantize_keys_cpu);
   m.impl("dequantize_values", &dequantize_values_cpu);
+  m.impl("quantize_append", &quantize_append_impl);
 }
 
 #ifdef KVPREC_WITH_CUDA
@@ -60,6 +71,7 @@ TORCH_LIBRARY_IMPL(kvprec, CUDA, m) {
   m.impl("quantize_values", &quantize_values_cpu);
   m.impl("dequantize_keys", &dequantize_keys_cpu);
   m.impl("dequantize_values", &dequantize_values_cpu);
+  m.impl("quantize_append", &quantize_append_impl);
 }
 #endif
 

@@ -346,6 +346,31 @@ void test_errors() {
   CHECK_THROWS(buf.index_batch(at::tensor(std::vector<int64_t>{0, 2}, at::kLong)), "index_batch: idx[1] = 2");
 }
 
+void test_seal_in_place() {
+  // The seal quantizes straight into fresh pages and checks the FP16 range once, afterwards: a refusal gives the
+  // pages back, pool growth included, so the buffer is exactly as it was.
+  MixedPrecisionBuffer buf(opts(1, 2, 32, 16, Tier::INT4, at::kFloat, false, 8));
+  const at::Tensor x = randn({1, 2, 100, 32});
+  buf.append(x.narrow(2, 0, 20), x.narrow(2, 0, 20));
+  const MemoryReport m0 = buf.memory();
+  const at::Tensor pages0 = buf.pages(), tail0 = buf.tail_keys().clone(), block0 = buf.block(0).first;
+  at::Tensor bad = x.narrow(2, 20, 80).clone();
+  bad[0][1][50][3] = 1e6;  // in a block read straight from k (84 tokens seal 5 blocks: the pool would grow)
+  CHECK_THROWS(buf.append(bad, x.narrow(2, 20, 80)), "append: k would be sealed");
+  bad[0][1][50][3] = 0.0f;
+  bad[0][0][2][3] = NAN;  // in the block that completes the tail
+  CHECK_THROWS(buf.append(bad, x.narrow(2, 20, 80)), "append: k (with the tail keys it completes)");
+  const MemoryReport m1 = buf.memory();
+  CHECK(m1.reserved_bytes == m0.reserved_bytes && m1.tier_pages == m0.tier_pages && buf.seq_len() == 20);
+  CHECK(same(buf.pages(), pages0) && same(buf.tail_keys(), tail0) && same(buf.block(0).first, block0));
+  // A transposed input ([B, n, H, D] seen as [B, H, n, D], as Hugging Face passes it) seals as its contiguous copy.
+  buf.append(x.narrow(2, 20, 80).transpose(1, 2).contiguous().transpose(1, 2), x.narrow(2, 20, 80));
+  MixedPrecisionBuffer ref(opts(1, 2, 32, 16, Tier::INT4, at::kFloat, false, 8));
+  ref.append(x, x);
+  CHECK(same(buf.gather(0, 100).first, ref.gather(0, 100).first) && same(buf.pages(), ref.pages()));
+  CHECK(buf.memory().reserved_bytes == ref.memory().reserved_bytes);
+}
+
 }  // namespace
 
 int main() {
@@ -358,5 +383,6 @@ int main() {
   test_index_batch();
   test_reset();
   test_errors();
+  test_seal_in_place();
   return kvprec_test::finish("test_buffer");
 }

@@ -63,10 +63,68 @@ static void test_bad_input() {
   CHECK_THROWS(quantize_values(at::zeros({1, 4, 8}), Tier::INT8, 3), "group_size 3 must divide head_dim 8");
 }
 
+static void test_quantize_append() {
+  // Blocks land on pages in a random order over a pool with spare pages, one block skipped (-1): each written
+  // page holds what quantize_keys / quantize_values give for its block, the other pages keep their bytes, and
+  // amax is max |x| over the blocks written.
+  at::manual_seed(5);
+  const int64_t N = 4, T = 16, D = 64, G = 16, P = 7;
+  const at::Tensor x = (at::randn({N, T, D}) * 3).to(at::kHalf);
+  const at::Tensor pages = at::tensor(std::vector<int64_t>{5, -1, 0, 3}, at::kLong);
+  for (Tier tier : {Tier::INT8, Tier::INT4, Tier::INT2, Tier::BF16}) {
+    for (bool keys : {true, false}) {
+      const bool integer = tier_is_integer(tier);
+      at::Tensor codes = integer ? at::randint(0, 256, {P, T, D * tier_bits(tier) / 8}, at::kByte)
+                                 : at::randn({P, T, D}).to(tier_float_dtype(tier));
+      const std::vector<int64_t> meta = keys ? std::vector<int64_t>{P, D} : std::vector<int64_t>{P, T, D / G};
+      at::Tensor scale = integer ? at::randn(meta).to(at::kHalf) : at::Tensor();
+      at::Tensor zero = integer ? at::randn(meta).to(at::kHalf) : at::Tensor();
+      const at::Tensor c0 = codes.clone();
+      const at::Tensor s0 = integer ? scale.clone() : at::Tensor(), z0 = integer ? zero.clone() : at::Tensor();
+      at::Tensor amax = at::zeros({1});
+      quantize_append(x, tier, keys, G, pages, codes, scale, zero, amax);
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t pg = pages[i].item<int64_t>();
+        if (pg < 0) continue;
+        const at::Tensor xi = x.narrow(0, i, 1);
+        const QuantizedBlock q = keys ? quantize_keys(xi, tier) : quantize_values(xi, tier, G);
+        CHECK(at::equal(codes[pg], q.codes[0]));
+        if (integer) CHECK(at::equal(scale[pg], q.scale[0]) && at::equal(zero[pg], q.zero[0]));
+      }
+      for (int64_t pg : {1, 2, 4, 6})
+        CHECK(at::equal(codes[pg], c0[pg]) &&
+              (!integer || (at::equal(scale[pg], s0[pg]) && at::equal(zero[pg], z0[pg]))));
+      const at::Tensor live = at::cat({x[0], x[2], x[3]});
+      CHECK(amax.item<float>() == live.abs().max().to(at::kFloat).item<float>());
+    }
+  }
+  // Bad arguments name themselves, and nothing is written.
+  at::Tensor codes = at::zeros({P, T, D / 2}, at::kByte);
+  at::Tensor scale = at::zeros({P, D}, at::kHalf), zero = at::zeros({P, D}, at::kHalf);
+  const at::Tensor amax;
+  const at::Tensor far = at::tensor(std::vector<int64_t>{0, 1, 2, 9});
+  CHECK_THROWS(quantize_append(x, Tier::INT4, true, G, far, codes, scale, zero, amax),
+               "pages[3] (flat index) = 9 is out of range; the pool holds 7 pages");
+  CHECK_THROWS(quantize_append(x, Tier::INT4, true, G, pages.narrow(0, 0, 2), codes, scale, zero, amax),
+               "pages must be int32 or int64 with shape x.shape[:-2] = [4]");
+  CHECK_THROWS(quantize_append(x[0], Tier::INT4, true, G, pages, codes, scale, zero, amax),
+               "x must be a [..., T, D]");
+  CHECK_THROWS(quantize_append(x, Tier::INT2, true, G, pages, codes, scale, zero, amax),
+               "codes must be a contiguous");
+  CHECK_THROWS(quantize_append(x, Tier::INT4, false, G, pages, codes, scale, zero, amax),
+               "scale must be a contiguous float16 [7, 16, 4]");
+  CHECK_THROWS(quantize_append(x, Tier::INT4, false, 5, pages, codes, scale, zero, amax),
+               "group_size 5 must divide head_dim 64");
+  CHECK_THROWS(quantize_append(x, Tier::INT4, true, G, pages, codes, scale, zero, at::zeros({2})),
+               "amax must be a float32 tensor of one element");
+  CHECK(codes.eq(0).all().item<bool>());
+}
+
 int main() {
   test_constants();
   test_error_bound();
   test_float_tiers_and_packing();
   test_bad_input();
+  test_quantize_append();
   return kvprec_test::finish("test_formats");
 }

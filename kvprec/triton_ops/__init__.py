@@ -6,11 +6,17 @@ in Triton's interpreter, which is how CPU CI tests them.
 """
 from .. import ops as _ops
 from . import decode_attention, quantize
+from . import quantize_append
+from . import curvature
+from . import novelty
 
 _ops.register_triton("decode_attention", decode_attention.decode_attention)
 _ops.register_triton("quantize_keys", quantize.quantize_keys)
 _ops.register_triton("quantize_values", quantize.quantize_values)
 _ops.register_triton("dequantize_keys", quantize.dequantize_keys)
 _ops.register_triton("dequantize_values", quantize.dequantize_values)
+_ops.register_triton("quantize_append", quantize_append.quantize_append)
+_ops.register_triton("curvature_reduce", curvature.curvature_reduce)
+_ops.register_triton("novelty_reduce", novelty.novelty_reduce)
 
 __all__ = ["decode_attention", "quantize"]

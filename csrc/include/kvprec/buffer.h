@@ -120,8 +120,13 @@ class MixedPrecisionBuffer {
   struct State;
   std::shared_ptr<State> state_;
 
-  // Seal the full tail as block num_sealed_blocks(); row_tiers: tier id per (b * H + h).
-  void seal_tail(const std::vector<int8_t>& row_tiers);
+  // Seal `count` blocks as blocks num_sealed_blocks() onwards; tiers[r * count + s] is the tier of row r
+  // (= b * H + h) of block s. The first comes from the full tail when `from_tail`, the others straight from
+  // kb, vb [B, H, count - from_tail, T, D] (views of the appended k, v). Each tier present is quantized with one
+  // quantize_append per source into freshly taken pages (in place); one synchronisation then checks the FP16
+  // range of the tiers that need it, and a refusal gives the pages back before anything is committed.
+  void seal_blocks(const std::vector<int8_t>& tiers, int64_t count, bool from_tail, const at::Tensor& kb,
+                   const at::Tensor& vb);
   // Block j's pages of rows (b * H + h, all held at `tier`) dequantized to dtype: K, V [rows, T, D].
   std::pair<at::Tensor, at::Tensor> dequantize_rows(int64_t j, Tier tier, const std::vector<int64_t>& rows,
                                                     at::ScalarType dtype) const;

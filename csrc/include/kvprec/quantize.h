@@ -44,6 +44,24 @@ at::Tensor dequantize_values(const QuantizedBlock& q, Tier tier, int64_t head_di
 at::Tensor pack_codes(const at::Tensor& codes, Tier tier);
 at::Tensor unpack_codes(const at::Tensor& packed, Tier tier, int64_t head_dim);
 
+// quantize_append: whole blocks quantized straight into the pages of a pool, in place (the buffer's seal path;
+// no temporary block, no copy). Arguments (checked, errors name the argument):
+//   x      [..., T, D] float32/float16/bfloat16 with 1 to 3 leading dims (N blocks, row-major), any strides;
+//   pages  int32/int64 of shape x.shape[:-2], on the host or x's device: block i goes to page pages[i]; a
+//          negative entry skips the block (not read, not written). Host pages must lie below P (checked);
+//          device pages are not checked (that would synchronise): the kernels skip entries >= P.
+//          Non-negative entries must be distinct.
+//   codes  the pool's data: integer tiers uint8 [P, T, D*bits/8], float tiers [P, T, D] in the tier dtype;
+//   scale, zero  integer tiers FP16, keys [P, D], values [P, T, D/group_size]; float tiers undefined (or empty);
+//   amax   optional float32 with one element on x's device: amax = max(amax, max |x|) over the blocks written,
+//          NaN-propagating (an integer max of the FP32 bit patterns of |x|: NaN > inf > finite). Start it at 0.
+// A written page holds exactly what quantize_keys / quantize_values (or store_float) give for its block, as
+// long as the block is finite with |x| <= 65504 (integer tiers); otherwise its bytes are unspecified and amax
+// says so: the caller reads amax once, after any number of calls, and discards those pages. The fused check
+// is why this needs at most one synchronisation per seal where quantize_keys + write_pages needed several.
+void quantize_append(const at::Tensor& x, Tier tier, bool keys, int64_t group_size, const at::Tensor& pages,
+                     const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& amax);
+
 #ifdef KVPREC_WITH_CUDA
 // CUDA kernels (csrc/cuda/), same formats bit for bit; the functions above dispatch to them for CUDA tensors.
 QuantizedBlock quantize_keys_cuda(const at::Tensor& x, Tier tier);
@@ -51,6 +69,10 @@ QuantizedBlock quantize_values_cuda(const at::Tensor& x, Tier tier, int64_t grou
 at::Tensor dequantize_keys_cuda(const QuantizedBlock& q, Tier tier, int64_t head_dim, at::ScalarType dtype);
 at::Tensor dequantize_values_cuda(const QuantizedBlock& q, Tier tier, int64_t head_dim, int64_t group_size,
                                   at::ScalarType dtype);
+// Arguments already checked by quantize_append (csrc/core/quantize.cpp).
+void quantize_append_cuda(const at::Tensor& x, Tier tier, bool keys, int64_t group_size, const at::Tensor& pages,
+                          const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                          const at::Tensor& amax);
 #endif
 
 }  // namespace kvprec

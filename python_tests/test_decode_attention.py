@@ -405,16 +405,3 @@ def test_decode_attention_fake_kernel_shapes():
         assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((1, 4, 3, 64), torch.float16, (1, 4, 3), torch.float32)
         assert mass.shape == (1, 4, 3, 4) and mass.dtype == torch.float32
         assert torch.ops.kvprec.decode_attention(fake(q), *args, False)[2].shape == (0,)
-
-
-def test_decode_pool_slots_are_the_triton_launchers():
-    """One slot order for the op's flat pool list (kvprec._ops.DECODE_POOL_SLOTS); the Triton launcher keeps a
-    copy (kvprec/triton_ops/decode_attention.py) that must agree until it imports this one."""
-    pytest.importorskip("triton")
-    from kvprec.triton_ops import decode_attention as tda
-
-    assert [(t, tuple(s)) for t, s in tda._POOL_SLOTS] == [(t, tuple(s)) for t, s in _ops.DECODE_POOL_SLOTS]
-    paged = make_paged(1, 2, 50, 64, 16)
-    ours, theirs = _ops.flatten_decode_pools(paged), tda._flatten_pools(paged)
-    assert len(ours) == _ops.DECODE_POOL_COUNT == len(theirs) == 24
-    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ours, theirs))

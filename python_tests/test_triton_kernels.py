@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import kvprec  # noqa: E402
-from kvprec import formats, ops  # noqa: E402
+from kvprec import _ops, formats, ops  # noqa: E402
 from kvprec.formats import Tier  # noqa: E402
 from kvprec.reference import PagedKV, decode_attention, dense_decode_attention  # noqa: E402
 from kvprec.triton_ops import decode_attention as tda  # noqa: E402
@@ -178,6 +178,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kvprec.triton_ops.decode_attention as tda, kvprec.triton_ops.quantize as tq
+from kvprec import _ops
 from kvprec.formats import Tier
 from kvprec.reference import PagedKV
 
@@ -207,7 +208,7 @@ for dtype, d, tiers, extras in ((torch.float16, 128, "mixed", False), (torch.bfl
     tiers = torch.randint(0, 6, (1, 2, 3), generator=g).to(torch.int8) if tiers == "mixed" else tiers
     p = PagedKV.from_dense(k, k, tiers, 64, 32, generator=g)
     mask = torch.ones(1, 2, 200, dtype=torch.uint8) if extras else None
-    tda.decode_attention_op(torch.randn(1, 4, 2, d).to(dtype), tda._flatten_pools(p), p.tiers, p.pages, p.tail_k,
+    tda.decode_attention_op(torch.randn(1, 4, 2, d).to(dtype), _ops.flatten_decode_pools(p), p.tiers, p.pages, p.tail_k,
                             p.tail_v, mask, 0.1, 32 if extras else 0, 30.0 if extras else 0.0, extras, 2, 64, 32)
 x = torch.randn(2, 64, 128, dtype=torch.float16)
 codes, scale, zero = tq.quantize_keys_op(x, 4)
@@ -263,7 +264,7 @@ def test_decode_bad_inputs():
 @gpu
 def test_decode_opcheck():
     q, paged, mask = make_case(1, 2, 2, 1, 40, 64, 16, torch.float16, use_mask=True)
-    args = (q, tda._flatten_pools(paged), paged.tiers, paged.pages, paged.tail_k, paged.tail_v, mask.view(torch.uint8),
+    args = (q, _ops.flatten_decode_pools(paged), paged.tiers, paged.pages, paged.tail_k, paged.tail_v, mask.view(torch.uint8),
             0.125, 0, 0.0, True, 2, 16, 16)
     torch.library.opcheck(torch.ops.kvprec_triton.decode_attention.default, args)
 

@@ -6,6 +6,7 @@
 
 #include <climits>
 
+#include "fp16_rounding.cuh"
 #include "quantize_append_kernels.cuh"
 
 namespace kvprec::cuda {
@@ -40,30 +41,6 @@ struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
 
 // The FP32 bit pattern of |v|: an integer max over these is a NaN-propagating max of |v| (NaN > inf > finite).
 __device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
-
-__device__ __forceinline__ float half_bits_to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
-
-// Largest FP16 <= x / smallest FP16 >= x: one bit-pattern step where round-to-nearest went the wrong way (the
-// same steps as fp16_round_down/up in csrc/core/quantize.cpp and quantize_kernels.cu).
-__device__ __forceinline__ uint16_t fp16_round_down_bits(float x) {
-  uint16_t b = __half_as_ushort(__float2half_rn(x));
-  if (half_bits_to_float(b) > x) {
-    if (b == 0x0000 || b == 0x8000) b = 0x8001;
-    else if (b & 0x8000) b = static_cast<uint16_t>(b + 1);
-    else b = static_cast<uint16_t>(b - 1);
-  }
-  return b;
-}
-
-__device__ __forceinline__ uint16_t fp16_round_up_bits(float x) {
-  uint16_t b = __half_as_ushort(__float2half_rn(x));
-  if (half_bits_to_float(b) < x) {
-    if (b == 0x0000 || b == 0x8000) b = 0x0001;
-    else if (b & 0x8000) b = static_cast<uint16_t>(b - 1);
-    else b = static_cast<uint16_t>(b + 1);
-  }
-  return b;
-}
 
 __host__ __device__ __forceinline__ size_t align16(size_t bytes) { return (bytes + 15) & ~static_cast<size_t>(15); }
 

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "fp16_rounding.cuh"
 #include "quantize_kernels.cuh"
 
 namespace kvprec::cuda {
@@ -24,30 +25,6 @@ __device__ __forceinline__ void store_from_float(void* out, InputType type, int6
     case InputType::BFloat16: static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v); break;
     default: static_cast<float*>(out)[i] = v;
   }
-}
-
-__device__ __forceinline__ float half_bits_to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
-
-// Largest FP16 <= x / smallest FP16 >= x, by one bit-pattern step where round-to-nearest went the wrong way
-// (the same steps as fp16_round_down/up in csrc/core/quantize.cpp).
-__device__ __forceinline__ uint16_t fp16_round_down_bits(float x) {
-  uint16_t b = __half_as_ushort(__float2half_rn(x));
-  if (half_bits_to_float(b) > x) {
-    if (b == 0x0000 || b == 0x8000) b = 0x8001;
-    else if (b & 0x8000) b = static_cast<uint16_t>(b + 1);
-    else b = static_cast<uint16_t>(b - 1);
-  }
-  return b;
-}
-
-__device__ __forceinline__ uint16_t fp16_round_up_bits(float x) {
-  uint16_t b = __half_as_ushort(__float2half_rn(x));
-  if (half_bits_to_float(b) < x) {
-    if (b == 0x0000 || b == 0x8000) b = 0x0001;
-    else if (b & 0x8000) b = static_cast<uint16_t>(b - 1);
-    else b = static_cast<uint16_t>(b + 1);
-  }
-  return b;
 }
 
 // Element index of member i of group g, for x [N, T, D] contiguous.

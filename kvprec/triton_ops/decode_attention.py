@@ -25,15 +25,12 @@ from torch.library import triton_op, wrap_triton
 
 from triton_kernels.decode_attention import decode_reduce_kernel, decode_split_kernel
 
-from ..formats import Tier
+from .._ops import flatten_decode_pools
 from ..ops import TRITON_DECODE_HEAD_DIMS
 from ..reference.decode_attention import check_inputs
 from ..reference.paged import PagedKV
 
 HEAD_DIMS = TRITON_DECODE_HEAD_DIMS
-# Pools in kernel-argument order: float tiers (k, v), integer tiers (k, k_scale, k_zero, v, v_scale, v_zero).
-_POOL_SLOTS = ((Tier.FP32, (0, 3)), (Tier.FP16, (0, 3)), (Tier.BF16, (0, 3)),
-               (Tier.INT8, range(6)), (Tier.INT4, range(6)), (Tier.INT2, range(6)))
 _PROGRAMS_PER_SM = 4
 _INTERPRETER_SMS = 4  # under TRITON_INTERPRET there is no device: a small count keeps several splits in tests
 
@@ -42,14 +39,6 @@ def _interpreting() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(decode_split_kernel, InterpretedFunction)
-
-
-def _flatten_pools(paged: PagedKV) -> List[Optional[torch.Tensor]]:
-    flat: List[Optional[torch.Tensor]] = []
-    for tier, slots in _POOL_SLOTS:
-        pool = paged.pools.get(tier)
-        flat += [None if pool is None else pool[i].contiguous() for i in slots]
-    return flat
 
 
 def _block_m(gq: int, head_dim: int) -> int:
@@ -184,7 +173,7 @@ def decode_attention(q: torch.Tensor, paged: PagedKV, *, scale: Optional[float] 
     mask_u8 = None
     if mask is not None:
         mask_u8 = (mask if mask.stride(-1) == 1 else mask.contiguous()).view(torch.uint8)
-    pools = _flatten_pools(paged)
+    pools = flatten_decode_pools(paged)  # the op's one slot order (kvprec/_ops.py)
     for x in pools:
         if x is not None and x.device != dev:
             raise ValueError(f"decode_attention (triton): a pool tensor is on {x.device} but q is on {dev}")

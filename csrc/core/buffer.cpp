@@ -35,10 +35,13 @@ struct Pool {
 
 bool is_float_model_dtype(at::ScalarType d) { return d == at::kFloat || d == at::kHalf || d == at::kBFloat16; }
 
-// Grow `pool` to hold at least `need` pages: capacity doubles (amortised O(1) per page), pages in use are copied.
+// Grow `pool` to hold at least `need` pages, by at least a quarter of its capacity (amortised O(1) copies per
+// page, at most 4), pages in use are copied. A quarter, not a doubling: reserved pool bytes are device memory a
+// compressed cache must not waste; doubling would let an INT4 cache reserve up to 2x its live pages (e.g. the
+// first seal after a prefill of a power-of-two block count), a quarter bounds that at 1.25x.
 void reserve(Pool& pool, Tier tier, const BlockGeometry& g, c10::Device device, int64_t need) {
   if (need <= pool.capacity) return;
-  const int64_t cap = std::max<int64_t>(need, 2 * pool.capacity);
+  const int64_t cap = std::max<int64_t>(need, pool.capacity + std::max<int64_t>(1, pool.capacity / 4));
   const int64_t t = g.block_size, d = g.head_dim;
   auto make = [&](std::vector<int64_t> page_shape, at::ScalarType dtype, const at::Tensor& old) {
     page_shape.insert(page_shape.begin(), cap);

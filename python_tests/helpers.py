@@ -17,3 +17,19 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
         return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
     return torch.equal(a, b)
+
+
+def awkward_blocks(n: int, t: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """[n, t, d] random values (CPU) plus what directed rounding and round-half-even must get right (where the
+    shape has room for them: t >= 4, d >= 8)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, d, generator=gen) * 3
+    if t >= 4 and d >= 8:
+        x[0, :, 0] = 0.0                                           # constant channel: scale 0
+        x[0, :, 1] = -0.0                                          # min = max = -0: stored as +0
+        x[0, :, 2] = torch.tensor([0.0, 0.5, 1.5, 3.0] * t)[:t]    # ties at the INT2 step of 1
+        x[0, :, 3] = 1e-6                                          # FP16 subnormal range
+        x[-1, :, 4] = torch.linspace(-65000, 65000, t)             # near the FP16 limits (bf16-representable)
+        x[-1, 0, 5:8] = torch.tensor([-1e-8, 1e-8, -3.0])
+        x[0, 2, :] = -0.0                                          # a token whose value groups are all -0
+    return x.to(dtype)

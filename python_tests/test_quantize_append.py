@@ -23,7 +23,7 @@ from kvprec import MixedPrecisionBuffer, formats, ops  # noqa: E402
 from kvprec.formats import Tier  # noqa: E402
 from kvprec.reference import PagedKV  # noqa: E402
 
-from helpers import same_bits  # noqa: E402
+from helpers import awkward_blocks, same_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NATIVE = kvprec.native_available()
@@ -34,20 +34,6 @@ BACKENDS = (["torch"] + (["cpp"] if NATIVE else []) + (["triton"] if TRITON else
 BACKEND_DEVICE = {"torch": DEVICE, "cpp": "cpu", "triton": DEVICE, "cuda": "cuda"}
 native = pytest.mark.skipif(not NATIVE, reason="native library not built")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def awkward_blocks(n, t, d, dtype, seed):
-    """[n, t, d] random values plus what directed rounding and round-half-even must get right."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, t, d, generator=gen) * 3
-    x[0, :, 0] = 0.0                                            # constant channel: scale 0
-    x[0, :, 1] = -0.0                                           # min = max = -0: stored as +0
-    x[0, :, 2] = torch.tensor([0.0, 0.5, 1.5, 3.0] * t)[:t]     # ties at the INT2 step of 1
-    x[0, :, 3] = 1e-6                                           # FP16 subnormal range
-    x[-1, :, 4] = torch.linspace(-65000, 65000, t)              # near the FP16 limits (bf16-representable)
-    x[-1, 0, 5:8] = torch.tensor([-1e-8, 1e-8, -3.0])
-    x[0, 2, :] = -0.0                                           # a token whose value groups are all -0
-    return x.to(dtype)
 
 
 def make_pool(tier, p, t, d, keys, group_size, device, seed=0):

@@ -36,7 +36,7 @@ from kvprec.reference import PagedKV, decode_attention, dense_decode_attention  
 from kvprec.triton_ops import decode_attention as tda  # noqa: E402
 from kvprec.triton_ops import quantize as tq  # noqa: E402
 
-from helpers import same_bits  # noqa: E402
+from helpers import awkward_blocks, same_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -273,18 +273,7 @@ def test_decode_opcheck():
 # quantize / dequantize: bit for bit
 
 def awkward_input(n, t, d, dtype, seed):
-    """Random values plus the cases directed rounding and round-half-even must get right."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, t, d, generator=gen) * 3
-    if t >= 4 and d >= 8:
-        x[0, :, 0] = 0.0                                           # constant channel: scale 0
-        x[0, :, 1] = -0.0                                          # min = max = -0: stored as +0
-        x[0, :, 2] = torch.tensor([0.0, 0.5, 1.5, 3.0] * t)[:t]    # ties at the INT2 step of 1
-        x[0, :, 3] = 1e-6                                          # fp16 subnormal range
-        x[-1, :, 4] = torch.linspace(-65000, 65000, t)             # near the FP16 limits (bf16-representable)
-        x[-1, 0, 5:8] = torch.tensor([-1e-8, 1e-8, -3.0])
-        x[0, 2, :] = -0.0                                          # a token whose value groups are all -0
-    return x.to(dtype).to(DEVICE)
+    return awkward_blocks(n, t, d, dtype, seed).to(DEVICE)
 
 
 SHAPES = [(2, 1, 8, 4), (3, 7, 16, 8), (1, 123, 64, 32), (2, 16, 96, 24), (1, 5, 4, 2)]  # n, t, d, group

@@ -1,5 +1,7 @@
 // attend(): attention of Q queries over a MixedPrecisionBuffer, one block at a time (flash-decoding style),
-// in FP32. The CPU kernel and the reference the fused GPU kernels are checked against.
+// in FP32. A buffer on the CPU goes to the fused kernel of attention_cpu.cpp (same math, no ATen op per block);
+// on another device (a CUDA buffer read without the CUDA kernels) the ATen loop below runs. Both are what the
+// fused GPU kernels are checked against.
 //
 // Layout: the Hq = Hkv * G query heads are grouped under their KV head without repeating K/V:
 //   q [B, Hq, Q, D] -> [B, Hkv, G*Q, D], row r = g * Q + i (query head hkv * G + g, query i),
@@ -20,6 +22,11 @@
 #include "kvprec/buffer.h"
 
 namespace kvprec {
+namespace detail {
+// attention_cpu.cpp: the fused CPU kernel, for arguments already checked here.
+AttentionResult attend_cpu(const MixedPrecisionBuffer& buffer, const at::Tensor& q, const at::Tensor& mask,
+                           const AttentionOptions& options);
+}  // namespace detail
 
 AttentionResult attend(const MixedPrecisionBuffer& buffer, const at::Tensor& q, const at::Tensor& mask,
                        const AttentionOptions& options) {
@@ -48,6 +55,7 @@ AttentionResult attend(const MixedPrecisionBuffer& buffer, const at::Tensor& q, 
                     " is not accepted; expected >= 0 (0 = no window)");
   TORCH_CHECK_VALUE(std::isfinite(options.softcap) && options.softcap >= 0.0, "attend: softcap ", options.softcap,
                     " is not accepted; expected >= 0 (0 = no capping)");
+  if (buffer.options().device.is_cpu()) return detail::attend_cpu(buffer, q, mask, options);
 
   const double scale = options.scale > 0.0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(D));
   const int64_t G = Hq / Hkv, R = G * Q, W = options.sliding_window;

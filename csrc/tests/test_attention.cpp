@@ -1,9 +1,16 @@
 // attend(): block-wise online-softmax attention over a MixedPrecisionBuffer against a dense FP32 softmax
-// computed from gather() (the same K/V values, so the only difference is summation order: 1e-5 holds).
+// computed from gather() (the same K/V values, so the only difference is summation order: 1e-5 holds), and the
+// fused CPU kernel (attention_cpu.cpp) under stress against a dense FP64 computation: every tier, tiers mixed per
+// (row, head, block) with pages out of order, awkward lengths and head_dims, GQA groups wider than a work item,
+// many query tiles, masks that hide whole rows or whole blocks of a row, windows that skip blocks, softcap,
+// FP32 / FP16 / BF16 model dtypes, and results independent of the thread count.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "check.h"
 #include "kvprec/buffer.h"
@@ -150,6 +157,291 @@ void test_half_dtype() {
   CHECK_NEAR(max_abs(r.lse, d.lse), 0.0, 1e-5);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Fused CPU kernel under stress, against FP64.
+
+struct Stress {
+  int64_t B = 2, Hq = 4, Hkv = 2, D = 32, T = 16, VG = 8, L = 50, Q = 1;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<Tier> tiers = {Tier::FP32};  // each sealed (row, head, block) draws its tier from these
+  bool shuffle = false;                     // re-tier some blocks and reorder batch rows: pages out of order
+  bool mask = false;
+  AttentionOptions opt;
+};
+
+std::string describe(const Stress& c) {
+  std::string t;
+  for (Tier x : c.tiers) t += std::string(t.empty() ? "" : "+") + tier_name(x);
+  return "B=" + std::to_string(c.B) + " Hq=" + std::to_string(c.Hq) + " Hkv=" + std::to_string(c.Hkv) +
+         " D=" + std::to_string(c.D) + " T=" + std::to_string(c.T) + " L=" + std::to_string(c.L) +
+         " Q=" + std::to_string(c.Q) + " dtype=" + c10::toString(c.dtype) + " tiers=" + t +
+         " window=" + std::to_string(c.opt.sliding_window) + " softcap=" + std::to_string(c.opt.softcap) +
+         (c.mask ? " mask" : "") + (c.shuffle ? " shuffled" : "");
+}
+
+// Random tier ids [B, H, n] drawn from `tiers`.
+at::Tensor draw_tiers(const std::vector<Tier>& tiers, int64_t B, int64_t H, int64_t n) {
+  const at::Tensor pick = at::randint(static_cast<int64_t>(tiers.size()), {B, H, n}, at::kLong);
+  at::Tensor ids = at::empty({B, H, n}, at::kChar);
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    ids.view({-1})[i] = static_cast<int64_t>(tier_index(tiers[pick.view({-1})[i].item<int64_t>()]));
+  return ids;
+}
+
+// The K/V that attend reads, [B, Hkv, L, D] FP32: gather() for an FP32 model dtype (checked to be the same as the
+// blocks dequantized to FP32), else the blocks dequantized to FP32 and the tail (gather() would round integer
+// tiers' values to the model dtype, which attend does not).
+std::pair<at::Tensor, at::Tensor> what_attend_reads(const MixedPrecisionBuffer& buf) {
+  std::vector<at::Tensor> ks, vs;
+  for (int64_t j = 0; j < buf.num_sealed_blocks(); ++j) {
+    auto [k, v] = buf.block(j, at::kFloat);
+    ks.push_back(k);
+    vs.push_back(v);
+  }
+  ks.push_back(buf.tail_keys().to(at::kFloat));
+  vs.push_back(buf.tail_values().to(at::kFloat));
+  at::Tensor k = at::cat(ks, 2), v = at::cat(vs, 2);
+  if (buf.options().dtype == at::kFloat) {
+    const auto [gk, gv] = buf.gather(0, buf.seq_len());
+    CHECK(at::equal(gk, k) && at::equal(gv, v));
+    k = gk;
+    v = gv;
+  }
+  return {k, v};
+}
+
+// Dense FP64 attention: out [B, Hq, Q, D], lse [B, Hq, Q], block mass [B, Hq, Q, nblocks].
+Dense dense64(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, const Stress& c) {
+  const auto f64 = at::kDouble;
+  const int64_t G = c.Hq / c.Hkv;
+  const at::Tensor kk = k.to(f64).repeat_interleave(G, 1), vv = v.to(f64).repeat_interleave(G, 1);
+  const double scale = c.opt.scale > 0 ? c.opt.scale : 1.0 / std::sqrt(static_cast<double>(c.D));
+  at::Tensor s = at::matmul(q.to(f64), kk.transpose(-1, -2)) * scale;
+  if (c.opt.softcap > 0) s = c.opt.softcap * at::tanh(s / c.opt.softcap);
+  const at::Tensor qpos = at::arange(c.L - c.Q, c.L, at::kLong).unsqueeze(1);
+  const at::Tensor kpos = at::arange(c.L, at::kLong).unsqueeze(0);
+  at::Tensor allowed = kpos <= qpos;
+  if (c.opt.sliding_window > 0) allowed = allowed & (kpos > qpos - c.opt.sliding_window);
+  at::Tensor full = allowed.view({1, 1, c.Q, c.L});
+  if (mask.defined()) full = full & mask.unsqueeze(1);
+  s = s.masked_fill(full.logical_not(), -std::numeric_limits<double>::infinity());
+  const at::Tensor lse = at::logsumexp(s, -1);
+  at::Tensor p = at::softmax(s, -1);
+  p = at::where(at::isnan(p), at::zeros_like(p), p);
+  const int64_t nb = (c.L + c.T - 1) / c.T;
+  const at::Tensor padded = at::constant_pad_nd(p, {0, nb * c.T - c.L});
+  return {at::matmul(p, vv), lse, padded.view({c.B, c.Hq, c.Q, nb, c.T}).sum(-1)};
+}
+
+void stress(const Stress& c) {
+  const int failed_before = kvprec_test::failures();
+  BufferOptions o;
+  o.batch = c.B;
+  o.kv_heads = c.Hkv;
+  o.head_dim = c.D;
+  o.block_size = c.T;
+  o.group_size = c.VG;
+  o.dtype = c.dtype;
+  o.default_tier = c.tiers[0];
+  MixedPrecisionBuffer buf(o);
+  const auto model = at::TensorOptions().dtype(c.dtype);
+  // Two appends (the second completes the tail and seals more blocks straight from the input), random tiers.
+  const int64_t first = c.L / 3;
+  for (int64_t n : {first, c.L - first}) {
+    if (n == 0) continue;
+    const at::Tensor tiers = draw_tiers(c.tiers, c.B, c.Hkv, buf.blocks_sealed_by(n));
+    buf.append((at::randn({c.B, c.Hkv, n, c.D}) * 1.5).to(model), at::randn({c.B, c.Hkv, n, c.D}).to(model), tiers);
+  }
+  if (c.shuffle && buf.num_sealed_blocks() > 0) {
+    // Demote every other block's rows to a random tier no higher than their own (pages freed and taken again),
+    // then reverse the batch rows (every page copied to a fresh one).
+    for (int64_t j = 0; j < buf.num_sealed_blocks(); j += 2) {
+      const at::Tensor now = buf.tiers().select(2, j);
+      at::Tensor want = at::maximum(now, draw_tiers(c.tiers, c.B, c.Hkv, 1).squeeze(2));
+      buf.set_block_tiers(j, want);
+    }
+    buf.index_batch(at::arange(c.B - 1, -1, -1, at::kLong));
+  }
+  const at::Tensor q = (at::randn({c.B, c.Hq, c.Q, c.D}) * 1.5).to(model);
+  at::Tensor mask;
+  if (c.mask) {
+    mask = at::rand({c.B, c.Q, c.L}) > 0.3;
+    mask[0][0].fill_(false);                                    // a query that may attend to nothing
+    if (c.L > 3 * c.T) mask[c.B - 1][c.Q - 1].narrow(0, 0, 2 * c.T).fill_(false);  // blind to its first blocks
+    if (c.Q > 1 && c.L > 3 * c.T) mask[c.B - 1][0].narrow(0, c.T, c.T).fill_(false);  // a hole of one block
+  }
+  AttentionOptions opt = c.opt;
+  opt.block_mass = true;
+  const AttentionResult r = attend(buf, q, mask, opt);
+  const auto [k, v] = what_attend_reads(buf);
+  const Dense d = dense64(q, k, v, mask, c);
+
+  const int64_t nb = (c.L + c.T - 1) / c.T;
+  CHECK(r.out.sizes() == at::IntArrayRef({c.B, c.Hq, c.Q, c.D}) && r.out.scalar_type() == c.dtype);
+  CHECK(r.lse.sizes() == at::IntArrayRef({c.B, c.Hq, c.Q}) && r.lse.scalar_type() == at::kFloat);
+  CHECK(r.block_mass.sizes() == at::IntArrayRef({c.B, c.Hq, c.Q, nb}) && r.block_mass.scalar_type() == at::kFloat);
+  CHECK(!at::isnan(r.out).any().item<bool>() && !at::isnan(r.lse).any().item<bool>() &&
+        !at::isnan(r.block_mass).any().item<bool>());
+  // FP32 accumulation against FP64: 1e-5 on outputs of order one; the model dtype adds one rounding of the output
+  // (unit roundoff 2^-11 FP16, 2^-8 BF16, relative to |out|).
+  const double u = c.dtype == at::kHalf ? std::ldexp(1.0, -11) : c.dtype == at::kBFloat16 ? std::ldexp(1.0, -8) : 0.0;
+  const at::Tensor err = (r.out.to(at::kDouble) - d.out).abs() - (d.out.abs() * u + 1e-5);
+  CHECK(err.max().item<double>() <= 0.0);
+  const at::Tensor seen = d.lse.isfinite();
+  CHECK(at::equal(r.lse.isfinite(), seen));
+  const at::Tensor zero = at::zeros_like(d.lse);
+  CHECK_NEAR(max_abs(at::where(seen, r.lse.to(at::kDouble), zero), at::where(seen, d.lse, zero)), 0.0, 1e-5);
+  CHECK_NEAR(max_abs(r.block_mass.to(at::kDouble), d.mass), 0.0, 1e-5);
+  CHECK(at::equal(r.block_mass == 0, d.mass == 0));  // blocks a row cannot see (window, mask, causal) get exactly 0
+  CHECK_NEAR(max_abs(r.block_mass.sum(-1).to(at::kDouble), seen.to(at::kDouble)), 0.0, 1e-5);
+  const at::Tensor blind = seen.logical_not().unsqueeze(-1);
+  CHECK(at::equal(r.out.to(at::kFloat).masked_select(blind), at::zeros({blind.sum().item<int64_t>() * c.D})));
+  // Work items own their rows from the first block to the last: the same bits with one thread as with several.
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const AttentionResult one = attend(buf, q, mask, opt);
+  at::set_num_threads(threads);
+  CHECK(at::equal(one.out, r.out) && at::equal(one.lse, r.lse) && at::equal(one.block_mass, r.block_mass));
+  if (kvprec_test::failures() > failed_before) std::fprintf(stderr, "  (stress case %s)\n", describe(c).c_str());
+}
+
+// Integer tiers at the FP16 limit: a group holding both -65504 and 65504 gets zero = -65504 and a scale rounded up
+// so that the largest code lands past 65504 (INT4: 15 * 8736 - 65504 = 65536), where the clamp of
+// x' = clamp(code * scale + zero) binds. Keys hit it in every channel (positions 0 and 1 of each block), values in
+// every group (its first two channels). Small queries keep the softmax spread, so a missing clamp (an error of 32
+// or more on many elements) shows in the output, whose FP32 rounding error is ~1e-6 of 65504.
+void test_clamp_at_fp16_limit() {
+  for (Tier tier : {Tier::INT8, Tier::INT4, Tier::INT2}) {
+    Stress c;
+    c.B = 1;
+    c.Hq = 2;
+    c.Hkv = 1;
+    c.L = 40;
+    c.Q = 2;
+    c.tiers = {tier};
+    BufferOptions o;
+    o.batch = 1;
+    o.kv_heads = 1;
+    o.head_dim = c.D;
+    o.block_size = c.T;
+    o.group_size = c.VG;
+    o.dtype = at::kFloat;
+    o.default_tier = tier;
+    MixedPrecisionBuffer buf(o);
+    at::Tensor k = (at::randn({1, 1, c.L, c.D}) * 20000).clamp(-65504, 65504);
+    at::Tensor v = (at::randn({1, 1, c.L, c.D}) * 20000).clamp(-65504, 65504);
+    for (int64_t j = 0; j * c.T < c.L; ++j) {
+      k[0][0][j * c.T].fill_(65504);
+      k[0][0][j * c.T + 1].fill_(-65504);
+    }
+    const at::Tensor vg = v.view({c.L, c.D / c.VG, c.VG});
+    vg.select(2, 0).fill_(65504);
+    vg.select(2, 1).fill_(-65504);
+    buf.append(k, v);
+    const at::Tensor q = at::randn({1, c.Hq, c.Q, c.D}) * 1e-5;
+    AttentionOptions opt;
+    opt.block_mass = true;
+    const AttentionResult r = attend(buf, q, {}, opt);
+    const auto [gk, gv] = buf.gather(0, c.L);
+    CHECK(gk.abs().max().item<float>() == 65504.0f && gv.abs().max().item<float>() == 65504.0f);
+    const Dense d = dense64(q, gk, gv, {}, c);
+    CHECK_NEAR(max_abs(r.out.to(at::kDouble), d.out), 0.0, 65504 * 4e-6);
+    CHECK_NEAR(max_abs(r.lse.to(at::kDouble), d.lse), 0.0, 1e-5);
+    CHECK_NEAR(max_abs(r.block_mass.to(at::kDouble), d.mass), 0.0, 1e-5);
+  }
+}
+
+void test_fused_cpu_kernel() {
+  const std::vector<Tier> all(std::begin(kAllTiers), std::end(kAllTiers));
+  // Every tier alone and all mixed, in every model dtype, decode and a prefill of several query tiles.
+  for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    for (Tier t : kAllTiers) {
+      Stress c;
+      c.dtype = dtype;
+      c.tiers = {t};
+      c.L = 75;
+      stress(c);
+      c.Q = 70;  // G * Q = 140 rows: three tiles of 64 rows per (b, h)
+      c.L = 123;
+      c.mask = true;
+      stress(c);
+    }
+    Stress c;
+    c.dtype = dtype;
+    c.tiers = all;
+    c.shuffle = true;
+    for (int64_t L : {1, 7, 16, 17, 63, 123, 257}) {
+      c.L = L;
+      for (int64_t Q : {int64_t{1}, int64_t{3}, L}) {
+        if (Q > L) continue;
+        c.Q = Q;
+        c.mask = false;
+        stress(c);
+        c.mask = true;
+        stress(c);
+      }
+    }
+  }
+  // Awkward head_dims (D % 8 == 4: the last channels of p v take the 4-wide block) and group sizes; block sizes
+  // 1, 2 (fewer positions than a register block of scores), 8 and 64.
+  for (auto [D, VG, T] : {std::array<int64_t, 3>{4, 4, 8}, {12, 4, 8}, {36, 12, 64}, {20, 20, 16}, {8, 4, 1},
+                          {12, 12, 2}}) {
+    Stress c;
+    c.D = D;
+    c.VG = VG;
+    c.T = T;
+    c.tiers = all;
+    c.shuffle = true;
+    c.L = 3 * T + 5;
+    c.Q = 4;
+    c.mask = true;
+    stress(c);
+  }
+  // GQA: MHA, MQA, groups of 3, and a group of 65 query heads (wider than a 64-row work item: one query per item).
+  for (auto [Hq, Hkv] : {std::array<int64_t, 2>{2, 2}, {6, 1}, {6, 2}, {65, 1}}) {
+    Stress c;
+    c.Hq = Hq;
+    c.Hkv = Hkv;
+    c.D = 8;
+    c.VG = 4;
+    c.tiers = all;
+    c.L = 40;
+    for (int64_t Q : {1, 5}) {
+      c.Q = Q;
+      c.mask = Q > 1;
+      stress(c);
+    }
+  }
+  // Sliding windows that skip blocks for some tiles only (Q = 100: tiles of 32 queries), window edges on block
+  // edges, with and without masks; softcap and an explicit scale.
+  for (int64_t w : {1, 5, 16, 17, 47, 200}) {
+    Stress c;
+    c.tiers = all;
+    c.L = 150;
+    c.opt.sliding_window = w;
+    for (int64_t Q : {1, 2, 100}) {
+      c.Q = Q;
+      c.mask = false;
+      stress(c);
+      c.mask = true;
+      stress(c);
+    }
+  }
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    Stress c;
+    c.dtype = dtype;
+    c.tiers = all;
+    c.L = 90;
+    c.Q = 9;
+    c.mask = true;
+    c.opt.softcap = 1.0;
+    c.opt.scale = 0.3;
+    stress(c);
+    c.opt.sliding_window = 20;
+    stress(c);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -190,5 +482,7 @@ int main() {
   }
   test_errors();
   test_half_dtype();
+  test_fused_cpu_kernel();
+  test_clamp_at_fp16_limit();
   return kvprec_test::finish("test_attention");
 }

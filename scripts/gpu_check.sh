@@ -3,13 +3,15 @@
 # CUDA kernels, run every test (pytest on CPU and CUDA, ctest), run the benchmarks, and leave the logs and the
 # recorded results under $OUT (at most 8 files come back: versions, build, pytest, ctest, bench logs + results).
 #
-#   device run:  STAGE=test  bash scripts/gpu_check.sh     build + pytest + ctest        (about 5-8 min)
+#   device run:  STAGE=test  bash scripts/gpu_check.sh     build + pytest + ctest
+#                             TEST_FILES="python_tests/test_a.py ..." narrows pytest (e.g. the files a run
+#                             that hit its limit did not reach: pytest.log lists every test as it finishes)
 #                STAGE=bench bash scripts/gpu_check.sh     build (kept if the machine is warm) + bench/
 #                             BENCH_FILES="bench/bench_decode_attention.py" narrows the benchmarks
 #
 # One device command may run 10 minutes, so the stages are separate calls; make them back to back (the machine
-# goes back after 30 s idle and a cold one rebuilds). Every step has its own time limit, so one that hangs
-# still leaves the logs of the others.
+# goes back after 30 s idle and a cold one rebuilds). Every step has its own time limit, and the steps together
+# stay within BUDGET seconds (default 560), so a step that hangs or runs long still leaves every log.
 #
 # The GPU machine has torch with CUDA, triton, transformers, scikit-build-core, cmake and ninja already; this
 # script installs nothing from a registry (there is none there) and builds against the torch it finds.
@@ -35,18 +37,24 @@ step() {  # step SECONDS LOG COMMAND...: run with a time limit, log to $OUT/LOG,
 }
 
 # --no-deps: never let pip look for packages on a machine with no registry. Incremental when the build dir is kept.
-step 420 build.log env KVPREC_CUDA=ON "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+BUDGET=${BUDGET:-560}
+left() {  # seconds left in the budget, keeping $1 for the steps after (at least 5: timeout 0 would never stop)
+  local s=$((BUDGET - SECONDS - $1))
+  echo $((s > 5 ? s : 5))
+}
+step "$(left 200)" build.log env KVPREC_CUDA=ON "$PY" -m pip install -v --no-build-isolation --no-deps -e .
 "$PY" -c "import kvprec; assert kvprec.cuda_kernels_available(), 'CUDA kernels not built'; print('CUDA kernels loaded')" \
   || status=1
 
 if [ "$STAGE" = "test" ]; then
-  step 300 pytest.log "$PY" -m pytest python_tests -q -p no:cacheprovider -rs --durations=15
-  step 120 ctest.log ctest --test-dir build/python --output-on-failure
+  # shellcheck disable=SC2086
+  step "$(left 40)" pytest.log "$PY" -m pytest ${TEST_FILES:-python_tests} -v -p no:cacheprovider -rs --durations=25
+  step "$(left 0)" ctest.log ctest --test-dir build/python --output-on-failure
 fi
 
 if [ "$STAGE" = "bench" ]; then
   # shellcheck disable=SC2086
-  step 540 bench.log "$PY" -m pytest ${BENCH_FILES:-bench} -q -p no:cacheprovider --benchmark-disable-gc
+  step "$(left 0)" bench.log "$PY" -m pytest ${BENCH_FILES:-bench} -q -p no:cacheprovider --benchmark-disable-gc
   for f in $(ls -t bench/results/*.json 2>/dev/null | head -5); do cp "$f" "$OUT/"; done
 fi
 exit $status

@@ -137,6 +137,30 @@ def quantize_keys_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, D,
 
 
 @triton.jit
+def _value_groups(x, t_ok, store_ok, group, NG, meta, scale_ptr, zero_ptr, QMAX: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-token value groups of a [BLOCK_T, BLOCK_D] FP32 tile, one group at a time with a masked min/max (any GS
+    that divides D; a group may share a packed byte with the next): stores scale/zero of group gi at
+    meta + gi where ``store_ok`` [BLOCK_T], and returns them broadcast over the tile, (scale_f, zero_f) FP32.
+    ``group`` [BLOCK_D] is each channel's group (>= NG on the padding: scale 0, code 0, never stored)."""
+    scale_f = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    zero_f = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for gi in range(0, NG):
+        in_g = (group == gi)[None, :]
+        sel = in_g & t_ok[:, None]
+        mn = tl.min(tl.where(sel, x, float("inf")), axis=1)
+        mx = tl.max(tl.where(sel, x, float("-inf")), axis=1)
+        mn = tl.where(t_ok, mn, 0.0)  # rows past T: finite placeholders, never stored
+        mx = tl.where(t_ok, mx, 0.0)
+        scale, zero = _scale_zero(mn, mx, QMAX)
+        tl.store(scale_ptr + meta + gi, scale, mask=store_ok)
+        tl.store(zero_ptr + meta + gi, zero, mask=store_ok)
+        scale_f = tl.where(in_g, scale.to(tl.float32)[:, None], scale_f)
+        zero_f = tl.where(in_g, zero.to(tl.float32)[:, None], zero_f)
+    return scale_f, zero_f
+
+
+@triton.jit
 def quantize_values_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, D, GS,
                            BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (N, cdiv(T, BLOCK_T)): whole rows (BLOCK_D >= D), one (scale, zero) per (token, group of GS).
@@ -152,22 +176,8 @@ def quantize_values_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, T, D, GS,
     ok = t_ok[:, None] & (offs_d < D)[None, :]
     x = tl.load(x_ptr + n * T * D + offs_t[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     NG = D // GS
-    group = offs_d // GS  # >= NG on the padding
-    scale_f = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    zero_f = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    meta = (n * T + offs_t) * NG
-    for gi in range(0, NG):
-        in_g = (group == gi)[None, :]
-        sel = in_g & t_ok[:, None]
-        mn = tl.min(tl.where(sel, x, float("inf")), axis=1)
-        mx = tl.max(tl.where(sel, x, float("-inf")), axis=1)
-        mn = tl.where(t_ok, mn, 0.0)  # rows past T: finite placeholders, never stored
-        mx = tl.where(t_ok, mx, 0.0)
-        scale, zero = _scale_zero(mn, mx, QMAX)
-        tl.store(scale_ptr + meta + gi, scale, mask=t_ok)
-        tl.store(zero_ptr + meta + gi, zero, mask=t_ok)
-        scale_f = tl.where(in_g, scale.to(tl.float32)[:, None], scale_f)
-        zero_f = tl.where(in_g, zero.to(tl.float32)[:, None], zero_f)
+    scale_f, zero_f = _value_groups(x, t_ok, t_ok, offs_d // GS, NG, (n * T + offs_t) * NG, scale_ptr, zero_ptr,
+                                    QMAX, BLOCK_T, BLOCK_D)
     packed = _pack(_codes(x, scale_f, zero_f, QMAX), BLOCK_T, BLOCK_D, BITS)
     DP = D // PER
     offs_b = tl.arange(0, BLOCK_D // PER)

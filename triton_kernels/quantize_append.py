@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .decode_attention import round_to_bf16
-from .quantize import _codes, _pack, _scale_zero
+from .quantize import _codes, _pack, _scale_zero, _value_groups
 
 
 @triton.jit
@@ -109,21 +109,8 @@ def quantize_append_kernel(x_ptr, pages_ptr, codes_ptr, scale_ptr, zero_ptr, ama
                 cg = _codes(xg, scale.to(tl.float32)[:, :, None], zero.to(tl.float32)[:, :, None], QMAX)
                 c = tl.reshape(cg, (BLOCK_T, BLOCK_D))
             else:
-                group = offs_d // GS  # >= NG on the padding: scale 0, code 0, never stored
-                scale_f = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-                zero_f = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-                for gi in range(0, NG):
-                    in_g = (group == gi)[None, :]
-                    sel = in_g & t_ok[:, None]
-                    mn = tl.min(tl.where(sel, x, float("inf")), axis=1)
-                    mx = tl.max(tl.where(sel, x, float("-inf")), axis=1)
-                    mn = tl.where(t_ok, mn, 0.0)
-                    mx = tl.where(t_ok, mx, 0.0)
-                    scale, zero = _scale_zero(mn, mx, QMAX)
-                    tl.store(scale_ptr + meta + gi, scale, mask=row_ok)
-                    tl.store(zero_ptr + meta + gi, zero, mask=row_ok)
-                    scale_f = tl.where(in_g, scale.to(tl.float32)[:, None], scale_f)
-                    zero_f = tl.where(in_g, zero.to(tl.float32)[:, None], zero_f)
+                scale_f, zero_f = _value_groups(x, t_ok, row_ok, offs_d // GS, NG, meta, scale_ptr, zero_ptr, QMAX,
+                                                BLOCK_T, BLOCK_D)
                 c = _codes(x, scale_f, zero_f, QMAX)
         packed = _pack(c, BLOCK_T, BLOCK_D, BITS)
         DP = D // PER

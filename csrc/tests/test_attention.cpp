@@ -12,10 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "buffer_options.h"
 #include "check.h"
 #include "kvprec/buffer.h"
 
 using namespace kvprec;
+using kvprec_test::opts;
 
 namespace {
 
@@ -56,15 +58,7 @@ double max_abs(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().
 
 void run(const Case& c, const char* name) {
   const int failed_before = kvprec_test::failures();
-  BufferOptions o;
-  o.batch = c.B;
-  o.kv_heads = c.Hkv;
-  o.head_dim = c.D;
-  o.block_size = c.T;
-  o.group_size = 8;
-  o.dtype = at::kFloat;
-  o.default_tier = c.tier;
-  MixedPrecisionBuffer buf(o);
+  MixedPrecisionBuffer buf(opts(c.B, c.Hkv, c.D, c.T, c.tier, at::kFloat, false, 8));
   // Scores of order a few units: the softmax is neither uniform nor one-hot.
   buf.append(at::randn({c.B, c.Hkv, c.L, c.D}) * 1.5, at::randn({c.B, c.Hkv, c.L, c.D}));
   const at::Tensor q = at::randn({c.B, c.Hq, c.Q, c.D}) * 1.5;
@@ -99,14 +93,7 @@ void run(const Case& c, const char* name) {
 }
 
 void test_errors() {
-  BufferOptions o;
-  o.batch = 2;
-  o.kv_heads = 2;
-  o.head_dim = 32;
-  o.block_size = 16;
-  o.group_size = 8;
-  o.dtype = at::kFloat;
-  MixedPrecisionBuffer buf(o);
+  MixedPrecisionBuffer buf(opts(2, 2, 32, 16, Tier::INT4, at::kFloat, false, 8));
   buf.append(at::randn({2, 2, 20, 32}), at::randn({2, 2, 20, 32}));
   const AttentionOptions opt;
   CHECK_THROWS(attend(buf, at::randn({2, 3, 1, 32}), {}, opt), "multiple of kv_heads");
@@ -122,15 +109,7 @@ void test_errors() {
 
 // Half model dtype: the output is cast once to FP16; the online softmax itself stays in FP32.
 void test_half_dtype() {
-  BufferOptions o;
-  o.batch = 1;
-  o.kv_heads = 2;
-  o.head_dim = 64;
-  o.block_size = 16;
-  o.group_size = 32;
-  o.dtype = at::kHalf;
-  o.default_tier = Tier::INT8;
-  MixedPrecisionBuffer buf(o);
+  MixedPrecisionBuffer buf(opts(1, 2, 64, 16, Tier::INT8, at::kHalf));
   buf.append(at::randn({1, 2, 40, 64}).to(at::kHalf), at::randn({1, 2, 40, 64}).to(at::kHalf));
   const at::Tensor q = at::randn({1, 2, 3, 64}).to(at::kHalf);
   const AttentionResult r = attend(buf, q, {}, {});
@@ -235,15 +214,7 @@ Dense dense64(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 
 void stress(const Stress& c) {
   const int failed_before = kvprec_test::failures();
-  BufferOptions o;
-  o.batch = c.B;
-  o.kv_heads = c.Hkv;
-  o.head_dim = c.D;
-  o.block_size = c.T;
-  o.group_size = c.VG;
-  o.dtype = c.dtype;
-  o.default_tier = c.tiers[0];
-  MixedPrecisionBuffer buf(o);
+  MixedPrecisionBuffer buf(opts(c.B, c.Hkv, c.D, c.T, c.tiers[0], c.dtype, false, c.VG));
   const auto model = at::TensorOptions().dtype(c.dtype);
   // Two appends (the second completes the tail and seals more blocks straight from the input), random tiers.
   const int64_t first = c.L / 3;
@@ -319,15 +290,7 @@ void test_clamp_at_fp16_limit() {
     c.L = 40;
     c.Q = 2;
     c.tiers = {tier};
-    BufferOptions o;
-    o.batch = 1;
-    o.kv_heads = 1;
-    o.head_dim = c.D;
-    o.block_size = c.T;
-    o.group_size = c.VG;
-    o.dtype = at::kFloat;
-    o.default_tier = tier;
-    MixedPrecisionBuffer buf(o);
+    MixedPrecisionBuffer buf(opts(1, 1, c.D, c.T, tier, at::kFloat, false, c.VG));
     at::Tensor k = (at::randn({1, 1, c.L, c.D}) * 20000).clamp(-65504, 65504);
     at::Tensor v = (at::randn({1, 1, c.L, c.D}) * 20000).clamp(-65504, 65504);
     for (int64_t j = 0; j * c.T < c.L; ++j) {

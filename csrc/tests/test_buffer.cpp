@@ -4,27 +4,15 @@
 
 #include <set>
 
+#include "buffer_options.h"
 #include "check.h"
 #include "kvprec/buffer.h"
 #include "kvprec/quantize.h"
 
 using namespace kvprec;
+using kvprec_test::opts;
 
 namespace {
-
-BufferOptions opts(int64_t B, int64_t H, int64_t D, int64_t T, Tier tier, at::ScalarType dtype = at::kFloat,
-                   bool shadow = false, int64_t G = 32) {
-  BufferOptions o;
-  o.batch = B;
-  o.kv_heads = H;
-  o.head_dim = D;
-  o.block_size = T;
-  o.group_size = G;
-  o.dtype = dtype;
-  o.default_tier = tier;
-  o.shadow = shadow;
-  return o;
-}
 
 at::Tensor randn(at::IntArrayRef shape, at::ScalarType dtype = at::kFloat) {
   return at::randn(shape, at::TensorOptions().dtype(at::kFloat)).to(dtype);

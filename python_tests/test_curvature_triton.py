@@ -39,6 +39,8 @@ from kvprec import ops  # noqa: E402
 from kvprec.analysis import curvature as C  # noqa: E402
 from kvprec.triton_ops import curvature as tc  # noqa: E402
 
+from triton_sm90 import run_compile_script  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -260,30 +262,11 @@ def test_lazy_registration_and_unavailable_backend():
 
 
 _COMPILE_SCRIPT = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
+from triton_sm90 import compile_sm90, record_launches
 import kvprec.triton_ops.curvature as tc
 
-launches = []
-class Record:  # stands in for wrap_triton: keeps the launch instead of running it
-    def __init__(self, kernel): self.kernel = kernel
-    def __getitem__(self, grid): return lambda *args, **kw: launches.append((self.kernel, args, kw))
-tc.wrap_triton = Record
-TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-         torch.int32: "i32"}
-
-def compile_sm90(kernel, args, kw):
-    sig, const, opts = {}, {}, {}
-    for name, a in zip(kernel.arg_names, args):
-        sig[name] = "*" + TYPES[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else "i32"
-    for name, a in kw.items():
-        if name in ("num_warps", "num_stages"):
-            opts[name] = a
-        else:
-            sig[name], const[name] = "constexpr", a
-    sig = {n: sig[n] for n in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
+launches = record_launches(tc)
 
 for dtype, d, dv, causal, reduce in ((torch.float16, 64, 64, True, 0), (torch.bfloat16, 128, 128, False, 1),
                                      (torch.float32, 128, 128, True, 2), (torch.float32, 256, 256, True, 0)):
@@ -304,7 +287,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     largest in shared memory) for sm_90 with the installed triton, no GPU needed, and check each fits in an
     H100's 227 KiB of shared memory."""
     pytest.importorskip("triton.backends.nvidia")
-    out = _run(_COMPILE_SCRIPT, env_drop=("TRITON_INTERPRET",))
+    out = run_compile_script(_COMPILE_SCRIPT)
     assert out.returncode == 0 and "OK 8" in out.stdout, out.stderr[-4000:]
 
 

@@ -25,8 +25,6 @@ if not torch.cuda.is_available():
 
 import importlib.util  # noqa: E402
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -35,6 +33,7 @@ from kvprec.analysis.novelty import (NoveltyResult, NoveltyTracker, novelty, nov
                                      window_basis)
 
 from helpers import available_devices  # noqa: E402
+from triton_sm90 import run_compile_script  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Triton runs compiled on CUDA, or on CPU tensors in the interpreter (only where no CUDA device is present).
@@ -414,30 +413,12 @@ def test_tracker_with_triton_backend():
 
 
 _COMPILE_SCRIPT = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
+from triton_sm90 import compile_sm90, record_launches
 import kvprec.triton_ops.novelty as tnov
 from kvprec.analysis.novelty import window_basis
 
-launches = []
-class Record:  # stands in for wrap_triton: keeps the launch instead of running it
-    def __init__(self, kernel): self.kernel = kernel
-    def __getitem__(self, grid): return lambda *args, **kw: launches.append((self.kernel, args, kw))
-tnov.wrap_triton = Record
-TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-def compile_sm90(kernel, args, kw):
-    sig, const, opts = {}, {}, {}
-    for name, a in zip(kernel.arg_names, args):
-        sig[name] = "*" + TYPES[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else "i32"
-    for name, a in kw.items():
-        if name in ("num_warps", "num_stages"):
-            opts[name] = a
-        else:
-            sig[name], const[name] = "constexpr", a
-    sig = {n: sig[n] for n in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
+launches = record_launches(tnov)
 
 for kdt, wdt, n, w, d in ((torch.float16, torch.float16, 1, 256, 128), (torch.bfloat16, torch.float32, 7, 33, 80),
                           (torch.float32, torch.bfloat16, 64, 5, 512)):
@@ -453,7 +434,5 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     """The interpreter does not run the compiler: compile the kernel for sm_90 (triton's bundled ptxas, no GPU)
     for each input dtype, a non-power-of-two head_dim and the largest accepted one."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env=env)
+    out = run_compile_script(_COMPILE_SCRIPT)
     assert out.returncode == 0 and "OK 3" in out.stdout, out.stderr[-4000:]

@@ -24,6 +24,7 @@ from kvprec.formats import Tier  # noqa: E402
 from kvprec.reference import PagedKV  # noqa: E402
 
 from helpers import awkward_blocks, same_bits  # noqa: E402
+from triton_sm90 import run_compile_script  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NATIVE = kvprec.native_available()
@@ -179,31 +180,12 @@ def test_every_fp16_and_bf16_bit_pattern_converts_as_torch(backend):
 
 
 _COMPILE_SCRIPT = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
+from triton_sm90 import compile_sm90, record_launches
 import kvprec.triton_ops.quantize_append as tqa
 from kvprec.formats import Tier
 
-launches = []
-class Record:  # stands in for wrap_triton: keeps the launch instead of running it
-    def __init__(self, kernel): self.kernel = kernel
-    def __getitem__(self, grid): return lambda *args, **kw: launches.append((self.kernel, args, kw))
-tqa.wrap_triton = Record
-TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
-         torch.int32: "i32", torch.int64: "i64"}
-
-def compile_sm90(kernel, args, kw):
-    sig, const, opts = {}, {}, {}
-    for name, a in zip(kernel.arg_names, args):
-        sig[name] = "*" + TYPES[a.dtype] if isinstance(a, torch.Tensor) else "i32"
-    for name, a in kw.items():
-        if name in ("num_warps", "num_stages", "enable_fp_fusion"):
-            opts[name] = a
-        else:
-            sig[name], const[name] = "constexpr", a
-    sig = {n: sig[n] for n in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
+launches = record_launches(tqa)
 
 def pool(tier, p, t, d, keys, g):
     if not tier.is_integer:
@@ -235,13 +217,8 @@ def test_triton_kernel_compiles_for_sm90_without_a_gpu():
     """The interpreter does not run the compiler (layouts, reshapes, constexpr rules): compile the launches of the
     three integer paths and two float tiers for sm_90 with the installed triton and its bundled ptxas, and check
     the PTX for the IEEE division the format needs."""
-    import subprocess
-    import sys
-
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env=env)
+    out = run_compile_script(_COMPILE_SCRIPT)
     assert out.returncode == 0 and "OK 5" in out.stdout, out.stderr[-4000:]
 
 

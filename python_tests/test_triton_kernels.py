@@ -37,6 +37,7 @@ from kvprec.triton_ops import decode_attention as tda  # noqa: E402
 from kvprec.triton_ops import quantize as tq  # noqa: E402
 
 from helpers import awkward_blocks, same_bits  # noqa: E402
+from triton_sm90 import run_compile_script  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -174,33 +175,14 @@ def test_importing_kvprec_does_not_import_triton_and_the_launchers_load_lazily()
 
 
 _COMPILE_SCRIPT = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
+from triton_sm90 import compile_sm90, record_launches
 import kvprec.triton_ops.decode_attention as tda, kvprec.triton_ops.quantize as tq
 from kvprec import _ops
 from kvprec.formats import Tier
 from kvprec.reference import PagedKV
 
-launches = []
-class Record:  # stands in for wrap_triton: keeps the launch instead of running it
-    def __init__(self, kernel): self.kernel = kernel
-    def __getitem__(self, grid): return lambda *args, **kw: launches.append((self.kernel, args, kw))
-tda.wrap_triton = tq.wrap_triton = Record
-TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
-         torch.int8: "i8", torch.int32: "i32"}
-
-def compile_sm90(kernel, args, kw):
-    sig, const, opts = {}, {}, {}
-    for name, a in zip(kernel.arg_names, args):
-        sig[name] = "*" + TYPES[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else "i32"
-    for name, a in kw.items():
-        if name in ("num_warps", "num_stages", "enable_fp_fusion"):
-            opts[name] = a
-        else:
-            sig[name], const[name] = "constexpr", a
-    sig = {n: sig[n] for n in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
+launches = record_launches(tda, tq)
 
 g = torch.Generator().manual_seed(0)
 for dtype, d, tiers, extras in ((torch.float16, 128, "mixed", False), (torch.bfloat16, 64, Tier.INT4, True)):
@@ -230,9 +212,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     compile a few launches for sm_90 with the installed triton and its bundled ptxas, no GPU needed, and check
     the PTX for the rounding the formats need (no FMA in dequantize, IEEE division in quantize)."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env=env)
+    out = run_compile_script(_COMPILE_SCRIPT)
     assert out.returncode == 0 and "OK 8" in out.stdout, out.stderr[-4000:]
 
 

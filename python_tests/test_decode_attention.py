@@ -4,6 +4,7 @@ K/V (1e-5 level), block mass, masks, GQA, the buffer adapter, dispatch and input
 kvprec.ops.decode_attention against the FP32 reference ("torch" everywhere, "cuda" where the CUDA kernels are
 built and a GPU exists), the kvprec::decode_attention op's fake, opcheck and input errors."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -141,6 +142,10 @@ def test_from_buffer_matches_the_buffers_own_attend():
     torch.testing.assert_close(got[0], want[0], atol=2e-3, rtol=0)  # both round the same FP32 result to fp16
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[2], want[2], atol=1e-6, rtol=1e-5)
+    # A buffer keeps its pools and table consistent, so a view of it re-checks only the tail on each call.
+    assert paged.buffer_owned and not PagedKV.from_dense(*buf.gather(), tiers, t, 16).buffer_owned
+    with pytest.raises(ValueError, match="tail_k and tail_v must both be"):
+        decode_attention(q, replace(paged, tail_v=paged.tail_v[:, :1]))
 
 
 def test_registered_op_and_dispatch():

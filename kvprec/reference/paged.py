@@ -41,6 +41,9 @@ class PagedKV:
     tail_v: torch.Tensor
     block_size: int
     group_size: int
+    #: the pools and block table come from a MixedPrecisionBuffer (:meth:`from_buffer`), which keeps them
+    #: consistent: :meth:`validate` then checks only the tail, which is what changes between decode steps
+    buffer_owned: bool = False
 
     # -- geometry ---------------------------------------------------------------------------------------------
     @property
@@ -74,7 +77,8 @@ class PagedKV:
         return self.tail_k.device
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistency between pools, block table and tail."""
+        """Raise ValueError naming the first inconsistency between pools, block table and tail (only the tail for
+        a view of a buffer, ``buffer_owned``)."""
         b, h, tl, d = self.tail_k.shape if self.tail_k.dim() == 4 else (None,) * 4
         if b is None or self.tail_v.shape != self.tail_k.shape:
             raise ValueError(f"PagedKV: tail_k and tail_v must both be [B, Hkv, TL, D], got "
@@ -83,6 +87,8 @@ class PagedKV:
         formats.BlockGeometry(t, d, g)  # raises on a bad block size / head_dim / group size
         if tl >= t:
             raise ValueError(f"PagedKV: tail_len {tl} must be < block_size {t} (a full tail is a sealed block)")
+        if self.buffer_owned:
+            return
         if self.tiers.dim() != 3 or tuple(self.tiers.shape[:2]) != (b, h) or self.tiers.dtype != torch.int8:
             raise ValueError(f"PagedKV: tiers must be int8 [B={b}, Hkv={h}, NB], got {self.tiers.dtype} "
                              f"{tuple(self.tiers.shape)}")
@@ -213,4 +219,4 @@ class PagedKV:
                 pools[tier] = tuple(view)
         device = buffer.device
         return cls(pools, buffer.tiers().to(device), buffer.pages().to(device), buffer.tail_keys(),
-                   buffer.tail_values(), buffer.block_size, buffer.group_size)
+                   buffer.tail_values(), buffer.block_size, buffer.group_size, buffer_owned=True)

@@ -51,7 +51,8 @@ class MemoryReport:
     tier_bytes / tier_pages: live pages per tier name; bytes = pages * BlockGeometry.page_bytes(tier)
     (K and V data + FP16 scales and zeros). tail_bytes: the tail as allocated, 2 * B * H * T * D elements of the
     model dtype. table_bytes: 5 bytes (tier int8 + page int32) per (b, h, sealed block). shadow_bytes: host copies
-    (not device memory, so not resident). reserved_bytes: all pool capacity, live or free. elements: B*H*L*D*2.
+    (not device memory, so not resident). reserved_bytes: all pool capacity, live or free.
+    elements: B*H*L*D*2 over the held positions (L minus the evicted blocks' positions).
     """
 
     tier_bytes: Dict[str, int]
@@ -81,7 +82,7 @@ class MemoryReport:
 
     @property
     def compression_vs_fp16(self) -> float:
-        """(elements * 2) / resident_bytes: how many times smaller than an FP16 cache of the same tokens."""
+        """(elements * 2) / resident_bytes: how many times smaller than an FP16 cache of the held tokens."""
         return self.elements * 2 / self.resident_bytes if self.resident_bytes else 0.0
 
     def format(self) -> str:
@@ -194,6 +195,11 @@ class MixedPrecisionBuffer:
         return self._impl.num_sealed_blocks()
 
     @property
+    def evicted_blocks(self) -> int:
+        """Sealed blocks [0, evicted_blocks) were evicted (:meth:`evict_blocks`): no pages, tier -1 in the table."""
+        return self._impl.evicted_blocks()
+
+    @property
     def tail_len(self) -> int:
         """L - num_sealed_blocks * T: positions in the model-dtype tail."""
         return self._impl.tail_len()
@@ -203,11 +209,11 @@ class MixedPrecisionBuffer:
         return self._impl.blocks_sealed_by(int(new_tokens))
 
     def tiers(self) -> torch.Tensor:
-        """int8 [B, H, num_sealed_blocks] tier ids of the block table (CPU copy)."""
+        """int8 [B, H, num_sealed_blocks] tier ids of the block table (CPU copy); formats.EVICTED (-1) for evicted blocks."""
         return self._impl.tiers()
 
     def pages(self) -> torch.Tensor:
-        """int32 [B, H, num_sealed_blocks] page of each (b, h, block) in its tier's pool (CPU copy)."""
+        """int32 [B, H, num_sealed_blocks] page of each (b, h, block) in its tier's pool (CPU copy); -1 if evicted."""
         return self._impl.pages()
 
     def pool(self, tier: TierLike) -> PoolView:
@@ -271,6 +277,12 @@ class MixedPrecisionBuffer:
         """Keep the first ``new_len`` positions; unsealed blocks return to the tail from the shadow when kept,
         else dequantized (lossy for integer tiers). new_len >= seq_len leaves the buffer as is."""
         self._impl.crop(int(new_len))
+
+    def evict_blocks(self, count: int) -> None:
+        """Release the pages (and shadow copies) of sealed blocks [0, count), for a sliding-window layer whose later
+        queries cannot see them. Positions keep their numbering; reading an evicted block raises, and attention
+        needs a window that keeps every query away from them. count <= evicted_blocks does nothing."""
+        self._impl.evict_blocks(int(count))
 
     def index_batch(self, idx: torch.Tensor) -> None:
         """Keep batch rows ``idx`` (int64 [B']) in that order; repeats allowed. Pages are copied, never shared."""

@@ -15,8 +15,13 @@ gathered back to the model dtype (correct, slow, warned once).
 
 Only decoder families whose attention passes the cache's return value straight to the attention function are
 accepted (SUPPORTED_MODEL_TYPES); others are refused at construction rather than failing later on a handle.
-Sliding-window layers (Mistral, Qwen2/3, Gemma 2/3) keep every position; the window is applied by the mask and
-the attention's ``sliding_window`` argument.
+Sliding-window layers (Mistral, Qwen2/3, Gemma 2/3: the layers ``DynamicCache(config=...)`` would make
+``DynamicSlidingWindowLayer``) evict the sealed blocks that no later query's window reaches, so they hold at most
+window + 2 blocks of positions, as DynamicCache holds ``window - 1``; positions keep their numbering (the block
+table keeps an entry per evicted block, with no page). While transformers records the past for a rollback
+(``activate_past_recording``: assisted decoding, deferred stopping) eviction waits for the next ``crop``, which
+trims; a crop back past evicted positions raises, as DynamicCache's does. ``evict_sliding=False`` keeps every
+position (studies that read all of them).
 """
 from __future__ import annotations
 
@@ -71,16 +76,33 @@ class KVHandle:
         return f"KVHandle(layer={self.layer.layer_idx}, seq_len={self.layer.get_seq_length()})"
 
 
+def sliding_windows(config) -> list[int]:
+    """Per decoder layer, the sliding window of its attention (0 = full attention): the layers that
+    ``DynamicCache(config=...)`` makes sliding (``transformers.cache_utils.get_layer_types_and_kwargs``)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(config)
+    return [int(kw.get("sliding_window") or 0) if t == "sliding_attention" else 0 for t, kw in zip(types, kwargs)]
+
+
 class AdaptiveLayer(CacheLayerMixin):
-    """One layer of an :class:`AdaptiveCache` over one MixedPrecisionBuffer (``self.buffer``)."""
+    """One layer of an :class:`AdaptiveCache` over one MixedPrecisionBuffer (``self.buffer``).
+
+    ``sliding_window`` > 0: the layer evicts the sealed blocks that no later query can see (module docstring).
+    """
 
     is_compileable = False
     is_croppable = True  # exact with a shadow; without one, a crop inside an integer block dequantizes it
-    is_sliding = False   # every position is kept, also for sliding-window layers
+    # False also for sliding layers: positions keep their numbering and the mask spans all of them, where HF's
+    # sliding layers return (and mask) only the window.
+    is_sliding = False
 
-    def __init__(self, cache: "AdaptiveCache", layer_idx: int):
+    def __init__(self, cache: "AdaptiveCache", layer_idx: int, sliding_window: int = 0):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
+        self.sliding_window = int(sliding_window)
+        #: set by transformers before a loop that may roll back (activate_past_recording): evict only at crop
+        self.record_past = False
         self.buffer = None
         self.rows = 0  # batch rows held (not `batch_size`: Cache.batch_size reads that name from layers)
         self.stats: Optional[AttentionStats] = None
@@ -101,8 +123,14 @@ class AdaptiveLayer(CacheLayerMixin):
     def wants_attention_mass(self) -> bool:
         return self.stats is not None
 
+    @property
+    def evicted_blocks(self) -> int:
+        """Sealed blocks [0, evicted_blocks) were evicted by the sliding window (tier ``formats.EVICTED`` in tiers())."""
+        return 0 if self.buffer is None else self.buffer.evicted_blocks
+
     def tiers(self) -> torch.Tensor:
-        """int8 [B, H_kv, n_sealed], a host tensor shared until the table changes: read it, do not modify it."""
+        """int8 [B, H_kv, n_sealed], a host tensor shared until the table changes: read it, do not modify it.
+        Evicted blocks (the first ``evicted_blocks``) read ``formats.EVICTED`` (-1)."""
         if self.buffer is None:
             return torch.zeros(0, 0, 0, dtype=torch.int8)
         if self._tiers is None:
@@ -162,6 +190,8 @@ class AdaptiveLayer(CacheLayerMixin):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if not self.record_past:  # before the append, so the seal can reuse the freed pages
+            self._evict(self.get_seq_length())
         n = key_states.shape[-2]
         sealing = self.buffer.blocks_sealed_by(n)
         tiers = None
@@ -193,8 +223,30 @@ class AdaptiveLayer(CacheLayerMixin):
         return tiers.to(torch.int8).cpu()
 
     def gather(self):
-        """All positions back in the model dtype, (K, V) [B, H_kv, seq_len, D]."""
-        return self.buffer.gather(0, self.get_seq_length())
+        """All positions back in the model dtype, (K, V) [B, H_kv, seq_len, D]. Evicted positions read as zeros:
+        they lie outside every later query's sliding window, so the model's sliding mask hides them."""
+        start = self.evicted_blocks * self.block_size
+        k, v = self.buffer.gather(start, self.get_seq_length())
+        if start:
+            pad = (0, 0, start, 0)
+            k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+        return k, v
+
+    # ---- sliding-window eviction ---------------------------------------------------------------------------
+    def activate_past_recording(self) -> None:
+        """Called by transformers before a loop that may crop (assisted decoding, deferred stopping): keep the
+        blocks the window has passed until the next crop, as ``DynamicSlidingWindowLayer`` does."""
+        self.record_past = True
+
+    def _evict(self, next_query: int) -> None:
+        """Evict the sealed blocks that no query at position >= ``next_query`` can see: block j's last position
+        (j+1)T - 1 must be <= next_query - window, so count = (next_query - window + 1) // T."""
+        if not self.sliding_window or self.buffer is None:
+            return
+        count = min(self.buffer.num_sealed_blocks, max(0, next_query - self.sliding_window + 1) // self.block_size)
+        if count > self.buffer.evicted_blocks:
+            self.buffer.evict_blocks(count)
+            self._table_changed()
 
     def attend(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: float, sliding_window: int,
                softcap: float, block_mass: bool):
@@ -256,14 +308,13 @@ class AdaptiveLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` positions (transformers v5: the argument is <= 0)."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to drop (transformers v5 "
-                             "convention); a positive target length is not supported")
-        if tokens_to_remove == 0 or self.buffer is None:
+        self.check_crop(tokens_to_remove)
+        if self.buffer is None:
             return
         new_len = self.get_seq_length() + tokens_to_remove
-        if new_len < 0:
-            raise ValueError(f"crop({tokens_to_remove}): the layer holds only {self.get_seq_length()} tokens")
+        if tokens_to_remove == 0:  # transformers' crop(0) under record_past: trim what the window has passed
+            self._evict(new_len)
+            return
         self.buffer.crop(new_len)
         self._table_changed()
         if self.stats is not None:
@@ -271,6 +322,24 @@ class AdaptiveLayer(CacheLayerMixin):
             if new_len % self.block_size:  # the partly kept block's mass includes dropped positions: forget it
                 self.stats.mass[..., -1] = 0
                 self.stats.seen[-1] = 0
+        self._evict(new_len)  # after a rollback, what the window has passed goes (DynamicSlidingWindowLayer.crop)
+
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise ValueError if ``crop(tokens_to_remove)`` cannot be done (nothing is changed)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to drop (transformers v5 "
+                             "convention); a positive target length is not supported")
+        if self.buffer is None:
+            return
+        new_len = self.get_seq_length() + tokens_to_remove
+        if new_len < 0:
+            raise ValueError(f"crop({tokens_to_remove}): the layer holds only {self.get_seq_length()} tokens")
+        held = self.evicted_blocks * self.block_size
+        if tokens_to_remove and held and held - 1 > new_len - self.sliding_window:
+            raise ValueError(f"crop({tokens_to_remove}): layer {self.layer_idx} has evicted positions < {held} (sliding "
+                             f"window {self.sliding_window}), and a query at position {new_len} would see some of "
+                             "them; call cache.activate_past_recording() before decoding steps you may roll back, or "
+                             "build the AdaptiveCache with evict_sliding=False")
 
     def offload(self):
         raise NotImplementedError("AdaptiveCache does not support offloading (Cache(offloading=True))")
@@ -290,6 +359,8 @@ class AdaptiveCache(Cache):
         block_size: positions per block (power of two). group_size: value quantization group along head_dim.
         shadow: None, or "cpu" to keep a host copy of each sealed block in the model dtype (exact crop,
             promotion possible; host memory, reported apart).
+        evict_sliding: sliding-window layers release the blocks no later query can see (default, as
+            DynamicCache's sliding layers do); False keeps every position.
         backend: attention over the buffer: "cpp" (the native kernel, block by block with ATen ops), "cuda" (the
             CUDA flash-decoding kernel reading the packed tiers; built with KVPREC_CUDA, fp16/bf16, head_dim
             64/128/256, block_size >= 16), "triton" (the Triton flash-decoding kernel; head_dim 64/128/256),
@@ -300,7 +371,8 @@ class AdaptiveCache(Cache):
     """
 
     def __init__(self, config, policy="sink_window", block_size: int = 64, group_size: int = 32,
-                 shadow: Optional[str] = None, backend: str = "auto", offloading: bool = False):
+                 shadow: Optional[str] = None, backend: str = "auto", offloading: bool = False,
+                 evict_sliding: bool = True):
         if offloading:
             raise NotImplementedError("AdaptiveCache does not support offloading=True: its pages live in the "
                                       "buffer's tier pools; use shadow='cpu' for a host copy instead")
@@ -327,7 +399,9 @@ class AdaptiveCache(Cache):
         self.read_counter: Optional[ReadCounter] = None
         self._warned_slow = False
         self._warned_cpu_kernels = False
-        super().__init__(layers=[AdaptiveLayer(self, i) for i in range(self.config.num_hidden_layers)])
+        self.evict_sliding = bool(evict_sliding)
+        windows = sliding_windows(self.config) if self.evict_sliding else [0] * self.config.num_hidden_layers
+        super().__init__(layers=[AdaptiveLayer(self, i, w) for i, w in enumerate(windows)])
 
     def attention_backend(self, q: torch.Tensor) -> str:
         """The backend that attends for queries ``q`` [B, Hq, Q, D] (see ``backend`` in the class docstring)."""
@@ -362,6 +436,13 @@ class AdaptiveCache(Cache):
                           "gathers the whole cache back to the model dtype (correct but slow, and it "
                           "materialises full-precision K/V); call kvprec.enable(model)", stacklevel=3)
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions of every layer; every layer is checked before any is
+        cropped, so a refused crop (e.g. back past a sliding layer's evicted positions) leaves the cache as it was."""
+        for layer in self.layers:
+            layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
+
     def memory_report(self) -> "CacheMemoryReport":
         return CacheMemoryReport.of(self)
 
@@ -371,7 +452,8 @@ class CacheMemoryReport:
     """Exact bytes of an AdaptiveCache, from each buffer's report.
 
     tier_bytes: int64 [L, n_tiers] live page bytes (K and V data + FP16 scales/zeros) per layer and tier;
-    tail_bytes, table_bytes, shadow_bytes, elements, tokens: int64 [L];
+    tail_bytes, table_bytes, shadow_bytes, elements, tokens, evicted_tokens: int64 [L] (elements count the held
+    positions, tokens minus evicted_tokens, which sliding-window layers dropped);
     precision_map: int64 [L, H_kv, n_tiers], sealed blocks per layer, KV head and tier (summed over batch rows).
     Resident bytes = pages + tails + block tables (the shadow is host memory, reported apart).
     """
@@ -383,6 +465,7 @@ class CacheMemoryReport:
     shadow_bytes: torch.Tensor
     elements: torch.Tensor
     tokens: torch.Tensor
+    evicted_tokens: torch.Tensor
     precision_map: torch.Tensor
 
     @classmethod
@@ -390,7 +473,7 @@ class CacheMemoryReport:
         n_layers, n_tiers = len(cache.layers), len(Tier)
         heads = max((layer.tiers().shape[1] for layer in cache.layers), default=0)
         out = cls(cache.policy.describe(), torch.zeros(n_layers, n_tiers, dtype=torch.int64),
-                  *(torch.zeros(n_layers, dtype=torch.int64) for _ in range(5)),
+                  *(torch.zeros(n_layers, dtype=torch.int64) for _ in range(6)),
                   torch.zeros(n_layers, heads, n_tiers, dtype=torch.int64))
         for i, layer in enumerate(cache.layers):
             if layer.buffer is None:
@@ -399,9 +482,11 @@ class CacheMemoryReport:
             out.tier_bytes[i] = torch.tensor([r.tier_bytes[str(t)] for t in Tier], dtype=torch.int64)
             out.tail_bytes[i], out.table_bytes[i], out.shadow_bytes[i] = r.tail_bytes, r.table_bytes, r.shadow_bytes
             out.elements[i], out.tokens[i] = r.elements, r.tokens
+            out.evicted_tokens[i] = layer.evicted_blocks * layer.block_size
             tiers = layer.tiers().to(torch.int64)
             if tiers.numel():
-                counts = torch.nn.functional.one_hot(tiers, n_tiers).sum(dim=(0, 2))  # [H, n_tiers]
+                held = (tiers >= 0).unsqueeze(-1)  # evicted blocks (tier -1) hold nothing
+                counts = (torch.nn.functional.one_hot(tiers.clamp(min=0), n_tiers) * held).sum(dim=(0, 2))
                 out.precision_map[i, :counts.shape[0]] = counts
         return out
 
@@ -427,7 +512,9 @@ class CacheMemoryReport:
     def format(self) -> str:
         names = [str(t) for t in Tier]
         lines = [f"kvprec AdaptiveCache, policy {self.policy}: {len(self.tokens)} layers, "
-                 f"{int(self.tokens.max()) if len(self.tokens) else 0} tokens",
+                 f"{int(self.tokens.max()) if len(self.tokens) else 0} tokens"
+                 + (f" (sliding-window layers evicted up to {int(self.evicted_tokens.max())} of them)"
+                    if len(self.tokens) and int(self.evicted_tokens.max()) else ""),
                  f"{'layer':>5} " + " ".join(f"{n:>9}" for n in names)
                  + f" {'tail':>9} {'table':>7} {'resident':>10} {'bits/el':>7}"]
         for i in range(len(self.tokens)):

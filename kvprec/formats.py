@@ -35,6 +35,10 @@ import torch
 FP16_MAX = 65504.0
 
 
+#: The tier id block tables hold for a block evicted by a sliding-window layer (no page; csrc kEvictedTier).
+EVICTED = -1
+
+
 class Tier(enum.IntEnum):
     """A precision tier; the integer value is the tier id used by the native code and the block table."""
 

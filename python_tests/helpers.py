@@ -33,3 +33,14 @@ def awkward_blocks(n: int, t: int, d: int, dtype: torch.dtype, seed: int) -> tor
         x[-1, 0, 5:8] = torch.tensor([-1e-8, 1e-8, -3.0])
         x[0, 2, :] = -0.0                                          # a token whose value groups are all -0
     return x.to(dtype)
+
+
+def evicted_view(paged, count: int):
+    """A PagedKV whose first ``count`` blocks are evicted, as a sliding-window layer leaves them: tier -1, page -1
+    (a kernel that read them would index out of bounds), ``evicted_blocks = count``."""
+    from dataclasses import replace
+
+    tiers, pages = paged.tiers.clone(), paged.pages.clone()
+    tiers[..., :count] = -1
+    pages[..., :count] = -1
+    return replace(paged, tiers=tiers, pages=pages, evicted_blocks=count)

@@ -14,6 +14,8 @@ from kvprec import _ops, formats, ops
 from kvprec.formats import Tier
 from kvprec.reference import PagedKV, decode_attention, dense_decode_attention
 
+from helpers import evicted_view
+
 native = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
 
@@ -410,3 +412,33 @@ def test_decode_attention_fake_kernel_shapes():
         assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((1, 4, 3, 64), torch.float16, (1, 4, 3), torch.float32)
         assert mass.shape == (1, 4, 3, 4) and mass.dtype == torch.float32
         assert torch.ops.kvprec.decode_attention(fake(q), *args, False)[2].shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nq", [1, 3])
+def test_evicted_blocks_are_never_read(backend, nq):
+    """A sliding-window layer's evicted blocks (tier -1, page -1) lie below every query's window: the result is
+    the one over the full table, bit for bit; a window that would reach them is refused by every backend."""
+    dtype = torch.float16
+    q, paged, mask = backend_case(backend, 2, 2, 2, nq, 150, 64, 16, dtype, use_mask=True, seed=7)
+    window = 150 - nq - 4 * 16 + 1  # the earliest query sees positions > 4*16 - 1: blocks 0..3 are skipped
+    full = ops.decode_attention(q, paged, mask=mask, sliding_window=window, block_mass=True, backend=backend)
+    gone = evicted_view(paged, 4)
+    got = ops.decode_attention(q, gone, mask=mask, sliding_window=window, block_mass=True, backend=backend)
+    for a, b in zip(full, got):
+        assert torch.equal(a, b)
+    assert (got[2][..., :4] == 0).all()
+    check_backend_against_fp32(backend, q, gone, mask, window, got=got)
+    for bad in (window + 1, 0):
+        with pytest.raises(ValueError, match="were evicted"):
+            ops.decode_attention(q, gone, mask=mask, sliding_window=bad, backend=backend)
+
+
+def test_evicted_table_is_validated():
+    paged = make_paged(1, 2, 80, 64, 16)
+    with pytest.raises(ValueError, match="must fill exactly blocks"):
+        replace(evicted_view(paged, 2), evicted_blocks=1).validate()
+    with pytest.raises(ValueError, match="evicted_blocks 9 must lie"):
+        replace(paged, evicted_blocks=9).validate()
+    with pytest.raises(ValueError, match="was evicted"):
+        evicted_view(paged, 2).block(1)

@@ -115,8 +115,8 @@ def test_output_attentions_match_eager(tiny_model, prompts, family):
         for a, b in zip(step_ref, step_new):
             assert b is not None and a.shape[:-1] == b.shape[:-1]
             if b.shape[-1] > a.shape[-1]:
-                # DynamicCache keeps only the window of a sliding layer; kvprec keeps every position, and the
-                # ones outside the window get exactly zero weight.
+                # DynamicCache keeps only the window of a sliding layer; kvprec's weights span every position (the
+                # evicted ones read as zeros), and the ones outside the window get exactly zero weight.
                 assert torch.all(b[..., :-a.shape[-1]] == 0)
                 b = b[..., -a.shape[-1]:]
             if step == 0:

@@ -36,7 +36,7 @@ from kvprec.reference import PagedKV, decode_attention, dense_decode_attention  
 from kvprec.triton_ops import decode_attention as tda  # noqa: E402
 from kvprec.triton_ops import quantize as tq  # noqa: E402
 
-from helpers import awkward_blocks, same_bits  # noqa: E402
+from helpers import awkward_blocks, evicted_view, same_bits  # noqa: E402
 from triton_sm90 import run_compile_script  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,6 +144,21 @@ def test_fully_masked_row_and_window_before_every_block():
     out, lse, mass = check_against_fp32(q, paged, mask, window=5, num_splits=2)
     assert torch.isinf(lse[1, :, 0]).all()
     assert (mass[..., :3] == 0).all()  # blocks 0..2 end before position 64 - 5: never read, mass 0
+
+
+@pytest.mark.parametrize("nq,splits", [(1, 3), (3, None)])
+def test_evicted_blocks_are_never_read(nq, splits):
+    """Blocks a sliding window evicted (tier -1, page -1: reading one would index out of bounds) lie before the
+    kernel's first block: same result as over the full table, bit for bit; a wider window is refused."""
+    q, paged, mask = make_case(2, 2, 2, nq, 123, 64, 16, torch.float16, use_mask=True, seed=3)
+    window = 123 - nq - 3 * 16 + 1  # the earliest query sees positions > 47: blocks 0..2 are skipped
+    full = tda.decode_attention(q, paged, mask=mask, sliding_window=window, block_mass=True, num_splits=splits)
+    gone = evicted_view(paged, 3)
+    got = check_against_fp32(q, gone, mask, window, num_splits=splits)
+    for a, b in zip(full, got):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="were evicted"):
+        tda.decode_attention(q, gone, mask=mask, sliding_window=window + 1)
 
 
 def test_auto_and_explicit_dispatch():

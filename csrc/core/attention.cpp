@@ -53,6 +53,13 @@ AttentionResult attend(const MixedPrecisionBuffer& buffer, const at::Tensor& q, 
                     " is not accepted; expected >= 0 (0 = 1/sqrt(head_dim))");
   TORCH_CHECK_VALUE(options.sliding_window >= 0, "attend: sliding_window ", options.sliding_window,
                     " is not accepted; expected >= 0 (0 = no window)");
+  // Evicted blocks are skipped only because no query's window reaches them (block c is skipped when its last
+  // position c*T + T - 1 <= L - Q - W): check that, rather than read pages that are gone.
+  const int64_t evicted = buffer.evicted_blocks();
+  TORCH_CHECK_VALUE(evicted == 0 || (options.sliding_window > 0 && evicted * T - 1 <= L - Q - options.sliding_window),
+                    "attend: blocks 0..", evicted - 1, " of the buffer were evicted (positions < ", evicted * T,
+                    "), but a query at position ", L - Q, " with sliding_window ", options.sliding_window,
+                    " (0 = none) would see them; attend with the window the blocks were evicted for");
   TORCH_CHECK_VALUE(std::isfinite(options.softcap) && options.softcap >= 0.0, "attend: softcap ", options.softcap,
                     " is not accepted; expected >= 0 (0 = no capping)");
   if (buffer.options().device.is_cpu()) return detail::attend_cpu(buffer, q, mask, options);

@@ -499,7 +499,8 @@ AttentionResult attend_cpu(const MixedPrecisionBuffer& buffer, const at::Tensor&
   p.tiers = tiers.data_ptr<int8_t>();
   p.pages = pages.data_ptr<int32_t>();
   std::array<bool, kNumTiers> used{};
-  for (int64_t e = 0; e < tiers.numel(); ++e) used[p.tiers[e]] = true;
+  for (int64_t e = 0; e < tiers.numel(); ++e)
+    if (p.tiers[e] != kEvictedTier) used[p.tiers[e]] = true;  // attend() checked the window skips evicted blocks
   std::array<PoolView, kNumTiers> views;  // keeps the pool tensors alive for the call
   for (Tier t : kAllTiers) {
     if (!used[tier_index(t)]) continue;

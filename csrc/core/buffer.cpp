@@ -109,11 +109,18 @@ std::pair<QuantizedBlock, QuantizedBlock> read_pages(const Pool& pool, Tier tier
 // Rows of one block grouped by tier: rows[tier] are flat (b * H + h) indices, in increasing order.
 using RowsByTier = std::array<std::vector<int64_t>, kNumTiers>;
 
-// The rows of block j of a block-major table (or of one block's tiers, j = 0), grouped by tier.
+// The rows of block j of a block-major table (or of one block's tiers, j = 0), grouped by tier. The block must
+// not be evicted.
 RowsByTier rows_by_tier(const std::vector<int8_t>& table_tier, int64_t j, int64_t rows) {
   RowsByTier out;
   for (int64_t r = 0; r < rows; ++r) out[table_tier[j * rows + r]].push_back(r);
   return out;
+}
+
+// Return the page of table entry e to its pool; an evicted entry holds none.
+void release_entry(std::array<Pool, kNumTiers>& pools, const std::vector<int8_t>& table_tier,
+                   const std::vector<int32_t>& table_page, int64_t e) {
+  if (table_tier[e] != kEvictedTier) pools[table_tier[e]].free.insert(table_page[e]);
 }
 
 }  // namespace
@@ -407,6 +414,9 @@ std::pair<at::Tensor, at::Tensor> MixedPrecisionBuffer::dequantize_rows(int64_t 
 std::pair<at::Tensor, at::Tensor> MixedPrecisionBuffer::block(int64_t index, at::ScalarType dtype) const {
   TORCH_CHECK_VALUE(index >= 0 && index < num_blocks_, "block: index ", index, " is out of range; ", num_blocks_,
                     " sealed blocks");
+  TORCH_CHECK_VALUE(index >= evicted_, "block: block ", index, " was evicted (blocks 0..", evicted_ - 1,
+                    " are gone: they fell out of a sliding window); positions from ", evicted_ * opts_.block_size,
+                    " on are held");
   if (dtype == at::ScalarType::Undefined) dtype = opts_.dtype;
   TORCH_CHECK_VALUE(is_float_model_dtype(dtype), "block: dtype ", c10::toString(dtype),
                     " is not accepted; expected float32, float16 or bfloat16");
@@ -438,6 +448,9 @@ std::pair<at::Tensor, at::Tensor> MixedPrecisionBuffer::gather(int64_t start, in
   TORCH_CHECK_VALUE(0 <= start && start <= end && end <= seq_len_, "gather: range [", start, ", ", end,
                     ") is not accepted; expected 0 <= start <= end <= seq_len = ", seq_len_);
   const int64_t T = opts_.block_size;
+  TORCH_CHECK_VALUE(start == end || start >= evicted_ * T, "gather: range [", start, ", ", end, ") reaches evicted "
+                    "positions: blocks 0..", evicted_ - 1, " fell out of a sliding window; positions from ",
+                    evicted_ * T, " on are held");
   std::vector<at::Tensor> ks, vs;
   const int64_t sealed_end = std::min(end, num_blocks_ * T);
   for (int64_t j = start / T; j * T < sealed_end; ++j) {
@@ -470,6 +483,12 @@ void MixedPrecisionBuffer::set_block_tiers(int64_t index, const at::Tensor& tier
   State& st = *state_;
   const int64_t bh = opts_.batch * opts_.kv_heads, T = opts_.block_size, D = opts_.head_dim;
   const int8_t* want = host.data_ptr<int8_t>();
+  if (index < evicted_) {
+    for (int64_t r = 0; r < bh; ++r)
+      TORCH_CHECK_VALUE(want[r] < 0, "set_block_tiers: block ", index, " was evicted (blocks 0..", evicted_ - 1,
+                        " fell out of a sliding window); it has no tier to change (pass -1 for its rows)");
+    return;
+  }
 
   // Rows that change, by target tier. Tier ids are ordered by precision (effective bits 24, 11, 8, 7.99,
   // 3.91, 1.58), so a smaller id is a promotion, which only the shadow can serve.
@@ -523,7 +542,7 @@ void MixedPrecisionBuffer::set_block_tiers(int64_t index, const at::Tensor& tier
   for (const Move& m : done)
     for (int64_t r : m.rows) {
       const int64_t e = index * bh + r;
-      st.pool(static_cast<Tier>(st.table_tier[e])).free.insert(st.table_page[e]);
+      release_entry(st.pools, st.table_tier, st.table_page, e);
     }
   for (const Move& m : done) st.place(index, bh, m.tier, m.rows, m.qk, m.qv, geometry(), opts_.device);
 }
@@ -534,6 +553,9 @@ void MixedPrecisionBuffer::crop(int64_t new_len) {
   State& st = *state_;
   const int64_t T = opts_.block_size, bh = opts_.batch * opts_.kv_heads;
   const int64_t keep = new_len / T, rem = new_len % T;
+  TORCH_CHECK_VALUE(rem == 0 || keep >= evicted_, "crop: new_len ", new_len, " would make block ", keep,
+                    " the tail again, but blocks 0..", evicted_ - 1, " were evicted (they fell out of a sliding "
+                    "window); positions from ", evicted_ * T, " on are held");
   if (keep < num_blocks_) {
     if (rem > 0) {  // block `keep` becomes the tail again: exact from the shadow, else dequantized (lossy)
       at::Tensor k, v;
@@ -546,8 +568,7 @@ void MixedPrecisionBuffer::crop(int64_t new_len) {
       st.tail_k.narrow(2, 0, rem).copy_(k.narrow(2, 0, rem));
       st.tail_v.narrow(2, 0, rem).copy_(v.narrow(2, 0, rem));
     }
-    for (int64_t e = keep * bh; e < num_blocks_ * bh; ++e)
-      st.pool(static_cast<Tier>(st.table_tier[e])).free.insert(st.table_page[e]);
+    for (int64_t e = keep * bh; e < num_blocks_ * bh; ++e) release_entry(st.pools, st.table_tier, st.table_page, e);
     st.table_tier.resize(keep * bh);
     st.table_page.resize(keep * bh);
     if (opts_.shadow) {
@@ -555,8 +576,28 @@ void MixedPrecisionBuffer::crop(int64_t new_len) {
       st.shadow_v.resize(keep);
     }
     num_blocks_ = keep;
+    evicted_ = std::min(evicted_, keep);
   }
   seq_len_ = new_len;
+}
+
+void MixedPrecisionBuffer::evict_blocks(int64_t count) {
+  TORCH_CHECK_VALUE(count >= 0 && count <= num_blocks_, "evict_blocks: count ", count,
+                    " is not accepted; expected 0..", num_blocks_, " (sealed blocks; the tail cannot be evicted)");
+  if (count <= evicted_) return;
+  State& st = *state_;
+  const int64_t bh = opts_.batch * opts_.kv_heads;
+  for (int64_t e = evicted_ * bh; e < count * bh; ++e) {
+    release_entry(st.pools, st.table_tier, st.table_page, e);
+    st.table_tier[e] = kEvictedTier;
+    st.table_page[e] = -1;
+  }
+  if (opts_.shadow)
+    for (int64_t j = evicted_; j < count; ++j) {
+      st.shadow_k[j] = at::Tensor();
+      st.shadow_v[j] = at::Tensor();
+    }
+  evicted_ = count;
 }
 
 void MixedPrecisionBuffer::index_batch(const at::Tensor& idx) {
@@ -584,6 +625,10 @@ void MixedPrecisionBuffer::index_batch(const at::Tensor& idx) {
         const int64_t old_e = (j * B + rows[b]) * H + h, new_e = (j * nB + b) * H + h;
         const int8_t t = st.table_tier[old_e];
         new_tier[new_e] = t;
+        if (t == kEvictedTier) {
+          new_page[new_e] = -1;
+          continue;
+        }
         src_pages[t].push_back(st.table_page[old_e]);
         dst_entries[t].push_back(new_e);
       }
@@ -598,7 +643,7 @@ void MixedPrecisionBuffer::index_batch(const at::Tensor& idx) {
       if (t->defined()) t->index_copy_(0, to, t->index_select(0, from));
     for (size_t i = 0; i < fresh.size(); ++i) new_page[dst_entries[tier_index(tier)][i]] = fresh[i];
   }
-  for (int64_t e = 0; e < nb * B * H; ++e) st.pool(static_cast<Tier>(st.table_tier[e])).free.insert(st.table_page[e]);
+  for (int64_t e = 0; e < nb * B * H; ++e) release_entry(st.pools, st.table_tier, st.table_page, e);
   st.table_tier = std::move(new_tier);
   st.table_page = std::move(new_page);
 
@@ -606,7 +651,8 @@ void MixedPrecisionBuffer::index_batch(const at::Tensor& idx) {
   st.tail_k = st.tail_k.index_select(0, dev_idx);
   st.tail_v = st.tail_v.index_select(0, dev_idx);
   for (auto* shadow : {&st.shadow_k, &st.shadow_v})
-    for (at::Tensor& s : *shadow) s = s.index_select(0, host);
+    for (at::Tensor& s : *shadow)
+      if (s.defined()) s = s.index_select(0, host);  // evicted blocks hold no shadow
   opts_.batch = nB;
 }
 
@@ -622,6 +668,7 @@ void MixedPrecisionBuffer::reset() {
   st.shadow_v.clear();
   seq_len_ = 0;
   num_blocks_ = 0;
+  evicted_ = 0;
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -641,9 +688,9 @@ MemoryReport MixedPrecisionBuffer::memory() const {
   }
   m.tail_bytes = 2 * B * H * T * D * elem;
   m.table_bytes = B * H * num_blocks_ * static_cast<int64_t>(sizeof(int8_t) + sizeof(int32_t));
-  m.shadow_bytes = opts_.shadow ? num_blocks_ * 2 * B * H * T * D * elem : 0;
+  m.shadow_bytes = opts_.shadow ? (num_blocks_ - evicted_) * 2 * B * H * T * D * elem : 0;
   m.tokens = seq_len_;
-  m.elements = B * H * seq_len_ * D * 2;
+  m.elements = B * H * (seq_len_ - evicted_ * T) * D * 2;  // held positions: evicted ones are not stored
   return m;
 }
 

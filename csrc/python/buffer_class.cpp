@@ -76,6 +76,7 @@ TORCH_LIBRARY_FRAGMENT(kvprec, m) {
       // State.
       .def("seq_len", [](const Self& s) { return s->buffer.seq_len(); })
       .def("num_sealed_blocks", [](const Self& s) { return s->buffer.num_sealed_blocks(); })
+      .def("evicted_blocks", [](const Self& s) { return s->buffer.evicted_blocks(); })
       .def("tail_len", [](const Self& s) { return s->buffer.tail_len(); })
       .def("blocks_sealed_by", [](const Self& s, int64_t n) { return s->buffer.blocks_sealed_by(n); })
       .def("tiers", [](const Self& s) { return s->buffer.tiers(); })
@@ -103,6 +104,7 @@ TORCH_LIBRARY_FRAGMENT(kvprec, m) {
                         const std::optional<at::Tensor>& seal_tiers) { s->buffer.append(k, v, seal_tiers.value_or(at::Tensor())); })
       .def("set_block_tiers", [](const Self& s, int64_t index, const at::Tensor& tiers) { s->buffer.set_block_tiers(index, tiers); })
       .def("crop", [](const Self& s, int64_t new_len) { s->buffer.crop(new_len); })
+      .def("evict_blocks", [](const Self& s, int64_t count) { s->buffer.evict_blocks(count); })
       .def("index_batch", [](const Self& s, const at::Tensor& idx) { s->buffer.index_batch(idx); })
       .def("reset", [](const Self& s) { s->buffer.reset(); })
       // memory(): bytes per tier under the tier's name, pages under "pages_<name>", then the other fields.

@@ -1,5 +1,5 @@
 // MixedPrecisionBuffer: appends across block boundaries, round trips per tier, exact memory accounting,
-// re-tiering with and without the shadow, crop, index_batch, reset and argument errors.
+// re-tiering with and without the shadow, crop, index_batch, reset, sliding-window eviction and argument errors.
 #include <ATen/ATen.h>
 
 #include <set>
@@ -361,6 +361,70 @@ void test_seal_in_place() {
 
 }  // namespace
 
+// Sliding-window eviction: pages and shadow copies released, table entries -1, every reader refuses evicted
+// positions, attention with the window it was evicted for is unchanged, and the other operations carry on.
+void test_evict() {
+  const int64_t B = 2, H = 2, D = 32, T = 16, L = 70, W = 20;
+  const at::Tensor xk = randn({B, H, L, D}), xv = randn({B, H, L, D});
+  for (bool shadow : {false, true}) {
+    MixedPrecisionBuffer buf(opts(B, H, D, T, Tier::INT4, at::kFloat, shadow, 8));
+    buf.append(xk, xv);  // 4 sealed blocks + 6 in the tail
+    const at::Tensor q = randn({B, 2 * H, 1, D});
+    AttentionOptions ao;
+    ao.sliding_window = W;
+    ao.block_mass = true;
+    const AttentionResult before = attend(buf, q, at::Tensor(), ao);
+    const MemoryReport m0 = buf.memory();
+    const at::Tensor keep_k = buf.gather(48, L).first;
+
+    buf.evict_blocks(2);
+    buf.evict_blocks(1);  // fewer than already evicted: nothing changes
+    CHECK(buf.evicted_blocks() == 2 && buf.num_sealed_blocks() == 4 && buf.seq_len() == L);
+    const at::Tensor tiers = buf.tiers(), pages = buf.pages();
+    CHECK((tiers.narrow(2, 0, 2) == kEvictedTier).all().item<bool>());
+    CHECK((pages.narrow(2, 0, 2) == -1).all().item<bool>());
+    CHECK((tiers.narrow(2, 2, 2) == static_cast<int8_t>(Tier::INT4)).all().item<bool>());
+    const MemoryReport m1 = buf.memory();
+    CHECK(m1.tier_pages[tier_index(Tier::INT4)] == m0.tier_pages[tier_index(Tier::INT4)] - 2 * B * H);
+    CHECK(m1.table_bytes == m0.table_bytes);  // the entries stay (positions keep their numbering)
+    CHECK(m1.elements == B * H * (L - 2 * T) * D * 2 && m1.tokens == L);
+    CHECK(m1.shadow_bytes == (shadow ? 2 * 2 * B * H * T * D * 4 : 0));
+
+    // The window keeps every query past the evicted positions: the same result, bit for bit.
+    const AttentionResult after = attend(buf, q, at::Tensor(), ao);
+    CHECK(same(after.out, before.out) && same(after.lse, before.lse) && same(after.block_mass, before.block_mass));
+    CHECK(same(buf.gather(48, L).first, keep_k));
+    ao.sliding_window = 40;  // would see position 30 (evicted)
+    CHECK_THROWS(attend(buf, q, at::Tensor(), ao), "were evicted");
+    ao.sliding_window = 0;
+    CHECK_THROWS(attend(buf, q, at::Tensor(), ao), "were evicted");
+    CHECK_THROWS(buf.block(1), "was evicted");
+    CHECK_THROWS(buf.gather(20, L), "reaches evicted");
+    CHECK(buf.gather(32, 40).first.size(2) == 8);
+    CHECK_THROWS(buf.set_block_tiers(0, at::full({B, H}, 3, at::kChar)), "was evicted");
+    buf.set_block_tiers(0, at::full({B, H}, -1, at::kChar));  // "leave as is" is accepted
+    CHECK_THROWS(buf.evict_blocks(5), "evict_blocks: count");
+
+    // Batch selection copies the live pages only; the evicted entries stay evicted.
+    buf.index_batch(at::tensor(std::vector<int64_t>{1, 1, 0}, at::kLong));
+    CHECK(buf.options().batch == 3 && buf.evicted_blocks() == 2);
+    CHECK((buf.tiers().narrow(2, 0, 2) == kEvictedTier).all().item<bool>());
+    CHECK(buf.memory().tier_pages[tier_index(Tier::INT4)] == 2 * 3 * H);
+    CHECK(same(buf.gather(48, L).first.select(0, 0), keep_k.select(0, 1)));
+
+    // Crop: inside a held block works (and un-evicts nothing); back into an evicted block throws; a whole-block
+    // crop below the eviction point empties the table.
+    buf.crop(60);
+    CHECK(buf.seq_len() == 60 && buf.evicted_blocks() == 2 && buf.num_sealed_blocks() == 3);
+    CHECK_THROWS(buf.crop(20), "were evicted");
+    buf.crop(16);
+    CHECK(buf.seq_len() == 16 && buf.num_sealed_blocks() == 1 && buf.evicted_blocks() == 1);
+    CHECK(buf.memory().tier_pages[tier_index(Tier::INT4)] == 0);
+    buf.reset();
+    CHECK(buf.evicted_blocks() == 0 && buf.num_sealed_blocks() == 0);
+  }
+}
+
 int main() {
   at::manual_seed(0);
   test_append_chunks();
@@ -372,5 +436,6 @@ int main() {
   test_reset();
   test_errors();
   test_seal_in_place();
+  test_evict();
   return kvprec_test::finish("test_buffer");
 }

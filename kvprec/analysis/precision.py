@@ -274,7 +274,9 @@ def measure_sensitivity_per_query(model, ids: torch.Tensor, context: int, items:
     ids = ids.to(model.device)
     nq = ids.shape[1] - context - 1
     tiers = [Tier.parse(t) for t in tiers]
-    cache = AdaptiveCache(model.config, policy=Uniform(Tier.FP32), block_size=block_size, shadow="cpu")
+    # Every block is probed, also those a sliding window has passed (whose sensitivity is then zero): keep them all.
+    cache = AdaptiveCache(model.config, policy=Uniform(Tier.FP32), block_size=block_size, shadow="cpu",
+                          evict_sliding=False)
     outputs: Dict[int, torch.Tensor] = {}
 
     def wrap(layer):

@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..formats import Tier
-from .base import Policy, SealStats, demote_to, needs_rebalance
+from .base import Policy, SealStats, demote_to, evicted_blocks, needs_rebalance
 
 
 class AttentionMass(Policy):
@@ -62,17 +62,21 @@ class AttentionMass(Policy):
         return heavy.scatter_(-1, ranked[..., :k], True)
 
     def assign(self, layer_idx: int, blocks: range, stats: SealStats) -> torch.Tensor:
-        heavy = self._heavy(self._scores(stats.layer, blocks.stop))[..., blocks.start:blocks.stop]
+        # Ranked among the blocks still held: a sliding window's evicted blocks (a prefix) take no heavy slot.
+        e = evicted_blocks(stats.layer)
+        heavy = self._heavy(self._scores(stats.layer, blocks.stop)[..., e:])[..., blocks.start - e:blocks.stop - e]
         return torch.where(heavy, int(self.high), int(self.low)).to(torch.int8)
 
     def rebalance(self, cache, layer_idx: int) -> None:
         layer = cache.layers[layer_idx]
         if not needs_rebalance(self, layer, lambda: layer.get_seq_length() // (self.every or layer.block_size)):
             return
-        n = layer.tiers().shape[-1]
-        if n == 0:
+        n, e = layer.tiers().shape[-1], evicted_blocks(layer)
+        if n == e:
             return
-        heavy = self._heavy(self._scores(layer, n))
+        scores = self._scores(layer, n)
+        heavy = torch.ones_like(scores, dtype=torch.bool)  # evicted blocks: nothing to demote
+        heavy[..., e:] = self._heavy(scores[..., e:])
         demote_to(layer, torch.where(heavy, -1, int(self.low)).to(torch.int8))
 
     def importance(self, layer) -> torch.Tensor:

@@ -12,7 +12,8 @@ blocks are sealed (a block seals when its ``block_size`` positions are filled), 
 
 Policies never import transformers: they see a cache layer through a few members of ``AdaptiveLayer``:
 ``layer_idx``, ``block_size``, ``geometry`` (BlockGeometry), ``get_seq_length()``, ``tiers()`` (int8
-[B, H_kv, n_sealed]), ``set_block_tiers(index, tiers)``, ``memory()`` (the buffer's MemoryReport), ``stats``
+[B, H_kv, n_sealed]; ``formats.EVICTED`` = -1 for the first ``evicted_blocks`` blocks of a sliding-window layer,
+which hold nothing and cannot be re-tiered), ``set_block_tiers(index, tiers)``, ``memory()`` (the buffer's MemoryReport), ``stats``
 (:class:`AttentionStats`, or None when no policy asked for attention mass), and optionally ``table_version`` /
 ``rebalance_memo`` (see :func:`needs_rebalance`).
 
@@ -146,6 +147,11 @@ def needs_rebalance(policy: Policy, layer, key: Callable[[], Hashable]) -> bool:
     return True
 
 
+def evicted_blocks(layer) -> int:
+    """How many leading sealed blocks of ``layer`` a sliding window evicted (0 for layers without eviction)."""
+    return int(getattr(layer, "evicted_blocks", 0))
+
+
 def demote_to(layer, targets: torch.Tensor) -> int:
     """Demote sealed blocks of ``layer`` to ``targets`` (int8 [B, H_kv, n_sealed], -1 = keep) wherever the target
     is a lower precision (higher id) than the current tier. Returns the number of (row, head, block) re-tiered.
@@ -154,7 +160,7 @@ def demote_to(layer, targets: torch.Tensor) -> int:
     """
     current = layer.tiers()
     targets = targets.to(current.device)
-    change = (targets >= 0) & (targets > current)
+    change = (targets >= 0) & (current >= 0) & (targets > current)  # current -1: evicted, nothing to re-tier
     if not bool(change.any()):
         return 0
     per_block = torch.where(change, targets, torch.full_like(targets, -1))

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..formats import Tier
-from .base import Policy, SealStats, demote_to, needs_rebalance
+from .base import Policy, SealStats, demote_to, evicted_blocks, needs_rebalance
 
 DEFAULT_LADDER = (Tier.FP32, Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2)
 
@@ -79,7 +79,8 @@ class Budget(Policy):
         if self.bits_per_element is not None:
             b, h, n = layer.tiers().shape
             g = layer.geometry
-            return self.bits_per_element * (b * h * n * g.block_size * g.head_dim * 2) / 8, pages
+            held = n - evicted_blocks(layer)  # blocks a sliding window evicted hold no elements
+            return self.bits_per_element * (b * h * held * g.block_size * g.head_dim * 2) / 8, pages
         fixed = report.resident_bytes - pages
         return self.bytes / len(cache.layers) - fixed, pages
 
@@ -94,7 +95,7 @@ class Budget(Policy):
         # allocated size): between seals and re-tiers there is nothing to check.
         if not needs_rebalance(self, layer, lambda: None):
             return 0
-        tiers = layer.tiers()
+        tiers = layer.tiers()[..., evicted_blocks(layer):]  # evicted blocks hold no pages
         if tiers.shape[-1] == 0:
             return 0
         page = torch.tensor([layer.geometry.page_bytes(t) for t in Tier], dtype=torch.float64)
@@ -133,7 +134,8 @@ class Budget(Policy):
         order = torch.argsort(importance.permute(2, 0, 1).flatten(), stable=True)
         targets = flat_tiers.clone()
         saved = 0.0
-        for i in order[flat_tiers[order] < int(self.floor)].tolist():
+        movable = (flat_tiers[order] >= 0) & (flat_tiers[order] < int(self.floor))  # -1: evicted, no page
+        for i in order[movable].tolist():
             while saved < deficit:
                 nxt = self._next_tier(int(targets[i]))
                 if nxt == int(targets[i]):

@@ -52,6 +52,12 @@ def check_inputs(q: torch.Tensor, paged: PagedKV, mask: Optional[torch.Tensor], 
         raise ValueError(f"decode_attention: sliding_window must be >= 0 (0 = none), got {sliding_window}")
     if softcap < 0:
         raise ValueError(f"decode_attention: softcap must be >= 0 (0 = none), got {softcap}")
+    e, t = paged.evicted_blocks, paged.block_size
+    # Every backend skips block j when its last position j*T + T - 1 <= N - Q - W: evicted blocks must all be skipped.
+    if e and not (sliding_window > 0 and e * t - 1 <= n - nq - sliding_window):
+        raise ValueError(f"decode_attention: blocks 0..{e - 1} were evicted (positions < {e * t}), but a query at "
+                         f"position {n - nq} with sliding_window {sliding_window} (0 = none) would see them; attend "
+                         "with the window the blocks were evicted for")
 
 
 def decode_attention(q: torch.Tensor, paged: PagedKV, *, scale: Optional[float] = None,

@@ -8,7 +8,9 @@ One layer's cache as the kernels see it (DESIGN.md, "Data layout of the cache"; 
   ``v_scale, v_zero`` FP16 ``[P, T, D/G]`` (the formats of :mod:`kvprec.formats`);
 * the block table ``tiers`` int8 ``[B, Hkv, NB]`` and ``pages`` int32 ``[B, Hkv, NB]``: sealed block j of
   (b, h) is page ``pages[b, h, j]`` of pool ``tiers[b, h, j]``;
-* the unsealed tail ``tail_k, tail_v [B, Hkv, TL, D]`` in the model dtype, ``0 <= TL < T``.
+* the unsealed tail ``tail_k, tail_v [B, Hkv, TL, D]`` in the model dtype, ``0 <= TL < T``;
+* ``evicted_blocks`` E: blocks [0, E) were evicted by a sliding-window layer (tier ``formats.EVICTED`` = -1,
+  page -1, no data); positions keep their numbering, and attention must use a window that skips them.
 
 Positions 0..N-1 (N = NB*T + TL): sealed blocks first, then the tail.
 
@@ -44,6 +46,7 @@ class PagedKV:
     #: the pools and block table come from a MixedPrecisionBuffer (:meth:`from_buffer`), which keeps them
     #: consistent: :meth:`validate` then checks only the tail, which is what changes between decode steps
     buffer_owned: bool = False
+    evicted_blocks: int = 0
 
     # -- geometry ---------------------------------------------------------------------------------------------
     @property
@@ -113,13 +116,19 @@ class PagedKV:
                     if x is None or x.dtype != torch.float16 or tuple(x.shape) != (k.shape[0], *shape):
                         raise ValueError(f"PagedKV: pool {tier} {name} must be float16 [P, {', '.join(map(str, shape))}]"
                                          f", got {None if x is None else (x.dtype, tuple(x.shape))}")
+        e = self.evicted_blocks
+        if not 0 <= e <= self.tiers.shape[2]:
+            raise ValueError(f"PagedKV: evicted_blocks {e} must lie in [0, NB={self.tiers.shape[2]}]")
         if self.tiers.device.type == "cpu" and self.tiers.numel():
             # Only a host table is checked: on a GPU this would be a synchronisation per call.
-            for tid in torch.unique(self.tiers).tolist():
+            if bool((self.tiers[..., :e] != formats.EVICTED).any()) or bool((self.tiers[..., e:] < 0).any()):
+                raise ValueError(f"PagedKV: tier {formats.EVICTED} (evicted) must fill exactly blocks [0, "
+                                 f"evicted_blocks={e}) of the table")
+            for tid in torch.unique(self.tiers[..., e:]).tolist():
                 tier = Tier.parse(int(tid))
                 if tier not in self.pools:
                     raise ValueError(f"PagedKV: the block table uses tier {tier} but there is no {tier} pool")
-                used = self.pages[self.tiers == tid]
+                used = self.pages[..., e:][self.tiers[..., e:] == tid]
                 cap = self.pools[tier][0].shape[0]
                 if used.min().item() < 0 or used.max().item() >= cap:
                     raise ValueError(f"PagedKV: pages of tier {tier} must lie in [0, {cap}), got "
@@ -130,6 +139,8 @@ class PagedKV:
         """Sealed block ``index`` of every (b, h), dequantized through kvprec.formats: K, V [B, Hkv, T, D].
 
         Rows are grouped by tier so each tier is dequantized with one batched call."""
+        if index < self.evicted_blocks:
+            raise ValueError(f"PagedKV.block: block {index} was evicted (blocks 0..{self.evicted_blocks - 1})")
         b, h, d, t = self.batch, self.kv_heads, self.head_dim, self.block_size
         tiers = self.tiers[:, :, index].reshape(-1).to(self.device)
         pages = self.pages[:, :, index].reshape(-1).to(self.device).long()
@@ -147,9 +158,16 @@ class PagedKV:
         return k_out.reshape(b, h, t, d), v_out.reshape(b, h, t, d)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
-        """All N positions dequantized: K, V [B, Hkv, N, D] in ``dtype`` (for tests; materialises everything)."""
+        """All N positions dequantized: K, V [B, Hkv, N, D] in ``dtype`` (for tests; materialises everything).
+        Evicted blocks read as zeros."""
         ks, vs = [], []
         for j in range(self.num_blocks):
+            if j < self.evicted_blocks:
+                zero = torch.zeros(self.batch, self.kv_heads, self.block_size, self.head_dim, dtype=dtype,
+                                   device=self.device)
+                ks.append(zero)
+                vs.append(zero)
+                continue
             k, v = self.block(j, dtype)
             ks.append(k)
             vs.append(v)
@@ -219,4 +237,5 @@ class PagedKV:
                 pools[tier] = tuple(view)
         device = buffer.device
         return cls(pools, buffer.tiers().to(device), buffer.pages().to(device), buffer.tail_keys(),
-                   buffer.tail_values(), buffer.block_size, buffer.group_size, buffer_owned=True)
+                   buffer.tail_values(), buffer.block_size, buffer.group_size, buffer_owned=True,
+                   evicted_blocks=buffer.evicted_blocks)

@@ -10,7 +10,10 @@
 //   * demotion re-quantizes from the highest copy still held: the host shadow when kept, else the page;
 //     promotion is only possible from the shadow (BufferOptions::shadow), never pretended;
 //   * pages are never shared between batch rows: index_batch() copies, so re-tiering one row never
-//     changes another.
+//     changes another;
+//   * a sliding-window layer may evict the oldest sealed blocks (evict_blocks): their pages and shadow copies
+//     are released and their table entries read tier kEvictedTier and page -1. Evicted blocks are always a
+//     prefix [0, evicted_blocks()); positions keep their numbering.
 // All sequences of a batch have the same length (padding is the attention mask's job, as in HF).
 #pragma once
 
@@ -26,6 +29,9 @@
 #include "kvprec/formats.h"
 
 namespace kvprec {
+
+// Tier id of an evicted block's table entries (tiers() and pages() read -1 there).
+constexpr int8_t kEvictedTier = -1;
 
 struct BufferOptions {
   int64_t batch = 1;
@@ -51,12 +57,14 @@ struct MemoryReport {
   std::array<int64_t, kNumTiers> tier_pages{};  // live pages per tier
   int64_t tail_bytes = 0;                       // the tail buffer as allocated (B*H*T*D*2 elements)
   int64_t table_bytes = 0;                      // block table: tier (1 byte) + page (4 bytes) per entry
-                                                // (B * H * num_sealed_blocks entries)
+                                                // (B * H * num_sealed_blocks entries, evicted ones included)
   int64_t shadow_bytes = 0;                     // host shadow copies (not device memory; reported apart):
                                                 // 2 * B * H * T * D * sizeof(model dtype) per sealed block
+                                                // that is not evicted
   int64_t reserved_bytes = 0;                   // all pool capacity, live or free (what the allocator holds)
   int64_t tokens = 0;                           // sequence length
-  int64_t elements = 0;                         // B * H * tokens * D * 2 (K and V)
+  int64_t elements = 0;                         // B * H * held tokens * D * 2 (K and V; held = tokens minus
+                                                // the evicted blocks' positions)
 
   int64_t resident_bytes() const;               // sum(tier_bytes) + tail_bytes + table_bytes
   double bits_per_element() const;              // resident_bytes * 8 / elements (0 when elements == 0)
@@ -84,27 +92,36 @@ class MixedPrecisionBuffer {
   int64_t seq_len() const { return seq_len_; }
   int64_t num_sealed_blocks() const { return num_blocks_; }
   int64_t tail_len() const { return seq_len_ - num_blocks_ * opts_.block_size; }
+  // Sealed blocks [0, evicted_blocks()) are evicted (evict_blocks).
+  int64_t evicted_blocks() const { return evicted_; }
 
   // The block table is host metadata: tiers() and pages() are CPU tensors (copies).
-  at::Tensor tiers() const;   // int8 [B, H, num_sealed_blocks]
-  at::Tensor pages() const;   // int32 [B, H, num_sealed_blocks]
+  at::Tensor tiers() const;   // int8 [B, H, num_sealed_blocks]; kEvictedTier (-1) for evicted blocks
+  at::Tensor pages() const;   // int32 [B, H, num_sealed_blocks]; -1 for evicted blocks
   PoolView pool(Tier tier) const;  // the live pool tensors (no copy); undefined before the tier's first page
   at::Tensor tail_keys() const;    // [B, H, tail_len, D], model dtype (a view)
   at::Tensor tail_values() const;
 
-  // Sealed block `index` back in `dtype` (undefined: the model dtype), [B, H, T, D] each.
+  // Sealed block `index` back in `dtype` (undefined: the model dtype), [B, H, T, D] each. An evicted block throws.
   std::pair<at::Tensor, at::Tensor> block(int64_t index, at::ScalarType dtype = at::ScalarType::Undefined) const;
-  // Positions [start, end) back in the model dtype, [B, H, end - start, D] each. Dequantizes one block at a time.
+  // Positions [start, end) back in the model dtype, [B, H, end - start, D] each. Dequantizes one block at a time;
+  // a range that reaches an evicted block throws.
   std::pair<at::Tensor, at::Tensor> gather(int64_t start, int64_t end) const;
 
   // Re-tier sealed block `index`: tiers int8 [B, H], -1 = leave as is. Lower tiers re-quantize from the
-  // highest copy held; a higher tier needs the shadow, else it throws (lost bits are not restored).
+  // highest copy held; a higher tier needs the shadow, else it throws (lost bits are not restored). An evicted
+  // block throws unless every entry is -1.
   void set_block_tiers(int64_t index, const at::Tensor& tiers);
   bool has_shadow() const { return opts_.shadow; }
 
   // Keep the first new_len positions. Sealed blocks past new_len return to the tail: from the shadow when
-  // kept, else dequantized (lossy for integer tiers). new_len >= seq_len() leaves the buffer as is.
+  // kept, else dequantized (lossy for integer tiers). new_len >= seq_len() leaves the buffer as is. A crop that
+  // would make an evicted block the tail again throws (its positions are gone).
   void crop(int64_t new_len);
+  // Evict sealed blocks [0, count): release their pages and shadow copies (for sliding-window layers, whose later
+  // queries cannot see them). count <= evicted_blocks() does nothing; count > num_sealed_blocks() throws. Attention
+  // over the buffer then needs a sliding window that keeps every query away from the evicted positions.
+  void evict_blocks(int64_t count);
   // Keep batch rows idx (int64 [B']), in that order, repeats allowed (beam reorder, select, repeat_interleave).
   void index_batch(const at::Tensor& idx);
   // Empty the buffer (same batch); pool capacity stays reserved for reuse (reserved_bytes).
@@ -116,6 +133,7 @@ class MixedPrecisionBuffer {
   BufferOptions opts_;
   int64_t seq_len_ = 0;
   int64_t num_blocks_ = 0;
+  int64_t evicted_ = 0;
   // Implementation state (pools, free lists, block table, tail, shadow) is the implementer's choice.
   struct State;
   std::shared_ptr<State> state_;
@@ -153,6 +171,8 @@ struct AttentionResult {
 // seq_len - Q + i and attends causally. mask: optional bool [B, Q, seq_len] (true = may attend), e.g. padding.
 // q must be in the model dtype with 1 <= Q <= seq_len; Hq a multiple of Hkv. Scores are computed in FP32 from
 // each block dequantized to FP32 (not via the model dtype), then s -> softcap, then masks.
+// When the buffer has evicted blocks, every query's window must lie past them (sliding_window > 0 and
+// evicted_blocks() * T <= seq_len - Q - sliding_window + 1), else it throws rather than attend to lost positions.
 AttentionResult attend(const MixedPrecisionBuffer& buffer, const at::Tensor& q, const at::Tensor& mask,
                        const AttentionOptions& options);
 

@@ -183,6 +183,8 @@ def test_importing_kvprec_does_not_import_triton_and_the_launchers_load_lazily()
         got = kvprec.ops.quantize_keys(x, "int4", backend="triton")
         want = kvprec.formats.quantize_keys(x, "int4")
         assert "triton" in sys.modules and torch.equal(got.codes, want.codes)
+        # the kernel bodies load as kvprec.triton_kernels, never as a top-level triton_kernels (OpenAI's name)
+        assert "kvprec.triton_kernels.quantize" in sys.modules and "triton_kernels" not in sys.modules
         print("OK")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

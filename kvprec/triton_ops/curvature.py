@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from triton_kernels.curvature import curvature_positions_kernel, curvature_rows_kernel
+from ..triton_kernels.curvature import curvature_positions_kernel, curvature_rows_kernel
 
 from ..analysis.curvature import block_reduce as _block_reduce
 from ..analysis.curvature import check_inputs, _check_reduce

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from triton_kernels.decode_attention import decode_reduce_kernel, decode_split_kernel
+from ..triton_kernels.decode_attention import decode_reduce_kernel, decode_split_kernel
 
 from .._ops import flatten_decode_pools
 from ..ops import TRITON_DECODE_HEAD_DIMS

@@ -25,7 +25,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from triton_kernels.novelty import novelty_kernel
+from ..triton_kernels.novelty import novelty_kernel
 
 from ..analysis.novelty import NoveltyResult, check_inputs, window_basis
 

@@ -19,7 +19,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from triton_kernels.quantize import dequantize_kernel, quantize_keys_kernel, quantize_values_kernel
+from ..triton_kernels.quantize import dequantize_kernel, quantize_keys_kernel, quantize_values_kernel
 
 from .. import formats
 from ..formats import QuantizedBlock, Tier

@@ -13,7 +13,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from triton_kernels.quantize_append import quantize_append_kernel
+from ..triton_kernels.quantize_append import quantize_append_kernel
 
 from .. import formats
 from ..formats import Tier

@@ -142,12 +142,18 @@ class MixedPrecisionBuffer:
         self._impl = torch.classes.kvprec.MixedPrecisionBuffer(
             int(batch), int(kv_heads), int(head_dim), int(block_size), int(group_size), _dtype_name(dtype),
             str(torch.device(device)), int(Tier.parse(default_tier)), bool(shadow))
+        # Host mirrors of the sizes, kept by the mutating methods below after the native call succeeded: the
+        # cache reads them several times per layer per decode step, and each native method call costs ~8 us.
+        self._block_size = int(block_size)
+        self._batch = int(batch)
+        self._seq_len = 0
+        self._evicted = 0
 
     # -- options and state --------------------------------------------------------------------------------
     @property
     def batch(self) -> int:
         """B (follows index_batch)."""
-        return self._impl.batch()
+        return self._batch
 
     @property
     def kv_heads(self) -> int:
@@ -159,7 +165,7 @@ class MixedPrecisionBuffer:
 
     @property
     def block_size(self) -> int:
-        return self._impl.block_size()
+        return self._block_size
 
     @property
     def group_size(self) -> int:
@@ -188,25 +194,28 @@ class MixedPrecisionBuffer:
     @property
     def seq_len(self) -> int:
         """L, positions held (sealed and tail)."""
-        return self._impl.seq_len()
+        return self._seq_len
 
     @property
     def num_sealed_blocks(self) -> int:
-        return self._impl.num_sealed_blocks()
+        """L // T: every full block is sealed."""
+        return self._seq_len // self._block_size
 
     @property
     def evicted_blocks(self) -> int:
         """Sealed blocks [0, evicted_blocks) were evicted (:meth:`evict_blocks`): no pages, tier -1 in the table."""
-        return self._impl.evicted_blocks()
+        return self._evicted
 
     @property
     def tail_len(self) -> int:
         """L - num_sealed_blocks * T: positions in the model-dtype tail."""
-        return self._impl.tail_len()
+        return self._seq_len % self._block_size
 
     def blocks_sealed_by(self, new_tokens: int) -> int:
         """How many blocks ``append`` of ``new_tokens`` positions would seal: (tail_len + n) // T."""
-        return self._impl.blocks_sealed_by(int(new_tokens))
+        if new_tokens < 0:
+            raise ValueError(f"new_tokens: {new_tokens} is not accepted; expected >= 0")
+        return (self.tail_len + int(new_tokens)) // self._block_size
 
     def tiers(self) -> torch.Tensor:
         """int8 [B, H, num_sealed_blocks] tier ids of the block table (CPU copy); formats.EVICTED (-1) for evicted blocks."""
@@ -264,6 +273,7 @@ class MixedPrecisionBuffer:
             seal_tiers = _tier_tensor(seal_tiers, (self.batch, self.kv_heads, self.blocks_sealed_by(k.shape[-2])),
                                       "seal_tiers")
         self._impl.append(k, v, seal_tiers)
+        self._seq_len += k.shape[-2]
 
     def set_block_tiers(self, index: int, tiers: Union[torch.Tensor, TierLike]) -> None:
         """Re-tier sealed block ``index``: int8 [B, H] tier ids (-1 = leave as is) or one tier for all rows.
@@ -277,20 +287,26 @@ class MixedPrecisionBuffer:
         """Keep the first ``new_len`` positions; unsealed blocks return to the tail from the shadow when kept,
         else dequantized (lossy for integer tiers). new_len >= seq_len leaves the buffer as is."""
         self._impl.crop(int(new_len))
+        if new_len < self._seq_len:
+            self._seq_len = int(new_len)
+            self._evicted = min(self._evicted, self._seq_len // self._block_size)
 
     def evict_blocks(self, count: int) -> None:
         """Release the pages (and shadow copies) of sealed blocks [0, count), for a sliding-window layer whose later
         queries cannot see them. Positions keep their numbering; reading an evicted block raises, and attention
         needs a window that keeps every query away from them. count <= evicted_blocks does nothing."""
         self._impl.evict_blocks(int(count))
+        self._evicted = max(self._evicted, int(count))
 
     def index_batch(self, idx: torch.Tensor) -> None:
         """Keep batch rows ``idx`` (int64 [B']) in that order; repeats allowed. Pages are copied, never shared."""
         self._impl.index_batch(idx)
+        self._batch = idx.numel()
 
     def reset(self) -> None:
         """Empty the buffer; pool capacity stays reserved."""
         self._impl.reset()
+        self._seq_len = self._evicted = 0
 
     def memory(self) -> MemoryReport:
         return MemoryReport._from_native(dict(self._impl.memory()))

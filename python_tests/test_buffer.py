@@ -407,3 +407,49 @@ def test_bool_tiers_are_refused():
         buf.set_block_tiers(0, True)
     with pytest.raises(ValueError, match="bool"):
         buf.set_block_tiers(0, torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_host_mirrors_follow_the_native_buffer():
+    """The wrapper answers seq_len, num_sealed_blocks, tail_len, evicted_blocks, batch and blocks_sealed_by from
+    host mirrors (a native call costs microseconds per decode step); after every kind of mutation, refused ones
+    included, they must equal the native buffer's own answers."""
+    g = torch.Generator().manual_seed(3)
+    buf = MixedPrecisionBuffer(batch=2, kv_heads=2, head_dim=32, block_size=8, group_size=8, dtype=torch.float32)
+
+    def check():
+        impl = buf._impl
+        assert (buf.seq_len, buf.num_sealed_blocks, buf.tail_len, buf.evicted_blocks, buf.batch) == (
+            impl.seq_len(), impl.num_sealed_blocks(), impl.tail_len(), impl.evicted_blocks(), impl.batch())
+        for n in (0, 1, 7, 8, 30):
+            assert buf.blocks_sealed_by(n) == impl.blocks_sealed_by(n)
+
+    def append(n):
+        b = buf.batch
+        buf.append(torch.randn(b, 2, n, 32, generator=g), torch.randn(b, 2, n, 32, generator=g))
+
+    check()
+    for step in range(40):
+        op = int(torch.randint(0, 6, (1,), generator=g))
+        if op <= 1:
+            append(int(torch.randint(1, 20, (1,), generator=g)))
+        elif op == 2 and buf.seq_len:
+            try:
+                buf.crop(int(torch.randint(0, buf.seq_len + 5, (1,), generator=g)))
+            except ValueError:  # back into an evicted block: refused, nothing changes
+                pass
+        elif op == 3:
+            buf.evict_blocks(int(torch.randint(0, buf.num_sealed_blocks + 1, (1,), generator=g)))
+        elif op == 4:
+            buf.index_batch(torch.randint(0, buf.batch, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g))
+        elif op == 5 and step % 10 == 9:
+            buf.reset()
+        check()
+    with pytest.raises(ValueError):
+        buf.append(torch.full((buf.batch, 2, 9, 32), float("inf")), torch.zeros(buf.batch, 2, 9, 32))
+    with pytest.raises(ValueError):
+        buf.crop(-1)
+    with pytest.raises(ValueError):
+        buf.evict_blocks(buf.num_sealed_blocks + 1)
+    with pytest.raises(ValueError):
+        buf.blocks_sealed_by(-1)
+    check()

@@ -452,8 +452,9 @@ class CacheMemoryReport:
     """Exact bytes of an AdaptiveCache, from each buffer's report.
 
     tier_bytes: int64 [L, n_tiers] live page bytes (K and V data + FP16 scales/zeros) per layer and tier;
-    tail_bytes, table_bytes, shadow_bytes, elements, tokens, evicted_tokens: int64 [L] (elements count the held
-    positions, tokens minus evicted_tokens, which sliding-window layers dropped);
+    tail_bytes, table_bytes, shadow_bytes, elements, tokens, evicted_tokens, sealed_elements: int64 [L] (elements
+    count the held positions, tokens minus evicted_tokens, which sliding-window layers dropped; sealed_elements
+    those of held sealed blocks, the elements the pages store);
     precision_map: int64 [L, H_kv, n_tiers], sealed blocks per layer, KV head and tier (summed over batch rows).
     Resident bytes = pages + tails + block tables (the shadow is host memory, reported apart).
     """
@@ -466,6 +467,7 @@ class CacheMemoryReport:
     elements: torch.Tensor
     tokens: torch.Tensor
     evicted_tokens: torch.Tensor
+    sealed_elements: torch.Tensor
     precision_map: torch.Tensor
 
     @classmethod
@@ -473,7 +475,7 @@ class CacheMemoryReport:
         n_layers, n_tiers = len(cache.layers), len(Tier)
         heads = max((layer.tiers().shape[1] for layer in cache.layers), default=0)
         out = cls(cache.policy.describe(), torch.zeros(n_layers, n_tiers, dtype=torch.int64),
-                  *(torch.zeros(n_layers, dtype=torch.int64) for _ in range(6)),
+                  *(torch.zeros(n_layers, dtype=torch.int64) for _ in range(7)),
                   torch.zeros(n_layers, heads, n_tiers, dtype=torch.int64))
         for i, layer in enumerate(cache.layers):
             if layer.buffer is None:
@@ -487,6 +489,7 @@ class CacheMemoryReport:
             if tiers.numel():
                 held = (tiers >= 0).unsqueeze(-1)  # evicted blocks (tier -1) hold nothing
                 counts = (torch.nn.functional.one_hot(tiers.clamp(min=0), n_tiers) * held).sum(dim=(0, 2))
+                out.sealed_elements[i] = int(held.sum()) * layer.block_size * layer.buffer.head_dim * 2
                 out.precision_map[i, :counts.shape[0]] = counts
         return out
 
@@ -503,6 +506,13 @@ class CacheMemoryReport:
         """Resident bits per cached K/V element, metadata, tail and table included."""
         elements = int(self.elements.sum())
         return self.resident_bytes * 8 / elements if elements else 0.0
+
+    @property
+    def page_bits_per_element(self) -> float:
+        """Bits per element of the held sealed blocks: page bytes (data, scales, zeros) * 8 / their elements. What a
+        policy's tiers decide; the tail and the block table are left out (bits_per_element includes them)."""
+        elements = int(self.sealed_elements.sum())
+        return int(self.tier_bytes.sum()) * 8 / elements if elements else 0.0
 
     @property
     def compression_vs_fp16(self) -> float:
@@ -527,7 +537,8 @@ class CacheMemoryReport:
                      + f" {int(self.tail_bytes.sum()):>9} {int(self.table_bytes.sum()):>7}"
                      f" {self.resident_bytes:>10} {self.bits_per_element:>7.2f}")
         lines.append(f"effective {self.bits_per_element:.2f} bits/element (scales, zeros, tail and block table "
-                     f"included), compression vs FP16 {self.compression_vs_fp16:.2f}x; host shadow "
+                     f"included; sealed pages alone {self.page_bits_per_element:.2f}), compression vs FP16 "
+                     f"{self.compression_vs_fp16:.2f}x; host shadow "
                      f"{int(self.shadow_bytes.sum())} bytes")
         lines.append("precision map (sealed blocks per KV head, summed over batch rows):")
         for i in range(self.precision_map.shape[0]):

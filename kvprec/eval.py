@@ -1,11 +1,16 @@
 """Quality harness: teacher-forced decoding THROUGH the cache.
 
-For a token sequence x[0..L) and a prefill length P, the model first prefills x[0..P) into the cache, then
-is fed one token at a time, x[P], x[P+1], ..., x[L-2], each step reading every earlier position from the cache.
-Step i (i = 0..L-P-1) predicts x[P+i] from logits l_i. Reported per cache:
+For token sequences x[b, 0..L) (B rows, e.g. disjoint windows of a text, run as one batch) and a prefill length
+P, the model first prefills x[:, 0..P) into the cache, then is fed one token per row at a time, x[:, P], ...,
+x[:, L-2], each step reading every earlier position from the cache. Step i (i = 0..L-P-1) predicts x[b, P+i]
+from logits l_{b,i}. Reported per cache, over all n = B (L - P) predictions:
 
-    NLL = -(1/n) sum_i log softmax(l_i)[x[P+i]],   perplexity = exp(NLL),   n = L - P
-    top-1 agreement = (1/n) sum_i [argmax l_i == argmax l_i^ref]   (against the unquantized reference cache)
+    NLL = -(1/n) sum_{b,i} log softmax(l_{b,i})[x[b, P+i]],   perplexity = exp(NLL)
+    top-1 agreement = (1/n) sum_{b,i} [argmax l_{b,i} == argmax l_{b,i}^ref]   (against the unquantized reference)
+
+and the cache's effective bits per element after the pass, two ways: over everything it holds (pages, the
+model-dtype tail, block tables) and over its sealed pages only (what a policy or budget controls; the tail is a
+fixed overhead of at most one block per row and head, which weighs less as the context grows).
 
 Only the first prediction comes from the prefill's last position; all others come from decode steps whose
 attention reads the cache. (Prefill-only perplexity never reads stored K/V and says nothing about cache
@@ -24,13 +29,14 @@ import torch
 
 @dataclass
 class TeacherForced:
-    """Result of one teacher-forced pass: per-prediction NLL [n] and argmax tokens [n] (batch row 0)."""
+    """Result of one teacher-forced pass: per-prediction NLL and argmax tokens, [B, L - P] each."""
 
     nll: torch.Tensor
     argmax: torch.Tensor
     seconds: float
     bits_per_element: float          # of the cache after the pass: its own accounting, or the dense dtype's bits
     memory: Optional[object] = None  # the cache's memory report, when it has one
+    page_bits_per_element: Optional[float] = None  # sealed pages only (None for a dense cache)
 
     @property
     def mean_nll(self) -> float:
@@ -44,12 +50,12 @@ class TeacherForced:
 @torch.no_grad()
 def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_implementation: Optional[str] = None
                    ) -> TeacherForced:
-    """Run ``tokens`` [1, L] (int64) through ``model`` with ``cache`` as described in the module docstring.
+    """Run ``tokens`` [B, L] (int64) through ``model`` with ``cache`` as described in the module docstring.
 
     attn_implementation: set on the model for this pass and restored after ("kvprec" for an AdaptiveCache).
     """
-    if tokens.dim() != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"teacher_forced: tokens must be [1, L], got {tuple(tokens.shape)}")
+    if tokens.dim() != 2 or tokens.shape[0] < 1:
+        raise ValueError(f"teacher_forced: tokens must be [B, L] token ids, got {tuple(tokens.shape)}")
     length = tokens.shape[1]
     if cache is not None and cache.get_seq_length() != 0:
         raise ValueError(f"teacher_forced: the cache already holds {cache.get_seq_length()} tokens; pass a fresh "
@@ -73,9 +79,9 @@ def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_imp
         out = model(input_ids=tokens[:, :prefill], past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
         for i in range(prefill, length):
-            logp = torch.log_softmax(logits[0], -1)
-            nll.append(-logp[tokens[0, i]])
-            argmax.append(logits[0].argmax())
+            logp = torch.log_softmax(logits, -1)
+            nll.append(-logp.gather(1, tokens[:, i:i + 1])[:, 0])
+            argmax.append(logits.argmax(-1))
             if i == length - 1:
                 break
             out = model(input_ids=tokens[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
@@ -84,7 +90,8 @@ def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_imp
     report = cache.memory_report() if hasattr(cache, "memory_report") else None
     # A dense cache (DynamicCache) stores every element in its K/V dtype and nothing else.
     bits = report.bits_per_element if report is not None else 8.0 * cache.layers[0].keys.element_size()
-    return TeacherForced(torch.stack(nll).cpu(), torch.stack(argmax).cpu(), seconds, bits, report)
+    page_bits = report.page_bits_per_element if report is not None else None
+    return TeacherForced(torch.stack(nll, 1).cpu(), torch.stack(argmax, 1).cpu(), seconds, bits, report, page_bits)
 
 
 @dataclass
@@ -104,18 +111,23 @@ class Comparison:
     def rows(self) -> List[dict]:
         out = [{"cache": "reference", "perplexity": self.reference.perplexity, "ppl_change": 0.0,
                 "top1_agreement": 1.0, "bits_per_element": self.reference.bits_per_element,
+                "page_bits_per_element": None, "predictions": self.reference.nll.numel(),
                 "seconds": self.reference.seconds}]
         for name, r in self.results.items():
             out.append({"cache": name, "perplexity": r.perplexity, "ppl_change": self.ppl_change(name),
                         "top1_agreement": self.agreement(name),
-                        "bits_per_element": r.bits_per_element,
-                        "seconds": r.seconds})
+                        "bits_per_element": r.bits_per_element, "page_bits_per_element": r.page_bits_per_element,
+                        "predictions": r.nll.numel(), "seconds": r.seconds})
         return out
 
     def format(self) -> str:
-        lines = [f"{'cache':34s} {'bits/el':>8s} {'ppl':>9s} {'change':>9s} {'top-1 agree':>11s} {'seconds':>8s}"]
+        lines = [f"{'cache':40s} {'bits/el':>8s} {'pages':>6s} {'ppl':>9s} {'change':>9s} {'top-1 agree':>11s} "
+                 f"{'seconds':>8s}",
+                 f"({self.reference.nll.numel()} predictions; bits/el: everything the cache holds, pages: sealed "
+                 "pages only)"]
         for row in self.rows():
-            lines.append(f"{row['cache']:34s} {row['bits_per_element']:8.2f} {row['perplexity']:9.4f} "
+            pages = "-" if row["page_bits_per_element"] is None else f"{row['page_bits_per_element']:.2f}"
+            lines.append(f"{row['cache']:40s} {row['bits_per_element']:8.2f} {pages:>6s} {row['perplexity']:9.4f} "
                          f"{100 * row['ppl_change']:+8.2f}% {100 * row['top1_agreement']:10.1f}% {row['seconds']:8.2f}")
         return "\n".join(lines)
 

@@ -20,7 +20,7 @@ def test_fp32_cache_matches_the_reference(tiny_model, tokens):
                                                                                block_size=16)})
     assert result.agreement("fp32") == 1.0
     assert abs(result.ppl_change("fp32")) < 1e-5
-    assert result.reference.nll.shape == (50,)  # one prediction per position after the prefill
+    assert result.reference.nll.shape == (1, 50)  # one prediction per position after the prefill
 
 
 def test_quantized_cache_changes_perplexity_measurably(tiny_model, tokens):
@@ -102,3 +102,51 @@ def test_cli_bad_input_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--policy", "uniform:int3"])
     assert "accepted fp32, fp16, bf16, int8, int4, int2" in capsys.readouterr().err
+
+
+def test_windows_run_as_one_batch_give_each_rows_own_result(tiny_model):
+    """Rows of a batch are independent: each row's NLL and argmax equal a pass over that row alone, and the
+    pooled figures are means over every prediction."""
+    model = tiny_model("llama")
+    rows = torch.randint(3, 256, (3, 70), generator=torch.Generator().manual_seed(9))
+    make = lambda: kvprec.AdaptiveCache(model.config, policy="uniform:int4", block_size=16)  # noqa: E731
+    both = teacher_forced(model, rows, 40, make(), attn_implementation="kvprec")
+    assert both.nll.shape == both.argmax.shape == (3, 30)
+    for b in range(3):
+        alone = teacher_forced(model, rows[b:b + 1], 40, make(), attn_implementation="kvprec")
+        torch.testing.assert_close(both.nll[b], alone.nll[0], rtol=0, atol=1e-4)
+        assert torch.equal(both.argmax[b], alone.argmax[0])
+    result = compare(model, rows, 40, {"int4": make})
+    assert result.reference.nll.numel() == 90 and result.rows()[1]["predictions"] == 90
+
+
+def test_page_bits_count_sealed_pages_only(tiny_model, tokens):
+    """bits/element counts everything the cache holds; page bits only the sealed pages: for uniform INT4 with
+    head_dim 32, T = 16, G = 32: keys 4 + 2*16/16 bits, values 4 + 2*16/32 bits, so (6 + 5) / 2 = 5.5."""
+    model = tiny_model("llama")
+    cache = kvprec.AdaptiveCache(model.config, policy="uniform:int4", block_size=16)
+    result = teacher_forced(model, tokens[:, :70], 40, cache, attn_implementation="kvprec")
+    report = cache.memory_report()
+    assert result.page_bits_per_element == report.page_bits_per_element == 5.5
+    assert report.bits_per_element > 5.5  # the FP32 tail and the block table on top
+    assert int(report.sealed_elements.sum()) == 2 * 4 * 2 * 16 * 32 * 2  # layers x blocks x KV heads x T x D x K,V
+
+
+def test_eval_command_windows_and_budget(tmp_path, capsys):
+    """--windows N pools N disjoint windows; --bits-per-element wraps each policy in a budget that holds."""
+    from kvprec.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", "tiny", "--policy", "uniform:int4", "--policy", "sink_window",
+                 "--prefill", "64", "--tokens", "16", "--windows", "3", "--bits-per-element", "4",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["windows"] == 3 and data["bits_per_element_budget"] == 4.0
+    assert [r["cache"] for r in data["rows"]] == ["reference", "uniform:int4 @4b", "sink_window @4b"]
+    for row in data["rows"][1:]:
+        assert row["predictions"] == 48 and row["page_bits_per_element"] <= 4.0
+    with pytest.raises(SystemExit, match="need 3000000 tokens"):
+        main(["eval", "--model", "tiny", "--policy", "uniform:int4", "--prefill", "500000", "--tokens", "500000",
+              "--windows", "3"])
+    with pytest.raises(SystemExit, match="cannot be met"):
+        main(["eval", "--model", "tiny", "--policy", "uniform:int4", "--bits-per-element", "2"])

@@ -228,10 +228,11 @@ def collect(cfg: StudyConfig, loaded, log=print) -> Dict[str, np.ndarray]:
     raw["cmp_target_bits"] = np.array(target)
     raw["cmp_bits"] = np.array([r["bits_per_element"] for r in rows[1:]])
     raw["cmp_ppl"] = np.array([r["perplexity"] for r in rows[1:]])
-    raw["cmp_nll"] = np.stack([result.results[r["cache"]].nll.double().numpy() for r in rows[1:]])
-    raw["cmp_argmax"] = np.stack([result.results[r["cache"]].argmax.numpy() for r in rows[1:]])
-    raw["ref_nll"] = result.reference.nll.double().numpy()
-    raw["ref_argmax"] = result.reference.argmax.numpy()
+    # one prediction per entry (the eval batch's rows, here one, flattened): the raw layout of earlier runs
+    raw["cmp_nll"] = np.stack([result.results[r["cache"]].nll.reshape(-1).double().numpy() for r in rows[1:]])
+    raw["cmp_argmax"] = np.stack([result.results[r["cache"]].argmax.reshape(-1).numpy() for r in rows[1:]])
+    raw["ref_nll"] = result.reference.nll.reshape(-1).double().numpy()
+    raw["ref_argmax"] = result.reference.argmax.reshape(-1).numpy()
     raw["eval_prefill"] = np.array(prefill)
     log(f"quality: {len(factories)} caches, prefill {prefill} + {ev.shape[1] - prefill} steps "
         f"({time.perf_counter() - start:.1f} s)")

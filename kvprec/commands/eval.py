@@ -1,6 +1,8 @@
 """``kvprec eval --model PATH --text FILE --policy ...``: teacher-forced decoding through the cache (kvprec/eval.py):
 perplexity change and top-1 agreement of each policy against an unquantized DynamicCache, with effective
-bits per element from the cache's own accounting. ``--json`` writes the rows."""
+bits per element from the cache's own accounting. ``--windows N`` runs N disjoint windows of the text as one
+batch (N times the predictions); ``--bits-per-element B`` wraps every policy in ``policy.budget(policy,
+bits_per_element=B)`` (sealed pages at most B bits per element, down to INT2). ``--json`` writes the rows."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", required=True, help="policy name (repeatable)")
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--tokens", type=int, default=256, help="teacher-forced decode steps")
+    p.add_argument("--windows", type=int, default=1, help="disjoint windows of the text, run as one batch")
+    p.add_argument("--bits-per-element", type=float, default=None,
+                   help="wrap every policy in a budget of this many bits per element of the sealed pages")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -27,8 +32,19 @@ def run(args) -> int:
     from kvprec.loading import load
 
     loaded = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    for spec in args.policy:
-        kvprec.policy.get(spec)
+    if args.windows < 1:
+        raise SystemExit(f"kvprec eval: --windows must be >= 1, got {args.windows}")
+
+    def make_policy(spec):
+        if args.bits_per_element is None:
+            return kvprec.policy.get(spec)
+        return kvprec.policy.budget(spec, bits_per_element=args.bits_per_element)
+
+    try:
+        for spec in args.policy:
+            make_policy(spec)
+    except ValueError as exc:
+        raise SystemExit(f"kvprec eval: {exc}") from exc
     if args.text is not None:
         text = open(args.text, encoding="utf-8", errors="replace").read()
     elif loaded.name == "tiny":
@@ -37,16 +53,27 @@ def run(args) -> int:
         text = stdlib_text(STDLIB_EVAL_FILES).decode("utf-8", errors="replace")
     else:
         raise SystemExit("kvprec eval: --text FILE is required for a Hugging Face model")
-    ids = loaded.encode(text)[: args.prefill + args.tokens]
-    if len(ids) < args.prefill + 2:
-        raise SystemExit(f"kvprec eval: the text has {len(ids)} tokens, fewer than --prefill {args.prefill} + 2")
-    tokens = torch.tensor([ids])
-    caches = {spec: (lambda spec=spec: kvprec.AdaptiveCache(loaded.model.config, policy=spec,
-                                                            block_size=args.block_size)) for spec in args.policy}
+    ids = loaded.encode(text)
+    length = args.prefill + args.tokens
+    if args.windows == 1:
+        ids = ids[:length]
+        if len(ids) < args.prefill + 2:
+            raise SystemExit(f"kvprec eval: the text has {len(ids)} tokens, fewer than --prefill {args.prefill} + 2")
+        tokens = torch.tensor([ids])
+    else:
+        if len(ids) < args.windows * length:
+            raise SystemExit(f"kvprec eval: --windows {args.windows} of --prefill {args.prefill} + --tokens "
+                             f"{args.tokens} tokens need {args.windows * length} tokens; the text has {len(ids)}")
+        tokens = torch.tensor(ids[:args.windows * length]).view(args.windows, length)
+    suffix = "" if args.bits_per_element is None else f" @{args.bits_per_element:g}b"
+    caches = {spec + suffix: (lambda spec=spec: kvprec.AdaptiveCache(loaded.model.config, policy=make_policy(spec),
+                                                                     block_size=args.block_size))
+              for spec in args.policy}
     result = compare(loaded.model, tokens, args.prefill, caches)
     print(result.format())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": loaded.name, "prefill": args.prefill, "tokens": len(ids) - args.prefill,
+            json.dump({"model": loaded.name, "prefill": args.prefill, "tokens": tokens.shape[1] - args.prefill,
+                       "windows": tokens.shape[0], "bits_per_element_budget": args.bits_per_element,
                        "rows": result.rows()}, f, indent=1)
     return 0

@@ -351,7 +351,9 @@ int64_t DynamicPrecisionAdjuster::min_resident_bytes() const {
   for (const MixedPrecisionBuffer* b : buffers_) {
     at::Tensor t = b->tiers().contiguous();
     const int8_t* p = t.data_ptr<int8_t>();
-    for (int64_t i = 0; i < t.numel(); ++i) total -= std::max<int64_t>(0, mapper_.page_bytes(static_cast<Tier>(p[i])) - floor);
+    for (int64_t i = 0; i < t.numel(); ++i)
+      if (p[i] != kEvictedTier)  // an evicted block holds no page
+        total -= std::max<int64_t>(0, mapper_.page_bytes(static_cast<Tier>(p[i])) - floor);
   }
   return total;
 }
@@ -392,6 +394,7 @@ AdjustResult DynamicPrecisionAdjuster::enforce(int64_t budget_bytes) {
     for (int64_t j = 0; j < nb; ++j)
       for (int64_t b = 0; b < B; ++b)
         for (int64_t h = 0; h < H; ++h) {
+          if (ta[b][h][j] == kEvictedTier) continue;  // evicted by a sliding window: nothing to re-tier
           const Tier tier = static_cast<Tier>(ta[b][h][j]);
           entries.push_back({static_cast<int64_t>(l), j, b, h, tier, tier, sa[b][h][j], buf.has_shadow()});
         }

@@ -289,6 +289,14 @@ void test_adjuster_attention_mass() {
   CHECK(f.buffers[1].tiers()[0][0][0].item<int8_t>() == tier_index(Tier::FP16));
   CHECK((f.buffers[0].tiers() == tier_index(Tier::INT8)).sum().item<int64_t>() == 7);
   CHECK_THROWS(adj.observe(0, at::ones({2, kHq, 1, 5})), "block_mass");
+
+  // Blocks a sliding window evicted hold no page: the adjuster neither counts nor re-tiers them.
+  f.buffers[1].evict_blocks(2);
+  const int64_t before = adj.resident_bytes(), floor_before = adj.min_resident_bytes();
+  CHECK(floor_before <= before);
+  AdjustResult r2 = adj.enforce(floor_before);
+  CHECK(r2.bytes_after == floor_before && r2.demotions > 0);
+  CHECK((f.buffers[1].tiers().narrow(2, 0, 2) == kEvictedTier).all().item<bool>());
   CHECK_THROWS(DynamicPrecisionAdjuster(f.ptrs(), mo, ImportanceScore::Curvature), "PrecisionMap");
 }
 

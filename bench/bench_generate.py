@@ -18,23 +18,16 @@ DynamicCache(); the baseline here is the plain one.
 from __future__ import annotations
 
 import json
-import os
-import statistics
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-SMOKE = os.environ.get("KVPREC_BENCH_SMOKE") == "1"
-if not SMOKE and not torch.cuda.is_available():
-    pytest.skip("generate benchmarks need a CUDA device (KVPREC_BENCH_SMOKE=1 runs a CPU smoke test)",
-                allow_module_level=True)
+import kvprec
+from decode_timing import mode, prefill, sync, time_decode
 
-import kvprec  # noqa: E402
-
-DEVICE = "cpu" if SMOKE else "cuda"
-DTYPE = torch.float32 if SMOKE else torch.float16
+SMOKE, DEVICE, DTYPE = mode("generate benchmarks")
 CASES = [(1, 96), (2, 64)] if SMOKE else [(1, 4096), (1, 16384), (8, 8192), (32, 8192)]
 STEPS = 4 if SMOKE else 32
 CHUNK = 32 if SMOKE else 1024
@@ -105,19 +98,6 @@ def _caches(model):
     return out
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def _prefill(model, cache, attn: str, batch: int, context: int):
-    """Fill ``cache`` with a random prompt in chunks (not timed); returns the next token [B, 1]."""
-    ids = torch.randint(3, model.config.vocab_size, (batch, context), device=DEVICE)
-    for s in range(0, context, CHUNK):
-        out = model(input_ids=ids[:, s:s + CHUNK], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].argmax(-1, keepdim=True)
-
-
 def _dense_cache_bytes(model, batch: int, tokens: int) -> int:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -143,24 +123,14 @@ def test_generate_decode(benchmark, model, batch, context, cache_name):
     if attn != "kvprec":
         model.set_attn_implementation(attn)
     with guard:
-        token = [_prefill(model, cache, attn, batch, context)]
-        _sync()
+        token = prefill(model, cache, batch, context, CHUNK, DEVICE)
+        sync(DEVICE)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
-
-        def step():  # one decode step of every row, synchronised so the timer sees the GPU work
-            out = model(input_ids=token[0], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token[0] = out.logits[:, -1].argmax(-1, keepdim=True)
-            _sync()
-
-        benchmark.pedantic(step, rounds=STEPS, iterations=1, warmup_rounds=2)
-    times = sorted(benchmark.stats.stats.data)
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    median = statistics.median(times)
+        timing = time_decode(benchmark, model, cache, token, STEPS, DEVICE)
     tokens = context + STEPS + 2
-    row = {"batch": batch, "context": context, "cache": cache_name, "median_s": median, "p20_s": q(0.2),
-           "p80_s": q(0.8), "tokens_per_s": batch / median,
+    row = {"batch": batch, "context": context, "cache": cache_name, **timing,
            "cache_bytes": int(cache.memory_report().resident_bytes if hasattr(cache, "memory_report")
                               else _dense_cache_bytes(model, batch, tokens)),
            "peak_over_weights_bytes": (torch.cuda.max_memory_allocated() - weights) if DEVICE == "cuda" else None,

@@ -16,23 +16,16 @@ GPU runs are recorded as JSON under bench/results/ with each cache's ratios agai
 from __future__ import annotations
 
 import json
-import os
-import statistics
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-SMOKE = os.environ.get("KVPREC_BENCH_SMOKE") == "1"
-if not SMOKE and not torch.cuda.is_available():
-    pytest.skip("sliding-window benchmarks need a CUDA device (KVPREC_BENCH_SMOKE=1 runs the CPU version)",
-                allow_module_level=True)
+import kvprec
+from decode_timing import mode, prefill, sync, time_decode
 
-import kvprec  # noqa: E402
-
-DEVICE = "cpu" if SMOKE else "cuda"
-DTYPE = torch.float32 if SMOKE else torch.float16
+SMOKE, DEVICE, DTYPE = mode("sliding-window benchmarks")
 CASES = [(1, 2048), (1, 8192)] if SMOKE else [(1, 8192), (8, 8192), (1, 32768)]
 STEPS = 4 if SMOKE else 32
 CHUNK = 512 if SMOKE else 2048
@@ -84,11 +77,6 @@ def _cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("cache_name", ["DynamicCache(config)", "kvprec uniform:int4",
                                         "kvprec uniform:int4 evict_sliding=False"])
 @pytest.mark.parametrize("batch,context", CASES, ids=lambda v: str(v))
@@ -99,23 +87,10 @@ def test_sliding_window_decode(benchmark, model, batch, context, cache_name):
     if not kvp:
         model.set_attn_implementation("sdpa")
     with kvprec.enabled(model) if kvp else torch.no_grad():
-        ids = torch.randint(3, model.config.vocab_size, (batch, context), device=DEVICE)
-        for s in range(0, context, CHUNK):
-            out = model(input_ids=ids[:, s:s + CHUNK], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = [out.logits[:, -1].argmax(-1, keepdim=True)]
-        _sync()
-
-        def step():
-            o = model(input_ids=token[0], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token[0] = o.logits[:, -1].argmax(-1, keepdim=True)
-            _sync()
-
-        benchmark.pedantic(step, rounds=STEPS, iterations=1, warmup_rounds=2)
-    times = sorted(benchmark.stats.stats.data)
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    median = statistics.median(times)
-    row = {"batch": batch, "context": context, "cache": cache_name, "median_s": median, "p20_s": q(0.2),
-           "p80_s": q(0.8), "tokens_per_s": batch / median, "cache_bytes": int(_cache_bytes(cache))}
+        token = prefill(model, cache, batch, context, CHUNK, DEVICE)
+        sync(DEVICE)
+        timing = time_decode(benchmark, model, cache, token, STEPS, DEVICE)
+    row = {"batch": batch, "context": context, "cache": cache_name, **timing, "cache_bytes": int(_cache_bytes(cache))}
     base = next((r for r in _RESULTS["cases"] if r["cache"] == "DynamicCache(config)" and r["batch"] == batch
                  and r["context"] == context), None)
     if base is not None:  # measured in this run, just before (the first parameter)

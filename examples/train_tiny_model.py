@@ -1,6 +1,8 @@
 """Train the tiny byte-level Llama on Python's standard library (no download: the text ships with Python).
 
     python examples/train_tiny_model.py --out kvprec/models/tiny_llama_stdlib.safetensors          # CPU, ~2 min
+    python examples/train_tiny_model.py --layers 4 --hidden 256 --heads 4 --kv-heads 2 --seq 1024 --batch 8 \
+        --steps 1800 --lr 2e-3 --out examples/models/small_llama_stdlib.safetensors            # CPU, ~42 min
     python examples/train_tiny_model.py --device cuda --layers 8 --hidden 512 --heads 8 --kv-heads 2 \\
         --steps 3000 --seq 1024 --out /tmp/llama_stdlib_8L.safetensors                            # GPU machine
 

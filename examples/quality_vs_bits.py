@@ -7,7 +7,8 @@ the cache (kvprec.eval), against issue #4's quality targets.
 Every cache runs in one comparison (one reference pass): uniform INT8 / INT4 / INT2, then, for each budget in
 ``--budgets`` (bits per element of the sealed pages, metadata included, down to INT2), the budget wrapper around
 uniform INT4 (newest blocks kept longest), sink_window (4 sinks and the last 128 positions first) and
-attention_mass (the most attended blocks first). The table gives both bit counts (whole cache, and sealed pages
+attention_mass (the most attended blocks first), and the curvature map calibrated at that budget on training text
+(``--no-curvature`` skips it). The table gives both bit counts (whole cache, and sealed pages
 alone: the tail is one model-dtype block per row and head whatever the policy, so it weighs ~16 T / context bits
 at short contexts), perplexity change and top-1 agreement over windows x tokens predictions, and which of the
 targets each row meets (rows are held to a target by their measured page bits): uniform INT4 within +0.5% and
@@ -26,7 +27,21 @@ from kvprec.eval import compare
 from kvprec.loading import load
 
 
-def caches(config, budgets, block_size, group_size, extra=()):
+def curvature_policies(model, encode, budgets, block_size, group_size, windows=4, length=1024):
+    """The curvature map (kvprec.policy.Curvature) at each budget, calibrated on ``windows`` x ``length`` tokens of
+    the training text (disjoint from the evaluation text), tiers INT2 / INT4 / INT8 / FP16."""
+    from kvprec.models import STDLIB_TRAIN_FILES, stdlib_text
+    from kvprec.policy.curvature import Curvature
+
+    ids = encode(stdlib_text(STDLIB_TRAIN_FILES).decode("utf-8", errors="replace"))[:windows * length]
+    calib = torch.tensor(ids).view(windows, length)
+    return {f"curvature @{b:g}b": Curvature.calibrate(model, calib, bits_per_element=b, block_size=block_size,
+                                                       group_size=group_size,
+                                                       candidates=("int2", "int4", "int8", "fp16"))
+            for b in budgets}
+
+
+def caches(config, budgets, block_size, group_size, extra=(), calibrated=None):
     def make(policy):
         return lambda: kvprec.AdaptiveCache(config, policy=policy, block_size=block_size, group_size=group_size)
 
@@ -37,6 +52,7 @@ def caches(config, budgets, block_size, group_size, extra=()):
     for bits in budgets:
         for name, spec in inner.items():
             out[f"{name} @{bits:g}b"] = make(kvprec.policy.budget(spec, bits_per_element=bits))
+    out.update({name: make(policy) for name, policy in (calibrated or {}).items()})
     return out
 
 
@@ -64,6 +80,7 @@ def main():
     p.add_argument("--budgets", type=float, nargs="*", default=[3.0, 2.6])
     p.add_argument("--extra", nargs="*", default=["sink_window:sinks=0,window=256,rest=int2,recent=int4"],
                    help="more policy specs, unbudgeted (default: the last 256 positions at INT4, the rest INT2)")
+    p.add_argument("--no-curvature", action="store_true", help="skip the calibrated curvature map rows")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="write the rows (and the command's arguments) as JSON")
     args = p.parse_args()
@@ -89,8 +106,10 @@ def main():
         print(f"budget {b:g} bits: below INT2's {floor:.3f} bits per element at head_dim {head_dim}, block_size "
               f"{args.block_size}, group_size {args.group_size} (FP16 scale and zero per channel per block for keys, "
               f"per group per token for values): no policy can meet it; skipped")
+    calibrated = None if args.no_curvature else curvature_policies(loaded.model, loaded.encode, budgets,
+                                                                    args.block_size, args.group_size)
     result = compare(loaded.model, tokens, args.prefill,
-                     caches(cfg, budgets, args.block_size, args.group_size, args.extra))
+                     caches(cfg, budgets, args.block_size, args.group_size, args.extra, calibrated))
     rows = result.rows()
     print(result.format())
     print(f"\n{'cache':34s} {'target':32s} met")

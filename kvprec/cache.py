@@ -125,7 +125,8 @@ class AdaptiveLayer(CacheLayerMixin):
 
     @property
     def evicted_blocks(self) -> int:
-        """Sealed blocks [0, evicted_blocks) were evicted by the sliding window (tier ``formats.EVICTED`` in tiers())."""
+        """Sealed blocks [0, evicted_blocks) were evicted by the sliding window (tier ``formats.EVICTED`` in
+        tiers())."""
         return 0 if self.buffer is None else self.buffer.evicted_blocks
 
     def tiers(self) -> torch.Tensor:
@@ -336,10 +337,10 @@ class AdaptiveLayer(CacheLayerMixin):
             raise ValueError(f"crop({tokens_to_remove}): the layer holds only {self.get_seq_length()} tokens")
         held = self.evicted_blocks * self.block_size
         if tokens_to_remove and held and held - 1 > new_len - self.sliding_window:
-            raise ValueError(f"crop({tokens_to_remove}): layer {self.layer_idx} has evicted positions < {held} (sliding "
-                             f"window {self.sliding_window}), and a query at position {new_len} would see some of "
-                             "them; call cache.activate_past_recording() before decoding steps you may roll back, or "
-                             "build the AdaptiveCache with evict_sliding=False")
+            raise ValueError(f"crop({tokens_to_remove}): layer {self.layer_idx} has evicted positions < {held} "
+                             f"(sliding window {self.sliding_window}), and a query at position {new_len} would see "
+                             "some of them; call cache.activate_past_recording() before decoding steps you may roll "
+                             "back, or build the AdaptiveCache with evict_sliding=False")
 
     def offload(self):
         raise NotImplementedError("AdaptiveCache does not support offloading (Cache(offloading=True))")

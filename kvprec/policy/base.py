@@ -13,7 +13,8 @@ blocks are sealed (a block seals when its ``block_size`` positions are filled), 
 Policies never import transformers: they see a cache layer through a few members of ``AdaptiveLayer``:
 ``layer_idx``, ``block_size``, ``geometry`` (BlockGeometry), ``get_seq_length()``, ``tiers()`` (int8
 [B, H_kv, n_sealed]; ``formats.EVICTED`` = -1 for the first ``evicted_blocks`` blocks of a sliding-window layer,
-which hold nothing and cannot be re-tiered), ``set_block_tiers(index, tiers)``, ``memory()`` (the buffer's MemoryReport), ``stats``
+which hold nothing and cannot be re-tiered), ``set_block_tiers(index, tiers)``, ``memory()`` (the buffer's
+MemoryReport), ``stats``
 (:class:`AttentionStats`, or None when no policy asked for attention mass), and optionally ``table_version`` /
 ``rebalance_memo`` (see :func:`needs_rebalance`).
 

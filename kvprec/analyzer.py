@@ -185,7 +185,8 @@ class KVCacheAnalyzer:
 
         * ``"cpp"``: q, k, v are copied to the host and the C++ accumulator computes the closed form there (FP64);
         * ``"triton"`` (what ``"auto"`` picks for CUDA tensors; also CPU tensors under TRITON_INTERPRET=1): the
-          curvature reduction runs where q is, twice (query_reduce "sum" and "max"), and only the position
+          curvature reduction runs where q is (``curvature_sum_max``: its first pass shared by the sum and the max
+          over queries), and only the position
           statistics pos_sum, pos_max [B?, Hkv, N] come to the host, where :meth:`add_reduced` adds them with the
           count of (query head, query) pairs that see each position (:func:`visible_count`, from the shapes).
           FP32 arithmetic: within the kernel's tolerance of the C++ path (kvprec/triton_ops/curvature.py);
@@ -200,7 +201,7 @@ class KVCacheAnalyzer:
         if which == "cpp":
             self._impl.add_calibration(int(layer), q.detach().cpu(), k.detach().cpu(), v.detach().cpu())
         else:
-            from .analysis.curvature import curvature_reduce
+            from .analysis.curvature import curvature_sum_max
 
             if int(layer) < 0:
                 raise ValueError(f"layer: {layer} is not accepted; expected >= 0")
@@ -209,10 +210,8 @@ class KVCacheAnalyzer:
                 raise ValueError(f"add_calibration: k has head_dim {k.shape[-1]} but the geometry's head_dim is {d} "
                                  "(head_dim=)")
             q, k, v = q.detach(), k.detach(), v.detach()
-            args = (q, k, v, self.scale, self.causal, self.geometry.block_size)
-            pos_sum = curvature_reduce(*args, "sum", "sum", backend=which)[0]
-            pos_max = curvature_reduce(*args, "max", "max", backend=which)[0]
-            # curvature_reduce checked the shapes: q [B?, Hq, Q, D], k [B?, Hkv, N, D], Hq % Hkv == 0, causal Q <= N.
+            pos_sum, pos_max = curvature_sum_max(q, k, v, self.scale, self.causal, backend=which)
+            # curvature_sum_max checked the shapes: q [B?, Hq, Q, D], k [B?, Hkv, N, D], Hq % Hkv == 0, causal Q <= N.
             batch = q.shape[0] if q.dim() == 4 else 1
             count = visible_count(batch, q.shape[-3] // k.shape[-3], q.shape[-2], k.shape[-2], self.causal)
             self._impl.add_reduced(int(layer), pos_sum.cpu(), pos_max.cpu(), count)

@@ -226,6 +226,7 @@ from . import precision as _precision  # noqa: E402
 
 register("attention_curvature", _curvature.attention_curvature_reference, native="kvprec::attention_curvature")
 register("curvature_reduce", _curvature.curvature_reduce_reference, native="kvprec::curvature_reduce")
+register("curvature_sum_max", _curvature.curvature_sum_max_reference)
 register("attention_locality", _curvature.attention_locality_reference, native="kvprec::attention_locality")
 register("required_bits", _precision.required_bits_reference, native="kvprec::required_bits")
 register("map_tiers", _precision.map_tiers_reference, native="kvprec::map_tiers")
@@ -329,8 +330,10 @@ def decode_attention(q: torch.Tensor, paged: PagedKV, *, scale: Optional[float] 
 
 # The Triton curvature reduction (kvprec/triton_ops/curvature.py), attached lazily like the ops above; its entry
 # point is kvprec.analysis.curvature.curvature_reduce.
-if _importlib_util.find_spec("triton") is not None and REGISTRY["curvature_reduce"].triton is None:
-    register_triton("curvature_reduce", _LazyTritonLauncher("curvature_reduce"))
+if _importlib_util.find_spec("triton") is not None:
+    for _name in ("curvature_reduce", "curvature_sum_max"):
+        if REGISTRY[_name].triton is None:
+            register_triton(_name, _LazyTritonLauncher(_name))
 
 
 # ------------------------------------------------------------------------------------------------------

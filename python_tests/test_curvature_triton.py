@@ -309,3 +309,24 @@ def test_gpu_opcheck():
     q, k, v = make_inputs(2, 8, 2, 5, 100, 64, torch.float16, seed=37)
     torch.library.opcheck(torch.ops.kvprec_triton.curvature_position.default, (q, k, v, 0.125, True, 0))
     torch.library.opcheck(torch.ops.kvprec_triton.curvature_position.default, (q, k, v, 0.125, False, 1))
+
+
+@pytest.mark.parametrize("batched,dtype", [(False, torch.float32), (True, torch.float16)])
+def test_sum_max_shares_the_first_pass(monkeypatch, batched, dtype):
+    """curvature_sum_max: bit for bit the positions of two curvature_reduce calls (query_reduce sum and max), with
+    the row-statistics pass launched once instead of twice; the reference agrees with the reference reductions."""
+    q, k, v = make_inputs(2 if batched else None, 4, 2, 6, 40, 32, dtype, seed=31)
+    want_sum = C.curvature_reduce(q, k, v, 0.0, True, 16, "sum", "max", backend="triton")[0]
+    want_max = C.curvature_reduce(q, k, v, 0.0, True, 16, "max", "max", backend="triton")[0]
+    launches = []
+    wrap = tc.wrap_triton
+    monkeypatch.setattr(tc, "wrap_triton", lambda kernel: launches.append(kernel) or wrap(kernel))
+    got_sum, got_max = C.curvature_sum_max(q, k, v, 0.0, True, backend="triton")
+    assert launches == [tc.curvature_rows_kernel, tc.curvature_positions_kernel, tc.curvature_positions_kernel]
+    assert torch.equal(got_sum, want_sum) and torch.equal(got_max, want_max)
+    ref = C.curvature_sum_max(q, k, v, 0.0, True, backend="torch")
+    for want, how in zip(ref, ("sum", "max")):
+        torch.testing.assert_close(want, C.curvature_reduce_reference(q, k, v, 0.0, True, 16, how, "max")[0],
+                                   rtol=0, atol=0)
+    assert ops.resolve_backend("curvature_sum_max", "auto", torch.device(DEVICE)) == (
+        "triton" if DEVICE == "cuda" else "torch")

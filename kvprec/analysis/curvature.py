@@ -201,19 +201,34 @@ def curvature_reduce_reference(q, k, v, scale: float = 0.0, causal: bool = True,
     if block_size < 1:
         raise ValueError(f"curvature_reduce: block_size {block_size} is not accepted; use a positive size")
     kappa = _closed_form("curvature_reduce", q, k, v, scale, causal)[0].kappa
-    b, hq, nq, n = kappa.shape
-    hkv = k.shape[-3]
-    kg = kappa.reshape(b, hkv, hq // hkv, nq, n)
-    if query_reduce == "max":
-        pos = kg.amax(dim=(2, 3))
-    else:
-        pos = kg.sum(dim=(2, 3))
-        if query_reduce == "mean":
-            seen = _visible(nq, n, causal, kappa.device).sum(0).double() * (hq // hkv)
-            pos = pos / seen.clamp_min(1.0)
+    pos = _query_reduce(kappa, k.shape[-3], causal, query_reduce)
     if q.dim() == 3:
         pos = pos.squeeze(0)
     return pos, _reduce_blocks(pos, block_size, block_reduce)
+
+
+def _query_reduce(kappa: torch.Tensor, hkv: int, causal: bool, how: str) -> torch.Tensor:
+    """kappa [B, Hq, Q, N] -> [B, Hkv, N]: mean, max or sum over the group's query heads and the queries (the mean
+    over those that see each position)."""
+    b, hq, nq, n = kappa.shape
+    kg = kappa.reshape(b, hkv, hq // hkv, nq, n)
+    if how == "max":
+        return kg.amax(dim=(2, 3))
+    pos = kg.sum(dim=(2, 3))
+    if how == "mean":
+        seen = _visible(nq, n, causal, kappa.device).sum(0).double() * (hq // hkv)
+        pos = pos / seen.clamp_min(1.0)
+    return pos
+
+
+def curvature_sum_max_reference(q, k, v, scale: float = 0.0, causal: bool = True
+                                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both position statistics calibration needs, from one computation of kappa: (sum, max) over the group's
+    query heads and the queries that see each position, FP64 [B?, Hkv, N] each (curvature_reduce's position with
+    query_reduce "sum" and "max")."""
+    kappa = _closed_form("curvature_sum_max", q, k, v, scale, causal)[0].kappa
+    out = [_query_reduce(kappa, k.shape[-3], causal, how) for how in ("sum", "max")]
+    return tuple(x.squeeze(0) if q.dim() == 3 else x for x in out)
 
 
 def leader_clusters(keys: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, int]:
@@ -321,6 +336,18 @@ def curvature_reduce(q, k, v, scale: float = 0.0, causal: bool = True, block_siz
         return tuple(ops.REGISTRY["curvature_reduce"].triton(q, k, v, scale, causal, block_size, query_reduce,
                                                              block_reduce))
     return tuple(torch.ops.kvprec.curvature_reduce(q, k, v, scale, causal, block_size, query_reduce, block_reduce))
+
+
+def curvature_sum_max(q, k, v, scale: float = 0.0, causal: bool = True, *,
+                      backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum, max) of kappa per KV head and position, FP64 [B?, Hkv, N] each, in one pass where the backend can share
+    it: "torch" (the reference, kappa once), "triton" (the attention statistics pass once, then one position pass
+    per statistic, instead of two whole curvature_reduce calls), "auto" (triton on CUDA, else the reference)."""
+    which = _run("curvature_sum_max", backend, q.device)
+    if which == "triton":
+        from .. import ops
+        return tuple(ops.REGISTRY["curvature_sum_max"].triton(q, k, v, scale, causal))
+    return curvature_sum_max_reference(q, k, v, scale, causal)
 
 
 def attention_locality(q, k, scale: float = 0.0, causal: bool = True, window: int = 64, anchor_factor: float = 4.0,

@@ -17,6 +17,7 @@ _ops.register_triton("dequantize_keys", quantize.dequantize_keys)
 _ops.register_triton("dequantize_values", quantize.dequantize_values)
 _ops.register_triton("quantize_append", quantize_append.quantize_append)
 _ops.register_triton("curvature_reduce", curvature.curvature_reduce)
+_ops.register_triton("curvature_sum_max", curvature.curvature_sum_max)
 _ops.register_triton("novelty_reduce", novelty.novelty_reduce)
 
 __all__ = ["decode_attention", "quantize"]

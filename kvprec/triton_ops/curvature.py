@@ -39,7 +39,7 @@ scores grows with them: 2e-3 |ref| + 1e-3 max|ref| (measured 2.1e-4 and 1.1e-4 a
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import triton
@@ -102,6 +102,21 @@ def curvature_position_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     """The checked kernel calls: q [B, Hq, Q, D], k [B, Hkv, N, D], v [B, Hkv, N, DV], one dtype (FP16, BF16 or
     FP32), last dims contiguous; scale > 0; query_reduce 0 mean, 1 max, 2 sum. Returns position FP64
     [B, Hkv, N]. Inputs are assumed checked by :func:`curvature_reduce`."""
+    return _positions(q, k, v, scale, causal, (query_reduce,))[0]
+
+
+@triton_op("kvprec_triton::curvature_position_sum_max", mutates_args={})
+def curvature_position_sum_max_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                  causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`curvature_position_op` with query_reduce "sum" and "max" at once: pass 1 (the row statistics,
+    cdiv(G*Q, BLOCK_M1) reads of K and V) runs once for both, then pass 2 once per statistic."""
+    pos_sum, pos_max = _positions(q, k, v, scale, causal, (_REDUCE_CODES["sum"], _REDUCE_CODES["max"]))
+    return pos_sum, pos_max
+
+
+def _positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+               query_reduces: Tuple[int, ...]) -> List[torch.Tensor]:
+    """Pass 1 once, then pass 2 for each of ``query_reduces``: one position tensor FP64 [B, Hkv, N] each."""
     b, hq, nq, d = q.shape
     hkv, n, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
@@ -116,7 +131,6 @@ def curvature_position_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     onorm2 = torch.empty(bh, gq, **f32)
     tstar = torch.empty(bh, gq, dtype=torch.int32, device=dev)
     dstar = torch.empty(bh, gq, **f32)
-    position = torch.empty(b, hkv, n, dtype=torch.float64, device=dev)
     dot_dtype = _dot_dtype(q.dtype)
     qk_scale = scale * 1.4426950408889634  # base-2 exponentials in the kernels
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -129,12 +143,16 @@ def curvature_position_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
         strides[8], o, lse2, coef, onorm2, tstar, dstar,
         hkv, g, nq, gq, n, d, dv, scale, qk_scale,
         BLOCK_M=cfg["BLOCK_M1"], **common)
-    wrap_triton(curvature_positions_kernel)[(bh, triton.cdiv(n, cfg["BLOCK_N"]))](
-        q, strides[0], strides[1], strides[2], k, strides[3], strides[4], strides[5], v, strides[6], strides[7],
-        strides[8], o, lse2, coef, onorm2, tstar, dstar, position,
-        hkv, g, nq, gq, n, d, dv, qk_scale,
-        QUERY_REDUCE=query_reduce, BLOCK_M=cfg["BLOCK_M2"], **common)
-    return position
+    positions = []
+    for query_reduce in query_reduces:
+        position = torch.empty(b, hkv, n, dtype=torch.float64, device=dev)
+        wrap_triton(curvature_positions_kernel)[(bh, triton.cdiv(n, cfg["BLOCK_N"]))](
+            q, strides[0], strides[1], strides[2], k, strides[3], strides[4], strides[5], v, strides[6], strides[7],
+            strides[8], o, lse2, coef, onorm2, tstar, dstar, position,
+            hkv, g, nq, gq, n, d, dv, qk_scale,
+            QUERY_REDUCE=query_reduce, BLOCK_M=cfg["BLOCK_M2"], **common)
+        positions.append(position)
+    return positions
 
 
 def _kernel_dtype(*xs: torch.Tensor) -> torch.dtype:
@@ -162,20 +180,37 @@ def curvature_reduce(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     _check_reduce("block_reduce", block_reduce)
     if block_size < 1:
         raise ValueError(f"curvature_reduce: block_size {block_size} is not accepted; use a positive size")
-    batched, _, s, _ = check_inputs("curvature_reduce", q, k, v, scale, causal)
-    for what, x in (("head_dim", q.shape[-1]), ("value head_dim", v.shape[-1])):
-        if x > MAX_HEAD_DIM:
-            raise ValueError(f"curvature_reduce (triton): {what} {x} is not supported; accepted head_dim 1 to "
-                             f"{MAX_HEAD_DIM} (padded to a power of two >= 16 in registers)")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"curvature_reduce (triton): q, k, v must be on one device, got {q.device}, {k.device}, "
-                         f"{v.device}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"curvature_reduce (triton): q is on {q.device}; the Triton kernels need a CUDA device "
-                           "(or TRITON_INTERPRET=1 set before triton_kernels was imported)")
-    dtype = _kernel_dtype(q, k, v)
-    q4, k4, v4 = (_last_dim_contiguous(x if batched else x.unsqueeze(0), dtype) for x in (q, k, v))
-    position = curvature_position_op(q4, k4, v4, float(s), bool(causal), _REDUCE_CODES[query_reduce])
+    batched, s, q4, k4, v4 = _prepared("curvature_reduce", q, k, v, scale, causal)
+    position = curvature_position_op(q4, k4, v4, s, bool(causal), _REDUCE_CODES[query_reduce])
     if not batched:
         position = position.squeeze(0)
     return position, _block_reduce(position, block_size, block_reduce)
+
+
+def curvature_sum_max(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 0.0, causal: bool = True
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton (sum, max) of kappa per KV head and position, FP64 [B?, Hkv, N] each; arguments and results as
+    kvprec.analysis.curvature.curvature_sum_max_reference. The same kernels and arithmetic as two
+    :func:`curvature_reduce` calls (query_reduce "sum" and "max"), with their shared first pass run once:
+    cdiv(G*Q, BLOCK_M1) + 2 passes over K and V instead of 2 cdiv(G*Q, BLOCK_M1) + 2."""
+    batched, s, q4, k4, v4 = _prepared("curvature_sum_max", q, k, v, scale, causal)
+    out = curvature_position_sum_max_op(q4, k4, v4, s, bool(causal))
+    return tuple(x if batched else x.squeeze(0) for x in out)
+
+
+def _prepared(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+    """Host checks of the Triton curvature ops, then (batched, scale, q4, k4, v4): 4-D tensors in one kernel
+    dtype with contiguous last dims."""
+    batched, _, s, _ = check_inputs(op, q, k, v, scale, causal)
+    for what, x in (("head_dim", q.shape[-1]), ("value head_dim", v.shape[-1])):
+        if x > MAX_HEAD_DIM:
+            raise ValueError(f"{op} (triton): {what} {x} is not supported; accepted head_dim 1 to "
+                             f"{MAX_HEAD_DIM} (padded to a power of two >= 16 in registers)")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{op} (triton): q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"{op} (triton): q is on {q.device}; the Triton kernels need a CUDA device "
+                           "(or TRITON_INTERPRET=1 set before triton_kernels was imported)")
+    dtype = _kernel_dtype(q, k, v)
+    q4, k4, v4 = (_last_dim_contiguous(x if batched else x.unsqueeze(0), dtype) for x in (q, k, v))
+    return batched, float(s), q4, k4, v4

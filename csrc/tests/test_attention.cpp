@@ -107,6 +107,28 @@ void test_errors() {
   CHECK_THROWS(attend(buf, at::randn({2, 4, 1, 32}), {}, bad), "sliding_window");
 }
 
+// The K/V that attend reads, [B, Hkv, L, D] FP32: gather() for an FP32 model dtype (checked to be the same as the
+// blocks dequantized to FP32), else the blocks dequantized to FP32 and the tail (gather() would round integer
+// tiers' values to the model dtype, which attend does not).
+std::pair<at::Tensor, at::Tensor> what_attend_reads(const MixedPrecisionBuffer& buf) {
+  std::vector<at::Tensor> ks, vs;
+  for (int64_t j = 0; j < buf.num_sealed_blocks(); ++j) {
+    auto [k, v] = buf.block(j, at::kFloat);
+    ks.push_back(k);
+    vs.push_back(v);
+  }
+  ks.push_back(buf.tail_keys().to(at::kFloat));
+  vs.push_back(buf.tail_values().to(at::kFloat));
+  at::Tensor k = at::cat(ks, 2), v = at::cat(vs, 2);
+  if (buf.options().dtype == at::kFloat) {
+    const auto [gk, gv] = buf.gather(0, buf.seq_len());
+    CHECK(at::equal(gk, k) && at::equal(gv, v));
+    k = gk;
+    v = gv;
+  }
+  return {k, v};
+}
+
 // Half model dtype: the output is cast once to FP16; the online softmax itself stays in FP32.
 void test_half_dtype() {
   MixedPrecisionBuffer buf(opts(1, 2, 64, 16, Tier::INT8, at::kHalf));
@@ -116,14 +138,7 @@ void test_half_dtype() {
   CHECK(r.out.scalar_type() == at::kHalf && r.lse.scalar_type() == at::kFloat && !r.block_mass.defined());
   // Reference on the FP32-dequantized blocks (what attend reads) and the tail; FP16 output rounding
   // (2^-11 relative, |out| < 4 here) is the only extra error.
-  std::vector<at::Tensor> ks, vs;
-  for (int64_t j = 0; j < buf.num_sealed_blocks(); ++j) {
-    auto [k, v] = buf.block(j, at::kFloat);
-    ks.push_back(k);
-    vs.push_back(v);
-  }
-  ks.push_back(buf.tail_keys().to(at::kFloat));
-  vs.push_back(buf.tail_values().to(at::kFloat));
+  const auto [k, v] = what_attend_reads(buf);
   Case c;
   c.B = 1;
   c.Hq = 2;
@@ -131,7 +146,7 @@ void test_half_dtype() {
   c.D = 64;
   c.L = 40;
   c.Q = 3;
-  const Dense d = dense(q, at::cat(ks, 2), at::cat(vs, 2), {}, c);
+  const Dense d = dense(q, k, v, {}, c);
   CHECK_NEAR(max_abs(r.out.to(at::kFloat), d.out), 0.0, 4.0 * std::ldexp(1.0, -11));
   CHECK_NEAR(max_abs(r.lse, d.lse), 0.0, 1e-5);
 }
@@ -165,28 +180,6 @@ at::Tensor draw_tiers(const std::vector<Tier>& tiers, int64_t B, int64_t H, int6
   for (int64_t i = 0; i < ids.numel(); ++i)
     ids.view({-1})[i] = static_cast<int64_t>(tier_index(tiers[pick.view({-1})[i].item<int64_t>()]));
   return ids;
-}
-
-// The K/V that attend reads, [B, Hkv, L, D] FP32: gather() for an FP32 model dtype (checked to be the same as the
-// blocks dequantized to FP32), else the blocks dequantized to FP32 and the tail (gather() would round integer
-// tiers' values to the model dtype, which attend does not).
-std::pair<at::Tensor, at::Tensor> what_attend_reads(const MixedPrecisionBuffer& buf) {
-  std::vector<at::Tensor> ks, vs;
-  for (int64_t j = 0; j < buf.num_sealed_blocks(); ++j) {
-    auto [k, v] = buf.block(j, at::kFloat);
-    ks.push_back(k);
-    vs.push_back(v);
-  }
-  ks.push_back(buf.tail_keys().to(at::kFloat));
-  vs.push_back(buf.tail_values().to(at::kFloat));
-  at::Tensor k = at::cat(ks, 2), v = at::cat(vs, 2);
-  if (buf.options().dtype == at::kFloat) {
-    const auto [gk, gv] = buf.gather(0, buf.seq_len());
-    CHECK(at::equal(gk, k) && at::equal(gv, v));
-    k = gk;
-    v = gv;
-  }
-  return {k, v};
 }
 
 // Dense FP64 attention: out [B, Hq, Q, D], lse [B, Hq, Q], block mass [B, Hq, Q, nblocks].

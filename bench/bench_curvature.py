@@ -42,12 +42,9 @@ pytest-benchmark drives the same calls (``benchmark.pedantic``).
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -66,12 +63,10 @@ from kvprec import ops  # noqa: E402
 from kvprec.analysis import curvature as C  # noqa: E402
 from kvprec.triton_ops import curvature as tc  # noqa: E402
 
+from results_file import git_commit, quantiles, write_results  # noqa: E402
+
 if DEVICE == "cuda":
-    from bench_decode_attention import _event_times, _quantiles  # noqa: E402  (same timing conventions)
-else:  # the smoke run: no CUDA events (bench_decode_attention skips itself without CUDA)
-    def _quantiles(times):
-        t = torch.tensor(times)
-        return {"median_us": t.median().item(), "p20_us": t.quantile(0.2).item(), "p80_us": t.quantile(0.8).item()}
+    from bench_decode_attention import _event_times  # noqa: E402  (same timing conventions)
 cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="the curvature_reduce cases need a CUDA device")
 
 LAYERS, HQ, HKV, D, N = 16, 32, 8, 64, 8192   # Llama-3.2-1B: 16 layers, 32 query heads, 8 KV heads, head_dim 64
@@ -81,7 +76,6 @@ QUERIES = {"last64": 64, "all": N}
 ROUNDS = {"layer": 20, "model": 5}
 REFERENCE_ROUNDS = {"layer": 5, "model": 2}
 WARMUP = 2
-RESULTS_DIR = Path(__file__).parent / "results"
 _RESULTS: dict = {"cases": []}
 
 
@@ -91,7 +85,6 @@ def layer_inputs():
     gen = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=DTYPE, generator=gen)  # noqa: E731
     sets = [(mk(1, HQ, N, D), mk(1, HKV, N, D), mk(1, HKV, N, D)) for _ in range(LAYERS)]
-    props = torch.cuda.get_device_properties(0)
     _RESULTS.update(_environment())
     _RESULTS.update({
         "shape": {"layers": LAYERS, "B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "N": N, "dtype": str(DTYPE)},
@@ -100,17 +93,14 @@ def layer_inputs():
     })
     yield sets
     _summarise()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    name = f"curvature_reduce-{props.name.replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    (RESULTS_DIR / name).write_text(json.dumps(_RESULTS, indent=2))
+    write_results("curvature_reduce", _RESULTS)
 
 
 def _environment() -> dict:
     """Device, versions and commit: the header of every results file of this module."""
     env = {"torch": torch.__version__, "triton": triton.__version__, "kvprec": kvprec.__version__,
            "python": platform.python_version(),
-           "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent).stdout.strip()}
+           "git_commit": git_commit()}
     if DEVICE == "cuda":
         props = torch.cuda.get_device_properties(0)
         env.update({"device": props.name, "sm_count": props.multi_processor_count, "cuda": torch.version.cuda})
@@ -171,7 +161,7 @@ def test_curvature_reduce(benchmark, layer_inputs, queries, scope, backend):
         torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
-    stats = _quantiles(times)
+    stats = quantiles(times)
     case.update(stats)
     if backend == "triton":
         cfg = tc.block_sizes(HKV, HQ // HKV * nq, N, D, D, torch.device("cuda"))
@@ -208,9 +198,7 @@ def calibration_results():
                    "backend_auto": calibration_backend("auto", torch.device(DEVICE))})
     yield _CALIB
     if _CALIB["cases"] and not SMOKE:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        name = f"curvature_calibrate-{_CALIB['device'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        (RESULTS_DIR / name).write_text(json.dumps(_CALIB, indent=2))
+        write_results("curvature_calibrate", _CALIB)
 
 
 def _sync():
@@ -294,7 +282,7 @@ def test_calibration_analysis(benchmark, calibration_results, dtype, backend):
     analyzers = []
     times = _timed_rounds(benchmark, lambda: analyzers.append(_analyze_layers(sets, backend)), rounds, warmup)
     assert analyzers[-1].backends == {backend: layers}
-    case.update(_quantiles(times))
+    case.update(quantiles(times))
     case["per_layer_ms"] = case["median_us"] / layers / 1e3
     benchmark.extra_info.update(case)
     calibration_results["cases"].append(case)
@@ -365,7 +353,7 @@ def test_calibration_calibrate(benchmark, calibration_results, calibration_model
     finally:
         policy_module._calibrate = run_calibration
     assert policies[-1].calibration_backends == {backend: layers}
-    case.update(_quantiles(times))
+    case.update(quantiles(times))
     if DEVICE == "cuda":
         case["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
 

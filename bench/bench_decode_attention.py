@@ -18,13 +18,8 @@ BlockGeometry.page_bytes) + the tail + the block table + q and out; SDPA reads F
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +33,7 @@ from kvprec import ops  # noqa: E402
 from kvprec.formats import BlockGeometry, Tier  # noqa: E402
 from kvprec.reference import PagedKV  # noqa: E402
 from kvprec.triton_ops import decode_attention as tda  # noqa: E402
+from results_file import git_commit, quantiles, write_results  # noqa: E402
 
 SHAPES = [  # B, Hq, Hkv, D, N
     (1, 32, 8, 128, 16384),
@@ -51,7 +47,6 @@ BLOCK_SIZE, GROUP_SIZE = 64, 32
 L2_BYTES = 50 * 2 ** 20
 ROUNDS, WARMUP = 50, 5
 MAX_SETS = 16
-RESULTS_DIR = Path(__file__).parent / "results"
 _RESULTS: dict = {"cases": []}
 CUDA_KERNELS = kvprec.cuda_kernels_available()
 
@@ -101,18 +96,13 @@ def _event_times(fn, sets, rounds, warmup):
     return times
 
 
-def _quantiles(times):
-    t = torch.tensor(times)
-    return {"median_us": t.median().item(), "p20_us": t.quantile(0.2).item(), "p80_us": t.quantile(0.8).item()}
-
-
 @pytest.fixture(scope="module")
 def copy_bandwidth():
     """Device-to-device copy of 1 GiB: 2 GiB moved (read + write) per copy; median over 20 copies."""
     src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     times = _event_times(lambda _: dst.copy_(src), [None], 20, 3)
-    gbps = 2 * src.numel() / (_quantiles(times)["median_us"] * 1e-6) / 1e9
+    gbps = 2 * src.numel() / (quantiles(times)["median_us"] * 1e-6) / 1e9
     del src, dst
     torch.cuda.empty_cache()
     props = torch.cuda.get_device_properties(0)
@@ -120,16 +110,13 @@ def copy_bandwidth():
         "device": props.name, "sm_count": props.multi_processor_count,
         "copy_gbps": gbps, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "kvprec": kvprec.__version__, "python": platform.python_version(),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).parent).stdout.strip(),
+        "git_commit": git_commit(),
         "block_size": BLOCK_SIZE, "group_size": GROUP_SIZE, "rounds": ROUNDS,
         "backend": ops.resolve_backend("decode_attention", "auto", torch.device("cuda")),
         "cuda_kernels": CUDA_KERNELS,
     })
     yield gbps
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    name = f"decode_attention-{props.name.replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    (RESULTS_DIR / name).write_text(json.dumps(_RESULTS, indent=2))
+    write_results("decode_attention", _RESULTS)
 
 
 @pytest.mark.parametrize("tiers", list(TIERS), ids=str)
@@ -181,7 +168,7 @@ def test_decode_attention(benchmark, copy_bandwidth, shape, tiers):
     io = 2 * q.numel() * q.element_size()
     bytes_ours = _paged_bytes(paged) + io
     bytes_sdpa = one_set + io
-    ours_q, sdpa_q = _quantiles(ours_t), _quantiles(sdpa_t)
+    ours_q, sdpa_q = quantiles(ours_t), quantiles(sdpa_t)
     gbps = bytes_ours / (ours_q["median_us"] * 1e-6) / 1e9
     info = {
         "shape": dict(zip(("B", "Hq", "Hkv", "D", "N"), shape)), "tiers": tiers, "input_sets": n_sets,
@@ -192,7 +179,7 @@ def test_decode_attention(benchmark, copy_bandwidth, shape, tiers):
         "speedup_vs_sdpa": sdpa_q["median_us"] / ours_q["median_us"],
     }
     if cuda_t is not None:
-        cuda_q = _quantiles(cuda_t)
+        cuda_q = quantiles(cuda_t)
         cuda_gbps = bytes_ours / (cuda_q["median_us"] * 1e-6) / 1e9
         info["cuda"] = {**cuda_q, "bytes": bytes_ours, "gbps": cuda_gbps,
                         "pct_of_copy": 100 * cuda_gbps / copy_bandwidth,

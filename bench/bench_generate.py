@@ -17,21 +17,18 @@ DynamicCache(); the baseline here is the plain one.
 """
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import kvprec
 from decode_timing import mode, prefill, sync, time_decode
+from results_file import write_results
 
 SMOKE, DEVICE, DTYPE = mode("generate benchmarks")
 CASES = [(1, 96), (2, 64)] if SMOKE else [(1, 4096), (1, 16384), (8, 8192), (32, 8192)]
 STEPS = 4 if SMOKE else 32
 CHUNK = 32 if SMOKE else 1024
-RESULTS_DIR = Path(__file__).parent / "results"
 _RESULTS: dict = {"cases": []}
 
 
@@ -56,10 +53,8 @@ def model():
     m = _model()
     yield m
     if _RESULTS["cases"] and not SMOKE:  # a smoke run checks the flow; only GPU runs are recorded
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        name = "generate-" + (torch.cuda.get_device_name().replace(" ", "_") if not SMOKE else "cpu-smoke")
         _RESULTS.update(_environment(m))
-        (RESULTS_DIR / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(_RESULTS, indent=2))
+        write_results("generate", _RESULTS)
 
 
 def _environment(model) -> dict:

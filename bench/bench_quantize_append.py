@@ -13,11 +13,7 @@ FP16 scale/zero written; effective GB/s = bytes / median; the copy's GB/s = 2 * 
 """
 from __future__ import annotations
 
-import json
 import platform
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +25,8 @@ import kvprec  # noqa: E402
 from kvprec import ops  # noqa: E402
 from kvprec.formats import Tier  # noqa: E402
 
-from bench_decode_attention import L2_BYTES, RESULTS_DIR, _event_times, _quantiles  # noqa: E402
+from bench_decode_attention import L2_BYTES, _event_times  # noqa: E402
+from results_file import git_commit, quantiles, write_results  # noqa: E402
 
 B, HKV, D, L, T, G = 1, 8, 128, 16384, 64, 32
 NB = L // T
@@ -73,7 +70,7 @@ def copy_times():
     n_sets = max(2, -(-2 * L2_BYTES // _input_bytes()))
     srcs = [torch.randn(B, HKV, L, D, device="cuda", dtype=torch.float16) for _ in range(n_sets)]
     dst = torch.empty_like(srcs[0])
-    q = _quantiles(_event_times(lambda s: dst.copy_(s), srcs, ROUNDS, WARMUP))
+    q = quantiles(_event_times(lambda s: dst.copy_(s), srcs, ROUNDS, WARMUP))
     gbps = 2 * _input_bytes() / (q["median_us"] * 1e-6) / 1e9
     del srcs, dst
     torch.cuda.empty_cache()
@@ -84,15 +81,12 @@ def copy_times():
         "device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
         "triton": triton.__version__, "cuda": torch.version.cuda, "kvprec": kvprec.__version__,
         "python": platform.python_version(),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).parent).stdout.strip(),
+        "git_commit": git_commit(),
         "shape": {"B": B, "Hkv": HKV, "D": D, "L": L, "T": T, "G": G}, "input_dtype": "float16", "rounds": ROUNDS,
         "copy": {**q, "bytes": 2 * _input_bytes(), "gbps": gbps},
     })
     yield gbps
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    name = f"quantize_append-{props.name.replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    (RESULTS_DIR / name).write_text(json.dumps(_RESULTS, indent=2))
+    write_results("quantize_append", _RESULTS)
 
 
 @pytest.mark.parametrize("keys", [True, False], ids=["keys", "values"])
@@ -122,7 +116,7 @@ def test_quantize_append(benchmark, copy_times, backend, tier, keys):
         torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
-    q = _quantiles(times)
+    q = quantiles(times)
     nbytes = _input_bytes() + pages.numel() * pages.element_size() + _written_bytes(tr, keys)
     gbps = nbytes / (q["median_us"] * 1e-6) / 1e9
     info = {"backend": backend, "tier": tier, "kind": "keys" if keys else "values", "input_sets": len(sets), **q,

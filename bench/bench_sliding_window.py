@@ -15,22 +15,19 @@ GPU runs are recorded as JSON under bench/results/ with each cache's ratios agai
 """
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import kvprec
 from decode_timing import mode, prefill, sync, time_decode
+from results_file import write_results
 
 SMOKE, DEVICE, DTYPE = mode("sliding-window benchmarks")
 CASES = [(1, 2048), (1, 8192)] if SMOKE else [(1, 8192), (8, 8192), (1, 32768)]
 STEPS = 4 if SMOKE else 32
 CHUNK = 512 if SMOKE else 2048
 WINDOW = 512
-RESULTS_DIR = Path(__file__).parent / "results"
 _RESULTS: dict = {"cases": []}
 
 
@@ -53,13 +50,11 @@ def model():
     if _RESULTS["cases"] and not SMOKE:
         import transformers
 
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         _RESULTS.update({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "kvprec": kvprec.__version__,
                          "dtype": str(DTYPE), "steps": STEPS, "window": WINDOW,
                          "layer_types": m.config.layer_types})
-        name = f"sliding-window-{torch.cuda.get_device_name().replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-        (RESULTS_DIR / f"{name}.json").write_text(json.dumps(_RESULTS, indent=2))
+        write_results("sliding-window", _RESULTS)
 
 
 def _caches(model):

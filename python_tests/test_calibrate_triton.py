@@ -1,7 +1,7 @@
 """Calibration through the Triton curvature reduction (KVCacheAnalyzer.add_calibration(backend="triton"),
 Curvature.calibrate(backend=...)) against the C++ path (host copies, FP64 closed form, C++ accumulator).
 
-Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before anything
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by triton_device before any
 imports triton); on a GPU the model and tensors move there, where backend="auto" picks the kernel.
 
 Tolerance: the kernel's (kvprec/triton_ops/curvature.py; RTOL, ATOL, FLOOR as in test_curvature_triton.py, which
@@ -15,17 +15,14 @@ the largest error); the mean S / count within S's bound / count (the count is ex
 a block max within the largest bound of its positions, a block sum within the sum of them.
 """
 import copy
-import math
-import os
+from triton_device import DEVICE, skip_module_without_triton  # first: sets TRITON_INTERPRET without CUDA
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import math  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-pytest.importorskip("triton")
+skip_module_without_triton()
 
 import kvprec  # noqa: E402
 from kvprec.analysis import curvature as C  # noqa: E402
@@ -35,9 +32,6 @@ from kvprec.policy import Curvature  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 RTOL, ATOL, FLOOR = 5e-5, 3e-5, 1e-9  # test_curvature_triton.py: 10x / 8x the errors measured there
 T, D = 16, 32

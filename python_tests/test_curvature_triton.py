@@ -1,7 +1,7 @@
 """The Triton curvature reduction (triton_kernels/curvature.py, launcher kvprec/triton_ops/curvature.py) against
 the FP64 pure-torch reference kvprec.analysis.curvature.curvature_reduce_reference.
 
-Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before anything
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by triton_device before any
 imports triton); on a GPU they compile for it, and the cases marked ``gpu`` run too.
 
 Tolerance (the kernel computes in FP32, the reference in FP64 from the same rounded inputs), per batch row and
@@ -18,22 +18,19 @@ rows where every kappa is 0 in exact arithmetic (one position: a = 1, o = v), wh
 SHARP_RTOL / SHARP_ATOL, 10x its measured 2.1e-4 / 1.1e-4: the FP32 error of a score grows with its size, and
 so does that of o, on which ||v_t - o||^2 depends where a_t -> 1.
 """
-import itertools
-import math
-import os
+from triton_device import DEVICE, skip_module_without_triton  # first: sets TRITON_INTERPRET without CUDA
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+import itertools  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-pytest.importorskip("triton")
+skip_module_without_triton()
 
 from kvprec import ops  # noqa: E402
 from kvprec.analysis import curvature as C  # noqa: E402
@@ -41,9 +38,6 @@ from kvprec.triton_ops import curvature as tc  # noqa: E402
 
 from triton_sm90 import run_compile_script  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 
 RTOL, ATOL, FLOOR = 5e-5, 3e-5, 1e-9

@@ -16,17 +16,12 @@
   and still fail on any formula or masking error (those are O(0.01) or larger).
 * NoveltyTracker: first call, rolling order, comparison before rolling, rank while the window fills.
 """
-import os
+from triton_device import DEVICE, TRITON  # first: sets TRITON_INTERPRET without CUDA
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib.util  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from kvprec import ops  # noqa: E402
 from kvprec.analysis.novelty import (NoveltyResult, NoveltyTracker, novelty, novelty_reference,  # noqa: E402
@@ -35,13 +30,10 @@ from kvprec.analysis.novelty import (NoveltyResult, NoveltyTracker, novelty, nov
 from helpers import available_devices  # noqa: E402
 from triton_sm90 import run_compile_script  # noqa: E402
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Triton runs compiled on CUDA, or on CPU tensors in the interpreter (only where no CUDA device is present).
-TRITON_DEVICES = ["cuda"] if torch.cuda.is_available() else (
-    ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not TRITON_DEVICES,
-                                  reason="triton missing, or no CUDA and TRITON_INTERPRET is not 1")
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON,
+TRITON_DEVICES = [DEVICE] if TRITON else []
+needs_triton = pytest.mark.skipif(not TRITON, reason="triton missing, or no CUDA and TRITON_INTERPRET is not 1")
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or not TRITON,
                          reason="needs a CUDA device (the interpreter cannot trace fake tensors)")
 
 COS_TOL, L2_TOL, RES_TOL = 1e-5, 1e-5, 1e-4
@@ -135,7 +127,7 @@ _KNOWN_RESIDUAL = {1: [0.8, 1.0, 0.0, 0.0, 1 / math.sqrt(2)], 2: [0.8, 1 / math.
 
 
 def _backends():
-    return ["torch"] + (["triton"] if HAS_TRITON and TRITON_DEVICES else [])
+    return ["torch"] + (["triton"] if TRITON else [])
 
 
 def _device_for(backend):

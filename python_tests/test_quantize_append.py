@@ -3,20 +3,17 @@
 bit for bit; the fused range check (amax); bad arguments; and the buffer's seal path built on it.
 
 Backends: "torch" (the reference, on the test device), "cpp" (CPU kernel), "triton" (Triton's interpreter on CPU,
-TRITON_INTERPRET=1 set below before triton is imported; compiled where a GPU exists), "cuda" (where built and a
+TRITON_INTERPRET=1 set by triton_device before triton is imported; compiled where a GPU exists), "cuda" (where built and a
 GPU exists). Pools start as random bytes with spare pages and the blocks land on a random page order with one
 block skipped (page -1), so a kernel that ignores the indirection, writes outside its pages or reads a skipped
 block fails. Tolerance: none (STYLE.md #12, quantizers are bit-exact).
 """
-import importlib.util
-import os
+from triton_device import DEVICE, TRITON  # first: sets TRITON_INTERPRET without CUDA
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import os  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import kvprec  # noqa: E402
 from kvprec import MixedPrecisionBuffer, formats, ops  # noqa: E402
@@ -26,10 +23,7 @@ from kvprec.reference import PagedKV  # noqa: E402
 from helpers import awkward_blocks, same_bits  # noqa: E402
 from triton_sm90 import run_compile_script  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NATIVE = kvprec.native_available()
-TRITON = (importlib.util.find_spec("triton") is not None
-          and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"))
 BACKENDS = (["torch"] + (["cpp"] if NATIVE else []) + (["triton"] if TRITON else [])
             + (["cuda"] if kvprec.cuda_kernels_available() else []))
 BACKEND_DEVICE = {"torch": DEVICE, "cpp": "cpu", "triton": DEVICE, "cuda": "cuda"}

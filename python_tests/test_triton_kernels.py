@@ -1,6 +1,6 @@
 """Triton kernels (triton_kernels/, launchers kvprec/triton_ops/) against the pure-torch references.
 
-On a machine without CUDA they run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before
+On a machine without CUDA they run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by triton_device before
 anything imports triton); on a GPU they compile for it. Tolerances by kind (DESIGN.md, "Kernels and dispatch"):
 
 * quantize / dequantize: bit for bit against kvprec.formats;
@@ -13,12 +13,7 @@ anything imports triton); on a GPU they compile for it. Tolerances by kind (DESI
 The interpreter does not run the compiler, so one test also compiles a few launches for sm_90 (triton's bundled
 ptxas, no GPU) and checks the PTX for the rounding the formats need.
 """
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_device import DEVICE, skip_module_without_triton  # first: sets TRITON_INTERPRET without CUDA
 
 import math  # noqa: E402
 import subprocess  # noqa: E402
@@ -26,8 +21,9 @@ import sys  # noqa: E402
 import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-pytest.importorskip("triton")
+skip_module_without_triton()
 
 import kvprec  # noqa: E402
 from kvprec import _ops, formats, ops  # noqa: E402
@@ -39,9 +35,6 @@ from kvprec.triton_ops import quantize as tq  # noqa: E402
 from helpers import awkward_blocks, evicted_view, same_bits  # noqa: E402
 from triton_sm90 import run_compile_script  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (the interpreter cannot trace fake tensors)")
 native = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 

@@ -32,20 +32,23 @@ struct Dense {
   at::Tensor out, lse, mass;
 };
 
-// Dense reference: K/V [B, Hkv, L, D] repeated to Hq heads, scores [B, Hq, Q, L] with the same scale, cap and
-// masks, a plain softmax; block mass = probabilities summed over each block of T positions.
-Dense dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, const Case& c) {
+// Dense reference in `dt` (FP32 for the small cases, FP64 for the stress cases): K/V [B, Hkv, L, D] repeated to Hq
+// heads, scores [B, Hq, Q, L] with the same scale, cap and masks, a plain softmax; out [B, Hq, Q, D], lse [B, Hq, Q],
+// block mass [B, Hq, Q, nblocks] = probabilities summed over each block of T positions. Config: Case or Stress.
+template <typename Config>
+Dense dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, const Config& c,
+            at::ScalarType dt = at::kFloat) {
   const int64_t G = c.Hq / c.Hkv;
-  const at::Tensor kk = k.to(at::kFloat).repeat_interleave(G, 1), vv = v.to(at::kFloat).repeat_interleave(G, 1);
+  const at::Tensor kk = k.to(dt).repeat_interleave(G, 1), vv = v.to(dt).repeat_interleave(G, 1);
   const double scale = c.opt.scale > 0 ? c.opt.scale : 1.0 / std::sqrt(static_cast<double>(c.D));
-  at::Tensor s = at::matmul(q.to(at::kFloat), kk.transpose(-1, -2)) * scale;
+  at::Tensor s = at::matmul(q.to(dt), kk.transpose(-1, -2)) * scale;
   if (c.opt.softcap > 0) s = c.opt.softcap * at::tanh(s / c.opt.softcap);
   const at::Tensor qpos = at::arange(c.L - c.Q, c.L, at::kLong).unsqueeze(1), kpos = at::arange(c.L, at::kLong).unsqueeze(0);
   at::Tensor allowed = kpos <= qpos;
   if (c.opt.sliding_window > 0) allowed = allowed & (kpos > qpos - c.opt.sliding_window);
   at::Tensor full = allowed.view({1, 1, c.Q, c.L});
   if (mask.defined()) full = full & mask.unsqueeze(1);
-  s = s.masked_fill(full.logical_not(), -std::numeric_limits<float>::infinity());
+  s = s.masked_fill(full.logical_not(), -std::numeric_limits<double>::infinity());
   const at::Tensor lse = at::logsumexp(s, -1);
   at::Tensor p = at::softmax(s, -1);
   p = at::where(at::isnan(p), at::zeros_like(p), p);  // rows with nothing visible: softmax of all -inf
@@ -182,29 +185,6 @@ at::Tensor draw_tiers(const std::vector<Tier>& tiers, int64_t B, int64_t H, int6
   return ids;
 }
 
-// Dense FP64 attention: out [B, Hq, Q, D], lse [B, Hq, Q], block mass [B, Hq, Q, nblocks].
-Dense dense64(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, const Stress& c) {
-  const auto f64 = at::kDouble;
-  const int64_t G = c.Hq / c.Hkv;
-  const at::Tensor kk = k.to(f64).repeat_interleave(G, 1), vv = v.to(f64).repeat_interleave(G, 1);
-  const double scale = c.opt.scale > 0 ? c.opt.scale : 1.0 / std::sqrt(static_cast<double>(c.D));
-  at::Tensor s = at::matmul(q.to(f64), kk.transpose(-1, -2)) * scale;
-  if (c.opt.softcap > 0) s = c.opt.softcap * at::tanh(s / c.opt.softcap);
-  const at::Tensor qpos = at::arange(c.L - c.Q, c.L, at::kLong).unsqueeze(1);
-  const at::Tensor kpos = at::arange(c.L, at::kLong).unsqueeze(0);
-  at::Tensor allowed = kpos <= qpos;
-  if (c.opt.sliding_window > 0) allowed = allowed & (kpos > qpos - c.opt.sliding_window);
-  at::Tensor full = allowed.view({1, 1, c.Q, c.L});
-  if (mask.defined()) full = full & mask.unsqueeze(1);
-  s = s.masked_fill(full.logical_not(), -std::numeric_limits<double>::infinity());
-  const at::Tensor lse = at::logsumexp(s, -1);
-  at::Tensor p = at::softmax(s, -1);
-  p = at::where(at::isnan(p), at::zeros_like(p), p);
-  const int64_t nb = (c.L + c.T - 1) / c.T;
-  const at::Tensor padded = at::constant_pad_nd(p, {0, nb * c.T - c.L});
-  return {at::matmul(p, vv), lse, padded.view({c.B, c.Hq, c.Q, nb, c.T}).sum(-1)};
-}
-
 void stress(const Stress& c) {
   const int failed_before = kvprec_test::failures();
   MixedPrecisionBuffer buf(opts(c.B, c.Hkv, c.D, c.T, c.tiers[0], c.dtype, false, c.VG));
@@ -238,7 +218,7 @@ void stress(const Stress& c) {
   opt.block_mass = true;
   const AttentionResult r = attend(buf, q, mask, opt);
   const auto [k, v] = what_attend_reads(buf);
-  const Dense d = dense64(q, k, v, mask, c);
+  const Dense d = dense(q, k, v, mask, c, at::kDouble);
 
   const int64_t nb = (c.L + c.T - 1) / c.T;
   CHECK(r.out.sizes() == at::IntArrayRef({c.B, c.Hq, c.Q, c.D}) && r.out.scalar_type() == c.dtype);
@@ -300,7 +280,7 @@ void test_clamp_at_fp16_limit() {
     const AttentionResult r = attend(buf, q, {}, opt);
     const auto [gk, gv] = buf.gather(0, c.L);
     CHECK(gk.abs().max().item<float>() == 65504.0f && gv.abs().max().item<float>() == 65504.0f);
-    const Dense d = dense64(q, gk, gv, {}, c);
+    const Dense d = dense(q, gk, gv, {}, c, at::kDouble);
     CHECK_NEAR(max_abs(r.out.to(at::kDouble), d.out), 0.0, 65504 * 4e-6);
     CHECK_NEAR(max_abs(r.lse.to(at::kDouble), d.lse), 0.0, 1e-5);
     CHECK_NEAR(max_abs(r.block_mass.to(at::kDouble), d.mass), 0.0, 1e-5);

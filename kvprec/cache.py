@@ -22,6 +22,10 @@ table keeps an entry per evicted block, with no page). While transformers record
 (``activate_past_recording``: assisted decoding, deferred stopping) eviction waits for the next ``crop``, which
 trims; a crop back past evicted positions raises, as DynamicCache's does. ``evict_sliding=False`` keeps every
 position (studies that read all of them).
+
+``key_rotation`` ("hadamard" or "orthogonal", kvprec/rotation.py) stores every key as k R for a fixed orthogonal R per
+layer and rotates the queries the same way before attending, which leaves the scores unchanged and makes 2-bit keys
+far more accurate; ``gather()`` rotates the keys back, so everything outside the attention sees the model's keys.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from ._native import require_native
 from .attention_ref import ReadCounter, attend_blocks
 from .formats import BlockGeometry, Tier
 from .policy.base import AttentionStats, SealStats
+from .rotation import check_kind, rotate, rotation_matrix, unrotate
 
 #: ``config.model_type`` of the text decoder, for the families whose attention modules hand ``update()``'s
 #: return value to the attention function unchanged (checked in transformers 5.23, HF_INTEGRATION.md).
@@ -113,6 +118,8 @@ class AdaptiveLayer(CacheLayerMixin):
         self.rebalance_memo: dict = {}
         self._paged = None
         self._tiers: Optional[torch.Tensor] = None
+        #: FP32 [D, D] orthogonal matrix the keys are stored multiplied by (None: keys as the model gave them)
+        self.rotation: Optional[torch.Tensor] = None
 
     # ---- members the policies use (kvprec/policy/base.py) ------------------------------------------------
     @property
@@ -175,6 +182,12 @@ class AdaptiveLayer(CacheLayerMixin):
         except ValueError as exc:
             raise ValueError(f"AdaptiveCache layer {self.layer_idx} (head_dim {d}): {exc}") from exc
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.cache.key_rotation is not None:
+            try:
+                self.rotation = rotation_matrix(self.cache.key_rotation, d, self.cache.rotation_seed,
+                                                self.layer_idx).to(key_states.device)
+            except ValueError as exc:
+                raise ValueError(f"AdaptiveCache layer {self.layer_idx}: {exc}") from exc
         self.buffer = MixedPrecisionBuffer(batch=b, kv_heads=h, head_dim=d, block_size=self.cache.block_size,
                                            group_size=self.cache.group_size, dtype=key_states.dtype,
                                            device=key_states.device, shadow=self.cache.shadow)
@@ -191,6 +204,8 @@ class AdaptiveLayer(CacheLayerMixin):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.rotation is not None:
+            key_states = rotate(key_states, self.rotation)
         if not self.record_past:  # before the append, so the seal can reuse the freed pages
             self._evict(self.get_seq_length())
         n = key_states.shape[-2]
@@ -228,6 +243,8 @@ class AdaptiveLayer(CacheLayerMixin):
         they lie outside every later query's sliding window, so the model's sliding mask hides them."""
         start = self.evicted_blocks * self.block_size
         k, v = self.buffer.gather(start, self.get_seq_length())
+        if self.rotation is not None:
+            k = unrotate(k, self.rotation)
         if start:
             pad = (0, 0, start, 0)
             k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
@@ -252,6 +269,8 @@ class AdaptiveLayer(CacheLayerMixin):
     def attend(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: float, sliding_window: int,
                softcap: float, block_mass: bool):
         """Attention of q [B, Hq, Q, D] over this layer: (out [B, Hq, Q, D], lse [B, Hq, Q], block_mass)."""
+        if self.rotation is not None:  # stored keys are k R: (q R) . (k R) = q . k
+            q = rotate(q, self.rotation)
         backend = self.cache.attention_backend(q)
         if backend == "torch":
             return attend_blocks(self.buffer, q, mask, scale, sliding_window, softcap, block_mass,
@@ -281,7 +300,7 @@ class AdaptiveLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.buffer, self.stats, self.geometry, self.rows = None, None, None, 0
+        self.buffer, self.stats, self.geometry, self.rows, self.rotation = None, None, None, 0, None
         self._table_changed()
         self.is_initialized = False
 
@@ -362,6 +381,11 @@ class AdaptiveCache(Cache):
             promotion possible; host memory, reported apart).
         evict_sliding: sliding-window layers release the blocks no later query can see (default, as
             DynamicCache's sliding layers do); False keeps every position.
+        key_rotation: None (keys stored as given), "hadamard" (randomized Hadamard; head_dim a power of two) or
+            "orthogonal" (random orthogonal; any head_dim): keys are stored rotated and queries rotated alike
+            (kvprec/rotation.py). Recommended whenever blocks go below INT4; float tiers then no longer hold the
+            model's keys bit for bit (one FP32 rotation and a rounding to the model dtype).
+        rotation_seed: seeds the rotations (each layer draws its own from (seed, layer index)).
         backend: attention over the buffer: "cpp" (the native kernel, block by block with ATen ops), "cuda" (the
             CUDA flash-decoding kernel reading the packed tiers; built with KVPREC_CUDA, fp16/bf16, head_dim
             64/128/256, block_size >= 16), "triton" (the Triton flash-decoding kernel; head_dim 64/128/256),
@@ -373,7 +397,7 @@ class AdaptiveCache(Cache):
 
     def __init__(self, config, policy="sink_window", block_size: int = 64, group_size: int = 32,
                  shadow: Optional[str] = None, backend: str = "auto", offloading: bool = False,
-                 evict_sliding: bool = True):
+                 evict_sliding: bool = True, key_rotation: Optional[str] = None, rotation_seed: int = 0):
         if offloading:
             raise NotImplementedError("AdaptiveCache does not support offloading=True: its pages live in the "
                                       "buffer's tier pools; use shadow='cpu' for a host copy instead")
@@ -401,6 +425,7 @@ class AdaptiveCache(Cache):
         self._warned_slow = False
         self._warned_cpu_kernels = False
         self.evict_sliding = bool(evict_sliding)
+        self.key_rotation, self.rotation_seed = check_kind(key_rotation), int(rotation_seed)
         windows = sliding_windows(self.config) if self.evict_sliding else [0] * self.config.num_hidden_layers
         super().__init__(layers=[AdaptiveLayer(self, i, w) for i, w in enumerate(windows)])
 
@@ -453,17 +478,19 @@ class CacheMemoryReport:
     """Exact bytes of an AdaptiveCache, from each buffer's report.
 
     tier_bytes: int64 [L, n_tiers] live page bytes (K and V data + FP16 scales/zeros) per layer and tier;
-    tail_bytes, table_bytes, shadow_bytes, elements, tokens, evicted_tokens, sealed_elements: int64 [L] (elements
+    tail_bytes, table_bytes, rotation_bytes, shadow_bytes, elements, tokens, evicted_tokens, sealed_elements: int64 [L] (elements
     count the held positions, tokens minus evicted_tokens, which sliding-window layers dropped; sealed_elements
     those of held sealed blocks, the elements the pages store);
     precision_map: int64 [L, H_kv, n_tiers], sealed blocks per layer, KV head and tier (summed over batch rows).
-    Resident bytes = pages + tails + block tables (the shadow is host memory, reported apart).
+    Resident bytes = pages + tails + block tables + key rotation matrices (the shadow is host memory, reported
+    apart).
     """
 
     policy: str
     tier_bytes: torch.Tensor
     tail_bytes: torch.Tensor
     table_bytes: torch.Tensor
+    rotation_bytes: torch.Tensor
     shadow_bytes: torch.Tensor
     elements: torch.Tensor
     tokens: torch.Tensor
@@ -476,7 +503,7 @@ class CacheMemoryReport:
         n_layers, n_tiers = len(cache.layers), len(Tier)
         heads = max((layer.tiers().shape[1] for layer in cache.layers), default=0)
         out = cls(cache.policy.describe(), torch.zeros(n_layers, n_tiers, dtype=torch.int64),
-                  *(torch.zeros(n_layers, dtype=torch.int64) for _ in range(7)),
+                  *(torch.zeros(n_layers, dtype=torch.int64) for _ in range(8)),
                   torch.zeros(n_layers, heads, n_tiers, dtype=torch.int64))
         for i, layer in enumerate(cache.layers):
             if layer.buffer is None:
@@ -484,6 +511,8 @@ class CacheMemoryReport:
             r = layer.memory()
             out.tier_bytes[i] = torch.tensor([r.tier_bytes[str(t)] for t in Tier], dtype=torch.int64)
             out.tail_bytes[i], out.table_bytes[i], out.shadow_bytes[i] = r.tail_bytes, r.table_bytes, r.shadow_bytes
+            if layer.rotation is not None:
+                out.rotation_bytes[i] = layer.rotation.numel() * layer.rotation.element_size()
             out.elements[i], out.tokens[i] = r.elements, r.tokens
             out.evicted_tokens[i] = layer.evicted_blocks * layer.block_size
             tiers = layer.tiers().to(torch.int64)
@@ -496,7 +525,7 @@ class CacheMemoryReport:
 
     @property
     def resident_bytes_per_layer(self) -> torch.Tensor:
-        return self.tier_bytes.sum(1) + self.tail_bytes + self.table_bytes
+        return self.tier_bytes.sum(1) + self.tail_bytes + self.table_bytes + self.rotation_bytes
 
     @property
     def resident_bytes(self) -> int:
@@ -537,10 +566,11 @@ class CacheMemoryReport:
         lines.append(f"{'all':>5} " + " ".join(f"{int(b):>9}" for b in self.tier_bytes.sum(0))
                      + f" {int(self.tail_bytes.sum()):>9} {int(self.table_bytes.sum()):>7}"
                      f" {self.resident_bytes:>10} {self.bits_per_element:>7.2f}")
-        lines.append(f"effective {self.bits_per_element:.2f} bits/element (scales, zeros, tail and block table "
-                     f"included; sealed pages alone {self.page_bits_per_element:.2f}), compression vs FP16 "
-                     f"{self.compression_vs_fp16:.2f}x; host shadow "
-                     f"{int(self.shadow_bytes.sum())} bytes")
+        rotation = int(self.rotation_bytes.sum())
+        lines.append(f"effective {self.bits_per_element:.2f} bits/element (scales, zeros, tail, block table"
+                     + (f" and {rotation} bytes of key rotations" if rotation else "")
+                     + f" included; sealed pages alone {self.page_bits_per_element:.2f}), compression vs FP16 "
+                     f"{self.compression_vs_fp16:.2f}x; host shadow {int(self.shadow_bytes.sum())} bytes")
         lines.append("precision map (sealed blocks per KV head, summed over batch rows):")
         for i in range(self.precision_map.shape[0]):
             heads = []

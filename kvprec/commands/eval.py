@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wrap every policy in a budget of this many bits per element of the sealed pages")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--group-size", type=int, default=32, help="value quantization group along head_dim")
+    p.add_argument("--key-rotation", default="none", choices=["none", "hadamard", "orthogonal"],
+                   help="store keys rotated (kvprec/rotation.py); recommended below INT4")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the result rows to this JSON file")
@@ -67,9 +69,12 @@ def run(args) -> int:
                              f"{args.tokens} tokens need {args.windows * length} tokens; the text has {len(ids)}")
         tokens = torch.tensor(ids[:args.windows * length]).view(args.windows, length)
     suffix = "" if args.bits_per_element is None else f" @{args.bits_per_element:g}b"
+    rotation = None if args.key_rotation == "none" else args.key_rotation
+    suffix += "" if rotation is None else f" rot:{rotation}"
     caches = {spec + suffix: (lambda spec=spec: kvprec.AdaptiveCache(loaded.model.config, policy=make_policy(spec),
                                                                      block_size=args.block_size,
-                                                                     group_size=args.group_size))
+                                                                     group_size=args.group_size,
+                                                                     key_rotation=rotation))
               for spec in args.policy}
     result = compare(loaded.model, tokens, args.prefill, caches)
     print(result.format())

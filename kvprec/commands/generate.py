@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep a host copy of every sealed block (exact crop, promotion); its bytes are reported")
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch", "triton"],
                    help="attention over the cache (see kvprec.AdaptiveCache)")
+    p.add_argument("--key-rotation", default="none", choices=["none", "hadamard", "orthogonal"],
+                   help="store keys rotated (kvprec/rotation.py); recommended below INT4")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size (tokens)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +43,8 @@ def run(args) -> int:
     model = loaded.model
     ids = torch.tensor([loaded.encode(prompt)], device=args.device)
     cache = kvprec.AdaptiveCache(model.config, policy=args.policy, block_size=args.block_size,
-                                 shadow=None if args.shadow == "none" else args.shadow, backend=args.backend)
+                                 shadow=None if args.shadow == "none" else args.shadow, backend=args.backend,
+                                 key_rotation=None if args.key_rotation == "none" else args.key_rotation)
     from tqdm import tqdm
 
     with kvprec.enabled(model), torch.no_grad():

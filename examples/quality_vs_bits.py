@@ -13,6 +13,8 @@ alone: the tail is one model-dtype block per row and head whatever the policy, s
 at short contexts), perplexity change and top-1 agreement over windows x tokens predictions, and which of the
 targets each row meets (rows are held to a target by their measured page bits): uniform INT4 within +0.5% and
 >= 97%; <= 3.0 bits within +1.5% and >= 95%; <= 2.6 bits within +5%. ``--extra`` adds unbudgeted policy specs.
+Every cache runs once per ``--key-rotations`` kind (default: none, hadamard, orthogonal; kvprec/rotation.py): the
+rotated rows are the ones that reach the 3.0 and 2.6-bit targets.
 """
 from __future__ import annotations
 
@@ -41,9 +43,11 @@ def curvature_policies(model, encode, budgets, block_size, group_size, windows=4
             for b in budgets}
 
 
-def caches(config, budgets, block_size, group_size, extra=(), calibrated=None):
+def caches(config, budgets, block_size, group_size, extra=(), calibrated=None, key_rotation=None):
+    """The caches to compare, by row name; with ``key_rotation`` every name ends in " rot:<kind>"."""
     def make(policy):
-        return lambda: kvprec.AdaptiveCache(config, policy=policy, block_size=block_size, group_size=group_size)
+        return lambda: kvprec.AdaptiveCache(config, policy=policy, block_size=block_size, group_size=group_size,
+                                            key_rotation=key_rotation)
 
     out = {f"uniform:{t}": make(f"uniform:{t}") for t in ("int8", "int4", "int2")}
     out.update({spec: make(spec) for spec in extra})
@@ -53,14 +57,14 @@ def caches(config, budgets, block_size, group_size, extra=(), calibrated=None):
         for name, spec in inner.items():
             out[f"{name} @{bits:g}b"] = make(kvprec.policy.budget(spec, bits_per_element=bits))
     out.update({name: make(policy) for name, policy in (calibrated or {}).items()})
-    return out
+    return out if key_rotation is None else {f"{name} rot:{key_rotation}": f for name, f in out.items()}
 
 
 def verdict(row):
     """Which target the row is held to (by its measured page bits; uniform INT4 by name), and whether it meets
     it. Rows above 3.0 page bits other than uniform INT4 are held to none."""
     ppl, top1, bits = row["ppl_change"], row["top1_agreement"], row["page_bits_per_element"]
-    if row["cache"] == "uniform:int4":
+    if row["cache"].split(" rot:")[0] == "uniform:int4":
         return "int4: <= +0.5%, >= 97%", ppl <= 0.005 and top1 >= 0.97
     if bits <= 2.6:
         return "<= 2.6 bits: <= +5%", ppl <= 0.05
@@ -78,8 +82,11 @@ def main():
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--budgets", type=float, nargs="*", default=[3.0, 2.6])
-    p.add_argument("--extra", nargs="*", default=["sink_window:sinks=0,window=256,rest=int2,recent=int4"],
-                   help="more policy specs, unbudgeted (default: the last 256 positions at INT4, the rest INT2)")
+    p.add_argument("--extra", nargs="*", default=["sink_window:sinks=0,window=192,rest=int2,recent=int4"],
+                   help="more policy specs, unbudgeted (default: the last 192 positions at INT4, the rest INT2)")
+    p.add_argument("--key-rotations", nargs="+", default=["none", "hadamard", "orthogonal"],
+                   choices=["none", "hadamard", "orthogonal"],
+                   help="run every cache once per key rotation (kvprec/rotation.py); 'none' stores keys as given")
     p.add_argument("--no-curvature", action="store_true", help="skip the calibrated curvature map rows")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="write the rows (and the command's arguments) as JSON")
@@ -108,8 +115,11 @@ def main():
               f"per group per token for values): no policy can meet it; skipped")
     calibrated = None if args.no_curvature else curvature_policies(loaded.model, loaded.encode, budgets,
                                                                     args.block_size, args.group_size)
-    result = compare(loaded.model, tokens, args.prefill,
-                     caches(cfg, budgets, args.block_size, args.group_size, args.extra, calibrated))
+    every = {}
+    for rotation in args.key_rotations:
+        every.update(caches(cfg, budgets, args.block_size, args.group_size, args.extra, calibrated,
+                            None if rotation == "none" else rotation))
+    result = compare(loaded.model, tokens, args.prefill, every)
     rows = result.rows()
     print(result.format())
     print(f"\n{'cache':34s} {'target':32s} met")

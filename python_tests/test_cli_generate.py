@@ -45,3 +45,13 @@ def test_generate_refuses_an_unknown_shadow(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "x", "--shadow", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_generate_with_key_rotation_counts_the_matrices(capsys):
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(kvprec.__file__).parent / "models" / "tiny_llama_stdlib.json").read_text())["config"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    err = run(capsys, "--key-rotation", "hadamard")
+    assert f"{cfg['num_hidden_layers'] * head_dim * head_dim * 4} bytes of key rotations" in err

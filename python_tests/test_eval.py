@@ -150,3 +150,25 @@ def test_eval_command_windows_and_budget(tmp_path, capsys):
               "--windows", "3"])
     with pytest.raises(SystemExit, match="cannot be met"):
         main(["eval", "--model", "tiny", "--policy", "uniform:int4", "--bits-per-element", "2"])
+
+
+def test_eval_command_key_rotation(tmp_path, capsys):
+    """--key-rotation builds every cache with rotated keys: the row names say so and the memory counts the matrices
+    (4 layers x 32 x 32 FP32 on the built-in tiny model)."""
+    from kvprec.cli import main
+
+    rows = {}
+    for rotation in ("none", "orthogonal"):
+        out = tmp_path / f"{rotation}.json"
+        assert main(["eval", "--model", "tiny", "--policy", "uniform:int2", "--prefill", "64", "--tokens", "16",
+                     "--key-rotation", rotation, "--json", str(out)]) == 0
+        rows[rotation] = json.loads(out.read_text())["rows"][1]
+    assert rows["none"]["cache"] == "uniform:int2" and rows["orthogonal"]["cache"] == "uniform:int2 rot:orthogonal"
+    # 2 bits + FP16 scale and zero per channel per 64-token block (keys) and per 32-channel group per token (values)
+    assert rows["orthogonal"]["page_bits_per_element"] == rows["none"]["page_bits_per_element"] == 2.75
+    elements = rows["none"]["bits_per_element"]
+    assert rows["orthogonal"]["bits_per_element"] > elements  # the same pages plus 16 KiB of rotations
+    assert rows["orthogonal"]["perplexity"] != rows["none"]["perplexity"]
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "tiny", "--policy", "uniform:int2", "--key-rotation", "givens"])
+    assert "invalid choice: 'givens'" in capsys.readouterr().err

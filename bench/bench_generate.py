@@ -76,6 +76,9 @@ def _caches(model):
     out = {"DynamicCache": (DynamicCache, "sdpa"),
            "kvprec uniform:int4": (lambda: kvprec.AdaptiveCache(model.config, policy="uniform:int4"), "kvprec"),
            "kvprec sink_window": (lambda: kvprec.AdaptiveCache(model.config, policy="sink_window"), "kvprec"),
+           # the key rotation's cost (one small product for the new keys and one for the queries per layer and step)
+           "kvprec uniform:int4 key_rotation": (
+               lambda: kvprec.AdaptiveCache(model.config, policy="uniform:int4", key_rotation="hadamard"), "kvprec"),
            # the cost of the host shadow (promotion, exact crop): a device-to-host copy of every sealed block
            "kvprec uniform:int4 shadow=cpu": (
                lambda: kvprec.AdaptiveCache(model.config, policy="uniform:int4", shadow="cpu"), "kvprec")}
@@ -83,7 +86,7 @@ def _caches(model):
         from transformers import QuantizedCache
     except ImportError:  # pragma: no cover - old transformers
         return out
-    for backend, module in (("quanto", "optimum.quanto"), ("hqq", "hqq")):
+    for backend, module in (("quanto", "optimum.quanto"), ("hqq", "hqq.core.quantize")):
         try:
             __import__(module)
         except ImportError:
@@ -99,7 +102,8 @@ def _dense_cache_bytes(model, batch: int, tokens: int) -> int:
     return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * tokens * head_dim * torch.finfo(DTYPE).bits // 8
 
 
-CACHE_NAMES = ["DynamicCache", "kvprec uniform:int4", "kvprec uniform:int4 shadow=cpu", "kvprec sink_window",
+CACHE_NAMES = ["DynamicCache", "kvprec uniform:int4", "kvprec uniform:int4 shadow=cpu",
+               "kvprec uniform:int4 key_rotation", "kvprec sink_window",
                "QuantizedCache quanto int4", "QuantizedCache hqq int4"]
 
 

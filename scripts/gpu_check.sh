@@ -6,7 +6,8 @@
 #   device run:  STAGE=test  bash scripts/gpu_check.sh     build + pytest + ctest
 #                             TEST_FILES="python_tests/test_a.py ..." narrows pytest (e.g. the files a run
 #                             that hit its limit did not reach: pytest.log lists every test as it finishes)
-#                STAGE=bench bash scripts/gpu_check.sh     build (kept if the machine is warm) + bench/
+#                STAGE=bench bash scripts/gpu_check.sh     build (kept if the machine is warm) + bench/; carry
+#                             [".whl"] (scripts/fetch_bench_wheels.sh) for the QuantizedCache quanto/hqq baselines
 #                             BENCH_FILES="bench/bench_decode_attention.py" narrows the benchmarks
 #
 # One device command may run 10 minutes, so the stages are separate calls; make them back to back (the machine
@@ -53,6 +54,13 @@ if [ "$STAGE" = "test" ]; then
 fi
 
 if [ "$STAGE" = "bench" ]; then
+  # the QuantizedCache baselines' wheels, when carried (scripts/fetch_bench_wheels.sh; device run carry [".whl"])
+  # (into /tmp/site on PYTHONPATH, as the device README advises: the image's site-packages stays as it is)
+  if ls .whl/*.whl > /dev/null 2>&1; then
+    timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl >> "$OUT/versions.txt" 2>&1 || { echo "FAILED: wheels" >> "$OUT/versions.txt"; status=1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
   # shellcheck disable=SC2086
   step "$(left 0)" bench.log "$PY" -m pytest ${BENCH_FILES:-bench} -q -p no:cacheprovider --benchmark-disable-gc
   for f in $(ls -t bench/results/*.json 2>/dev/null | head -5); do cp "$f" "$OUT/"; done

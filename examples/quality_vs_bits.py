@@ -14,7 +14,9 @@ at short contexts), perplexity change and top-1 agreement over windows x tokens 
 targets each row meets (rows are held to a target by their measured page bits): uniform INT4 within +0.5% and
 >= 97%; <= 3.0 bits within +1.5% and >= 95%; <= 2.6 bits within +5%. ``--extra`` adds unbudgeted policy specs.
 Every cache runs once per ``--key-rotations`` kind (default: none, hadamard, orthogonal; kvprec/rotation.py): the
-rotated rows are the ones that reach the 3.0 and 2.6-bit targets.
+rotated rows are the ones that reach the 3.0 and 2.6-bit targets. ``--hf-caches`` adds transformers'
+QuantizedCache (quanto / hqq, 4 and 2 bits, groups of 64, the last 128 tokens in the model dtype) where installed;
+their bits count every tensor they hold (kvprec.eval.held_bits_per_element), and they are held to no target.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 import kvprec
-from kvprec.eval import compare
+from kvprec.eval import compare, hf_cache
 from kvprec.loading import load
 
 
@@ -64,6 +66,8 @@ def verdict(row):
     """Which target the row is held to (by its measured page bits; uniform INT4 by name), and whether it meets
     it. Rows above 3.0 page bits other than uniform INT4 are held to none."""
     ppl, top1, bits = row["ppl_change"], row["top1_agreement"], row["page_bits_per_element"]
+    if bits is None:  # a stock transformers cache (no pages): shown for comparison, held to no target
+        return "-", None
     if row["cache"].split(" rot:")[0] == "uniform:int4":
         return "int4: <= +0.5%, >= 97%", ppl <= 0.005 and top1 >= 0.97
     if bits <= 2.6:
@@ -88,6 +92,9 @@ def main():
                    choices=["none", "hadamard", "orthogonal"],
                    help="run every cache once per key rotation (kvprec/rotation.py); 'none' stores keys as given")
     p.add_argument("--no-curvature", action="store_true", help="skip the calibrated curvature map rows")
+    p.add_argument("--hf-caches", nargs="*", default=["quanto:4", "quanto:2", "hqq:4", "hqq:2"],
+                   help="transformers QuantizedCache rows for comparison (kvprec.eval.hf_cache specs); a backend "
+                        "whose package is not installed is skipped with a note")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="write the rows (and the command's arguments) as JSON")
     args = p.parse_args()
@@ -119,6 +126,11 @@ def main():
     for rotation in args.key_rotations:
         every.update(caches(cfg, budgets, args.block_size, args.group_size, args.extra, calibrated,
                             None if rotation == "none" else rotation))
+    for spec in args.hf_caches:
+        try:
+            every[f"QuantizedCache {spec.replace(':', ' int')}"] = hf_cache(spec, cfg)
+        except ValueError as exc:
+            print(f"skipped: {exc}")
     result = compare(loaded.model, tokens, args.prefill, every)
     rows = result.rows()
     print(result.format())

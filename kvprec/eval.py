@@ -12,6 +12,10 @@ and the cache's effective bits per element after the pass, two ways: over everyt
 model-dtype tail, block tables) and over its sealed pages only (what a policy or budget controls; the tail is a
 fixed overhead of at most one block per row and head, which weighs less as the context grows).
 
+Other transformers caches (DynamicCache, ``QuantizedCache(backend="quanto" | "hqq")``: :func:`hf_cache`) run through
+the same schedule with the model's stock attention; their bits per element are the bytes of every tensor their
+layers hold (quantized data, scales, zero points, the full-precision residual), times 8, over the K/V elements.
+
 Only the first prediction comes from the prefill's last position; all others come from decode steps whose
 attention reads the cache. (Prefill-only perplexity never reads stored K/V and says nothing about cache
 quality: this harness does not report it.)
@@ -88,10 +92,58 @@ def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_imp
             logits = out.logits[:, -1].float()
     seconds = time.perf_counter() - start
     report = cache.memory_report() if hasattr(cache, "memory_report") else None
-    # A dense cache (DynamicCache) stores every element in its K/V dtype and nothing else.
-    bits = report.bits_per_element if report is not None else 8.0 * cache.layers[0].keys.element_size()
+    bits = report.bits_per_element if report is not None else held_bits_per_element(cache, model, tokens.shape[0])
     page_bits = report.page_bits_per_element if report is not None else None
     return TeacherForced(torch.stack(nll, 1).cpu(), torch.stack(argmax, 1).cpu(), seconds, bits, report, page_bits)
+
+
+def held_bytes(obj) -> int:
+    """Bytes of every tensor in ``obj``: a tensor (a tensor subclass such as quanto's QTensor through
+    ``__tensor_flatten__``, down to its plain tensors), or a list, tuple or dict of them (hqq's (codes, meta)).
+    Anything else counts 0."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            return sum(held_bytes(getattr(obj, name)) for name in names)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(held_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(held_bytes(v) for v in obj)
+    return 0
+
+
+def held_bits_per_element(cache, model, batch: int) -> float:
+    """A transformers cache's bits per K/V element: the bytes of every tensor its layers hold (:func:`held_bytes`
+    of each layer's attributes) * 8 over 2 * batch * kv_heads * head_dim * tokens per layer."""
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elements = sum(2 * batch * heads * head_dim * cache.get_seq_length(i) for i in range(len(cache.layers)))
+    total = sum(held_bytes(list(vars(layer).values())) for layer in cache.layers)
+    return total * 8 / elements if elements else 0.0
+
+
+def hf_cache(spec: str, config) -> Callable[[], object]:
+    """A factory for a stock transformers cache named by ``spec``: "dynamic" (DynamicCache()), or "quanto:N" /
+    "hqq:N" (``QuantizedCache(backend, config=config, nbits=N)`` with transformers' defaults: groups of 64, the last
+    128 tokens kept in the model dtype). Raises ValueError for another spec or a backend that is not installed."""
+    from transformers import DynamicCache
+
+    if spec == "dynamic":
+        return DynamicCache
+    backend, _, bits = spec.partition(":")
+    modules = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq.core.quantize", "hqq")}
+    if backend not in modules or bits not in ("2", "4"):
+        raise ValueError(f"hf cache {spec!r}: accepted 'dynamic', 'quanto:4', 'quanto:2', 'hqq:4', 'hqq:2'")
+    try:
+        __import__(modules[backend][0])
+    except ImportError as exc:
+        raise ValueError(f"hf cache {spec!r} needs the {modules[backend][1]} package ({exc}); install it, or see "
+                         "scripts/fetch_bench_wheels.sh for pinned wheels") from exc
+    from transformers import QuantizedCache
+
+    return lambda: QuantizedCache(backend=backend, config=config, nbits=int(bits))
 
 
 @dataclass
@@ -134,13 +186,19 @@ class Comparison:
 
 def compare(model, tokens: torch.Tensor, prefill: int, caches: Dict[str, Callable[[], object]]) -> Comparison:
     """Teacher-forced pass with an unquantized ``DynamicCache()`` + sdpa as the reference, then with each
-    ``caches[name]()`` (a fresh AdaptiveCache per call) under the "kvprec" attention."""
+    ``caches[name]()`` (a fresh cache per call): an AdaptiveCache under the "kvprec" attention, any other
+    transformers cache (:func:`hf_cache`) under the reference's attention."""
     from transformers import DynamicCache
+
+    from .cache import AdaptiveCache
 
     # SDPA has no logit softcap (Gemma 2): the reference uses eager attention there, as transformers does.
     softcap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
-    ref = teacher_forced(model, tokens, prefill, DynamicCache(), attn_implementation="eager" if softcap else "sdpa")
+    stock = "eager" if softcap else "sdpa"
+    ref = teacher_forced(model, tokens, prefill, DynamicCache(), attn_implementation=stock)
     comparison = Comparison(ref)
     for name, make in caches.items():
-        comparison.results[name] = teacher_forced(model, tokens, prefill, make(), attn_implementation="kvprec")
+        cache = make()
+        comparison.results[name] = teacher_forced(
+            model, tokens, prefill, cache, attn_implementation="kvprec" if isinstance(cache, AdaptiveCache) else stock)
     return comparison

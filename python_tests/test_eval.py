@@ -172,3 +172,60 @@ def test_eval_command_key_rotation(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", "tiny", "--policy", "uniform:int2", "--key-rotation", "givens"])
     assert "invalid choice: 'givens'" in capsys.readouterr().err
+
+
+def test_stock_caches_run_with_the_stock_attention(tiny_model, tokens):
+    """hf_cache("dynamic") reproduces the reference exactly and counts 32 bits per FP32 element (every tensor its
+    layers hold); a bad spec and a missing backend package are named."""
+    import sys
+
+    from kvprec.eval import hf_cache
+
+    model = tiny_model("llama")
+    result = compare(model, tokens, 100, {"dynamic": hf_cache("dynamic", model.config)})
+    assert torch.equal(result.results["dynamic"].nll, result.reference.nll)
+    assert result.results["dynamic"].bits_per_element == 32.0
+    assert result.rows()[1]["page_bits_per_element"] is None
+    with pytest.raises(ValueError, match="accepted 'dynamic', 'quanto:4'"):
+        hf_cache("quanto:3", model.config)
+    saved = sys.modules.get("optimum.quanto")
+    sys.modules["optimum.quanto"] = None  # import raises ImportError
+    try:
+        with pytest.raises(ValueError, match="needs the optimum-quanto package"):
+            hf_cache("quanto:4", model.config)
+    finally:
+        if saved is None:
+            del sys.modules["optimum.quanto"]
+        else:
+            sys.modules["optimum.quanto"] = saved
+
+
+def test_quanto_cache_bits_count_its_packed_codes(tiny_model, tokens):
+    """QuantizedCache(quanto, 4 bits) on the FP32 tiny model: its packed codes (a PackedTensor inside a QTensor:
+    held_bytes follows __tensor_flatten__ down both), FP32 scale and shift per 64-element group, and the FP32
+    residual."""
+    pytest.importorskip("optimum.quanto")
+    from kvprec.eval import hf_cache
+
+    model = tiny_model("llama")
+    result = compare(model, tokens, 100, {"quanto": hf_cache("quanto:4", model.config)})
+    # 149 positions held after the pass: the prefill's 100 quantized, the 49 decoded since kept in FP32 (the
+    # residual holds up to 128). Quantized: 4-bit codes + (32 + 32) bits of scale and shift per 64 elements.
+    quantized, residual = 100, 49
+    expected = (quantized * (4 + 64 / 64) + residual * 32) / (quantized + residual)
+    assert result.results["quanto"].bits_per_element == pytest.approx(expected)
+    assert 0 < abs(result.ppl_change("quanto")) < 0.05
+
+
+def test_eval_command_hf_cache(tmp_path, capsys):
+    from kvprec.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", "tiny", "--hf-cache", "dynamic", "--prefill", "64", "--tokens", "8",
+                 "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][1]
+    assert row["cache"] == "DynamicCache" and row["ppl_change"] == 0.0 and row["bits_per_element"] == 32.0
+    with pytest.raises(SystemExit, match="give at least one --policy or --hf-cache"):
+        main(["eval", "--model", "tiny"])
+    with pytest.raises(SystemExit, match="accepted 'dynamic'"):
+        main(["eval", "--model", "tiny", "--hf-cache", "kivi:2"])

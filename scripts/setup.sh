@@ -8,9 +8,10 @@ PY=${PYTHON:-python3}
 if [ "${KVPREC_KEEP_TORCH:-0}" != "1" ]; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
+# optimum-quanto (pure Python): transformers' QuantizedCache baseline in `kvprec eval --hf-cache quanto:4` and its test.
 if [ "${KVPREC_OFFLINE:-0}" != "1" ]; then
   "$PY" -m pip install -q "transformers==5.23.0" "triton==3.9.0" numpy scipy matplotlib pytest pytest-benchmark \
-    "scikit-build-core>=0.10" "cmake>=3.26" ninja
+    "scikit-build-core>=0.10" "cmake>=3.26" ninja "optimum-quanto==0.2.7"
 fi
 # --no-build-isolation: build against the torch installed above, not one resolved in an isolated env.
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .

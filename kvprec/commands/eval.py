@@ -14,7 +14,10 @@ import torch
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' (built-in) or a local Hugging Face model directory")
     p.add_argument("--text", default=None, help="text file (default for tiny: held-out stdlib files)")
-    p.add_argument("--policy", action="append", required=True, help="policy name (repeatable)")
+    p.add_argument("--policy", action="append", default=[], help="policy name (repeatable)")
+    p.add_argument("--hf-cache", action="append", default=[],
+                   help="a stock transformers cache in the same comparison (repeatable): dynamic, quanto:4, quanto:2, "
+                        "hqq:4, hqq:2 (QuantizedCache with transformers' defaults)")
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--tokens", type=int, default=256, help="teacher-forced decode steps")
     p.add_argument("--windows", type=int, default=1, help="disjoint windows of the text, run as one batch")
@@ -31,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import kvprec
-    from kvprec.eval import compare
+    from kvprec.eval import compare, hf_cache
     from kvprec.loading import load
 
     loaded = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
@@ -43,9 +46,13 @@ def run(args) -> int:
             return kvprec.policy.get(spec)
         return kvprec.policy.budget(spec, bits_per_element=args.bits_per_element)
 
+    if not args.policy and not args.hf_cache:
+        raise SystemExit("kvprec eval: give at least one --policy or --hf-cache")
     try:
         for spec in args.policy:
             make_policy(spec)
+        baselines = {f"QuantizedCache {spec.replace(':', ' int')}" if spec != "dynamic" else "DynamicCache":
+                     hf_cache(spec, loaded.model.config) for spec in args.hf_cache}
     except ValueError as exc:
         raise SystemExit(f"kvprec eval: {exc}") from exc
     if args.text is not None:
@@ -76,6 +83,7 @@ def run(args) -> int:
                                                                      group_size=args.group_size,
                                                                      key_rotation=rotation))
               for spec in args.policy}
+    caches.update(baselines)
     result = compare(loaded.model, tokens, args.prefill, caches)
     print(result.format())
     if args.json:

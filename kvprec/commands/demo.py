@@ -1,7 +1,8 @@
 """``kvprec demo``: the adaptive cache on the built-in tiny model (a byte-level Llama trained on Python's standard
 library, kvprec/models/tiny.py), on held-out text. For each policy it measures, through the cache
 (teacher-forced decoding, kvprec/eval.py): perplexity against an unquantized DynamicCache, top-1 agreement,
-effective bits per element from the cache's own byte accounting, and wall time; then it generates a
+effective bits per element from the cache's own byte accounting, and wall time (the default set adds uniform INT2
+with rotated keys, kvprec/rotation.py, beside plain INT2); then it generates a
 continuation with the unquantized and the default adaptive cache side by side, and prints the default cache's
 memory report with its precision map. Every number is computed in the run.
 """
@@ -57,6 +58,9 @@ def run(args) -> int:
 
     caches = {spec: (lambda spec=spec: kvprec.AdaptiveCache(model.config, policy=spec, block_size=args.block_size))
               for spec in policies}
+    if args.policy is None:  # what a rotation does for 2-bit keys, on the same tokens
+        caches["uniform:int2 rot:orthogonal"] = lambda: kvprec.AdaptiveCache(
+            model.config, policy="uniform:int2", block_size=args.block_size, key_rotation="orthogonal")
     if not args.no_curvature:
         # The central claim, tested at equal memory: a curvature map (calibrated on a different held-out file)
         # may spend uniform INT4's page bytes on any mix of INT2..FP16 blocks.

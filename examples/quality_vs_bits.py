@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import kvprec
-from kvprec.eval import compare, hf_cache
+from kvprec.eval import compare, hf_cache, hf_cache_name
 from kvprec.loading import load
 
 
@@ -128,7 +128,7 @@ def main():
                             None if rotation == "none" else rotation))
     for spec in args.hf_caches:
         try:
-            every[f"QuantizedCache {spec.replace(':', ' int')}"] = hf_cache(spec, cfg)
+            every[hf_cache_name(spec)] = hf_cache(spec, cfg)
         except ValueError as exc:
             print(f"skipped: {exc}")
     result = compare(loaded.model, tokens, args.prefill, every)

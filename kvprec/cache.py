@@ -478,9 +478,9 @@ class CacheMemoryReport:
     """Exact bytes of an AdaptiveCache, from each buffer's report.
 
     tier_bytes: int64 [L, n_tiers] live page bytes (K and V data + FP16 scales/zeros) per layer and tier;
-    tail_bytes, table_bytes, rotation_bytes, shadow_bytes, elements, tokens, evicted_tokens, sealed_elements: int64 [L] (elements
-    count the held positions, tokens minus evicted_tokens, which sliding-window layers dropped; sealed_elements
-    those of held sealed blocks, the elements the pages store);
+    tail_bytes, table_bytes, rotation_bytes, shadow_bytes, elements, tokens, evicted_tokens, sealed_elements:
+    int64 [L] (elements count the held positions, tokens minus evicted_tokens, which sliding-window layers dropped;
+    sealed_elements those of held sealed blocks, the elements the pages store);
     precision_map: int64 [L, H_kv, n_tiers], sealed blocks per layer, KV head and tier (summed over batch rows).
     Resident bytes = pages + tails + block tables + key rotation matrices (the shadow is host memory, reported
     apart).

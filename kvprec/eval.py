@@ -124,6 +124,11 @@ def held_bits_per_element(cache, model, batch: int) -> float:
     return total * 8 / elements if elements else 0.0
 
 
+def hf_cache_name(spec: str) -> str:
+    """The row name of :func:`hf_cache`'s ``spec``: "DynamicCache", "QuantizedCache quanto int4", ..."""
+    return "DynamicCache" if spec == "dynamic" else f"QuantizedCache {spec.replace(':', ' int')}"
+
+
 def hf_cache(spec: str, config) -> Callable[[], object]:
     """A factory for a stock transformers cache named by ``spec``: "dynamic" (DynamicCache()), or "quanto:N" /
     "hqq:N" (``QuantizedCache(backend, config=config, nbits=N)`` with transformers' defaults: groups of 64, the last

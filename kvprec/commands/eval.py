@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import kvprec
-    from kvprec.eval import compare, hf_cache
+    from kvprec.eval import compare, hf_cache, hf_cache_name
     from kvprec.loading import load
 
     loaded = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
@@ -51,8 +51,7 @@ def run(args) -> int:
     try:
         for spec in args.policy:
             make_policy(spec)
-        baselines = {f"QuantizedCache {spec.replace(':', ' int')}" if spec != "dynamic" else "DynamicCache":
-                     hf_cache(spec, loaded.model.config) for spec in args.hf_cache}
+        baselines = {hf_cache_name(spec): hf_cache(spec, loaded.model.config) for spec in args.hf_cache}
     except ValueError as exc:
         raise SystemExit(f"kvprec eval: {exc}") from exc
     if args.text is not None:

@@ -158,11 +158,12 @@ def test_eval_command_key_rotation(tmp_path, capsys):
     from kvprec.cli import main
 
     rows = {}
-    for rotation in ("none", "orthogonal"):
-        out = tmp_path / f"{rotation}.json"
+    for rotation, seed in (("none", "0"), ("orthogonal", "0"), ("orthogonal", "1")):
+        out = tmp_path / f"{rotation}{seed}.json"
         assert main(["eval", "--model", "tiny", "--policy", "uniform:int2", "--prefill", "64", "--tokens", "16",
-                     "--key-rotation", rotation, "--json", str(out)]) == 0
-        rows[rotation] = json.loads(out.read_text())["rows"][1]
+                     "--key-rotation", rotation, "--rotation-seed", seed, "--json", str(out)]) == 0
+        rows[rotation if seed == "0" else "seed 1"] = json.loads(out.read_text())["rows"][1]
+    assert rows["seed 1"]["perplexity"] != rows["orthogonal"]["perplexity"]  # another rotation
     assert rows["none"]["cache"] == "uniform:int2" and rows["orthogonal"]["cache"] == "uniform:int2 rot:orthogonal"
     # 2 bits + FP16 scale and zero per channel per 64-token block (keys) and per 32-channel group per token (values)
     assert rows["orthogonal"]["page_bits_per_element"] == rows["none"]["page_bits_per_element"] == 2.75

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=32, help="value quantization group along head_dim")
     p.add_argument("--key-rotation", default="none", choices=["none", "hadamard", "orthogonal"],
                    help="store keys rotated (kvprec/rotation.py); recommended below INT4")
+    p.add_argument("--rotation-seed", type=int, default=0, help="seed of the key rotations (default 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the result rows to this JSON file")
@@ -80,7 +81,8 @@ def run(args) -> int:
     caches = {spec + suffix: (lambda spec=spec: kvprec.AdaptiveCache(loaded.model.config, policy=make_policy(spec),
                                                                      block_size=args.block_size,
                                                                      group_size=args.group_size,
-                                                                     key_rotation=rotation))
+                                                                     key_rotation=rotation,
+                                                                     rotation_seed=args.rotation_seed))
               for spec in args.policy}
     caches.update(baselines)
     result = compare(loaded.model, tokens, args.prefill, caches)

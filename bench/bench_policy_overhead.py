@@ -1,6 +1,7 @@
-"""Host cost of one AdaptiveLayer.update per policy (and with key rotation), for a decode step that seals nothing (63 of every 64 steps
-at block_size 64): what each layer adds to a decode step before any kernel runs. Tiny tensors, so the figure is
-Python and dispatch overhead; on CUDA it includes any device synchronisation a policy forces.
+"""Host cost of one AdaptiveLayer.update per policy (and with key rotation), for a decode step that seals nothing
+(63 of every 64 steps at block_size 64): what each layer adds to a decode step before any kernel runs. Tiny
+tensors, so the figure is Python and dispatch overhead; on CUDA it includes any device synchronisation a policy
+forces.
 
     python -m pytest bench/bench_policy_overhead.py -q     # CPU anywhere; CUDA cases where a GPU exists
 

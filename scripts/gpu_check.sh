@@ -7,7 +7,10 @@
 #                             TEST_FILES="python_tests/test_a.py ..." narrows pytest (e.g. the files a run
 #                             that hit its limit did not reach: pytest.log lists every test as it finishes)
 #                STAGE=bench bash scripts/gpu_check.sh     build (kept if the machine is warm) + bench/; carry
-#                             [".whl"] (scripts/fetch_bench_wheels.sh) for the QuantizedCache quanto/hqq baselines
+#                             [".whl"] (scripts/fetch_bench_wheels.sh) for the QuantizedCache quanto/hqq baselines.
+#                             quanto JIT-compiles its CUDA extension (marlin, AWQ kernels) at its first CUDA
+#                             dequantize, during bench_generate's untimed prefill but within this call's budget:
+#                             give BENCH_FILES=bench/bench_generate.py a call of its own when the baselines run
 #                             BENCH_FILES="bench/bench_decode_attention.py" narrows the benchmarks
 #
 # One device command may run 10 minutes, so the stages are separate calls; make them back to back (the machine
@@ -58,7 +61,8 @@ if [ "$STAGE" = "bench" ]; then
   # (into /tmp/site on PYTHONPATH, as the device README advises: the image's site-packages stays as it is)
   if ls .whl/*.whl > /dev/null 2>&1; then
     timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl >> "$OUT/versions.txt" 2>&1 || { echo "FAILED: wheels" >> "$OUT/versions.txt"; status=1; }
+      --target /tmp/site .whl/*.whl >> "$OUT/versions.txt" 2>&1 \
+      || { echo "FAILED: wheels" >> "$OUT/versions.txt"; status=1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   # shellcheck disable=SC2086

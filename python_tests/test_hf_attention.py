@@ -234,11 +234,13 @@ def test_block_mass_reaches_the_policy(tiny_model, prompts):
         assert layer.stats.seen.tolist() == [2 * (21 + 4), 2 * (13 + 4), 2 * (5 + 4), 2 * 1]
 
 
+@pytest.mark.parametrize("key_rotation", [None, "hadamard"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_kernel_backend_matches_the_native_one_in_generate(backend):
+def test_kernel_backend_matches_the_native_one_in_generate(backend, key_rotation):
     """AdaptiveCache(backend="triton") runs the Triton flash-decoding kernel (on CPU under TRITON_INTERPRET=1)
     over the cache's pools, backend="cuda" the CUDA one (fp16 on a GPU); each must produce the tokens and, within
-    rounding, the logits of the native backend."""
+    rounding, the logits of the native backend, with keys stored as given or rotated (the kernels then read k R
+    and get q R)."""
     import os
 
     if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -258,7 +260,7 @@ def test_kernel_backend_matches_the_native_one_in_generate(backend):
     out = {}
     for name in ("cpp", backend):
         cache = kvprec.AdaptiveCache(model.config, policy="sink_window:sinks=4,window=8,rest=int4",
-                                     block_size=block_size, backend=name)
+                                     block_size=block_size, backend=name, key_rotation=key_rotation)
         with kvprec.enabled(model):
             out[name] = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                                        max_new_tokens=3, do_sample=False, pad_token_id=0,

@@ -145,3 +145,20 @@ def test_rotation_rescues_int2_keys_on_the_trained_model():
     for rotation in ("hadamard", "orthogonal"):
         assert 0 < result.ppl_change(rotation) < plain / 3, (rotation, result.ppl_change(rotation), plain)
         assert result.agreement(rotation) > result.agreement(None)
+
+
+def test_int2_without_rotation_warns_once(tiny_model, prompts):
+    import warnings
+
+    model = tiny_model("llama")
+    ids = prompts["single"]["input_ids"]
+    with pytest.warns(UserWarning, match="key_rotation='orthogonal'") as record:
+        fill(model, ids, policy="uniform:int2")
+    assert sum("INT2" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fill(model, ids, policy="uniform:int2", key_rotation="hadamard")
+        fill(model, ids, policy="uniform:int4")
+    # a budget that demotes to INT2 (through set_block_tiers, not at sealing) warns too
+    with pytest.warns(UserWarning, match="blocks go to INT2"):
+        fill(model, ids, policy=kvprec.policy.budget("uniform:int4", bits_per_element=5.0))  # INT4 6.5, INT2 4.5

@@ -386,8 +386,9 @@ class AdaptiveCache(Cache):
             DynamicCache's sliding layers do); False keeps every position.
         key_rotation: None (keys stored as given), "hadamard" (randomized Hadamard; head_dim a power of two) or
             "orthogonal" (random orthogonal; any head_dim): keys are stored rotated and queries rotated alike
-            (kvprec/rotation.py). Recommended whenever blocks go below INT4; float tiers then no longer hold the
-            model's keys bit for bit (one FP32 rotation and a rounding to the model dtype).
+            (kvprec/rotation.py). Recommended whenever blocks go below INT4 (without it, the first INT2 block
+            warns once); float tiers then no longer hold the model's keys bit for bit (one FP32 rotation and a
+            rounding to the model dtype).
         rotation_seed: seeds the rotations (each layer draws its own from (seed, layer index)).
         backend: attention over the buffer: "cpp" (the native kernel, block by block with ATen ops), "cuda" (the
             CUDA flash-decoding kernel reading the packed tiers; built with KVPREC_CUDA, fp16/bf16, head_dim

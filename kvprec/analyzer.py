@@ -152,7 +152,8 @@ class KVCacheAnalyzer:
 
     Args:
         head_dim: D of the keys (and the block geometry). block_size: T, a power of two. group_size: G, the
-            value quantization group (divides D); T, D and G fix the page bytes of each tier.
+            value quantization group (divides D; None: ``formats.default_group_size(D)``); T, D and G fix the page
+            bytes of each tier.
         c, eps: the bound's constant and error tolerance, ``p = log2(c kappa D^2 / eps)`` (defaults 1, 2^-11).
         candidates: the tiers the map may choose (names, Tier or ids).
         scale: softmax scale of the model's attention; None = 1/sqrt(D).
@@ -160,14 +161,15 @@ class KVCacheAnalyzer:
         query_reduce: "mean" or "max" over inputs, the group's query heads and the queries that see a position.
     """
 
-    def __init__(self, head_dim: int = 128, block_size: int = 64, group_size: int = 32, *, c: float = DEFAULT_C,
+    def __init__(self, head_dim: int = 128, block_size: int = 64, group_size: Optional[int] = None, *,
+                 c: float = DEFAULT_C,
                  eps: float = DEFAULT_EPS, candidates: Iterable = DEFAULT_CANDIDATES, scale: Optional[float] = None,
                  causal: bool = True, query_reduce: str = "mean"):
         require_native("KVCacheAnalyzer")
         if query_reduce not in QUERY_REDUCTIONS:
             raise ValueError(f"query_reduce: {query_reduce!r} is not accepted; use mean or max (a sum would grow "
                              "with the number of calibration inputs)")
-        self.geometry = BlockGeometry(int(block_size), int(head_dim), int(group_size))
+        self.geometry = BlockGeometry(int(block_size), int(head_dim), None if group_size is None else int(group_size))
         self.candidates = [Tier.parse(t) for t in candidates]
         self.c, self.eps = float(c), float(eps)
         self.scale, self.causal = float(0.0 if scale is None else scale), bool(causal)  # 0: 1/sqrt(D)

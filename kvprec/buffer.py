@@ -21,7 +21,7 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import torch
 
 from ._native import require_native
-from .formats import BlockGeometry, Tier
+from .formats import BlockGeometry, Tier, default_group_size
 
 TierLike = Union[Tier, str, int]
 
@@ -128,19 +128,21 @@ class MixedPrecisionBuffer:
     Args:
         batch, kv_heads: B and H.
         head_dim: D, a multiple of 4 and of ``group_size``. block_size: T, a power of two.
-        group_size: G, value quantization group along head_dim.
+        group_size: G, value quantization group along head_dim (None: ``formats.default_group_size(head_dim)``).
         dtype: model dtype (tail, gather, attention output): torch.float32 / float16 / bfloat16 or its name.
         device: where the pools and the tail live.
         default_tier: tier of sealed blocks when ``append`` gets no ``seal_tiers``.
         shadow: keep a host copy of every sealed block in the model dtype (exact crop, promotion).
     """
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int = 128, block_size: int = 64, group_size: int = 32,
+    def __init__(self, batch: int, kv_heads: int, head_dim: int = 128, block_size: int = 64,
+                 group_size: Optional[int] = None,
                  dtype: Union[torch.dtype, str] = torch.float16, device: Union[torch.device, str] = "cpu",
                  default_tier: TierLike = Tier.INT4, shadow: bool = False):
         require_native("MixedPrecisionBuffer")
         self._impl = torch.classes.kvprec.MixedPrecisionBuffer(
-            int(batch), int(kv_heads), int(head_dim), int(block_size), int(group_size), _dtype_name(dtype),
+            int(batch), int(kv_heads), int(head_dim), int(block_size),
+            int(default_group_size(head_dim) if group_size is None else group_size), _dtype_name(dtype),
             str(torch.device(device)), int(Tier.parse(default_tier)), bool(shadow))
         # Host mirrors of the sizes, kept by the mutating methods below after the native call succeeded: the
         # cache reads them several times per layer per decode step, and each native method call costs ~2.5 us.

@@ -191,7 +191,7 @@ class AdaptiveLayer(CacheLayerMixin):
             except ValueError as exc:
                 raise ValueError(f"AdaptiveCache layer {self.layer_idx}: {exc}") from exc
         self.buffer = MixedPrecisionBuffer(batch=b, kv_heads=h, head_dim=d, block_size=self.cache.block_size,
-                                           group_size=self.cache.group_size, dtype=key_states.dtype,
+                                           group_size=self.geometry.group_size, dtype=key_states.dtype,
                                            device=key_states.device, shadow=self.cache.shadow)
         self.rows = b
         self.stats = (AttentionStats.empty(b, h, key_states.device)
@@ -379,7 +379,8 @@ class AdaptiveCache(Cache):
             implementation from it to decide between handles and gathered tensors).
         policy: a :class:`kvprec.policy.Policy` or a name for :func:`kvprec.policy.get` (default
             ``"sink_window"``: 4 sink tokens and the last 128 at FP16, the rest at INT4).
-        block_size: positions per block (power of two). group_size: value quantization group along head_dim.
+        block_size: positions per block (power of two). group_size: value quantization group along head_dim
+            (None: ``formats.default_group_size(head_dim)``, 64 for head_dim 64 / 128 / 256, as QuantizedCache).
         shadow: None, or "cpu" to keep a host copy of each sealed block in the model dtype (exact crop,
             promotion possible; host memory, reported apart).
         evict_sliding: sliding-window layers release the blocks no later query can see (default, as
@@ -399,7 +400,7 @@ class AdaptiveCache(Cache):
         offloading: not supported; True raises.
     """
 
-    def __init__(self, config, policy="sink_window", block_size: int = 64, group_size: int = 32,
+    def __init__(self, config, policy="sink_window", block_size: int = 64, group_size: Optional[int] = None,
                  shadow: Optional[str] = None, backend: str = "auto", offloading: bool = False,
                  evict_sliding: bool = True, key_rotation: Optional[str] = None, rotation_seed: int = 0):
         if offloading:
@@ -422,7 +423,9 @@ class AdaptiveCache(Cache):
             raise ValueError(f"AdaptiveCache: block_size {block_size} is not a power of two")
         self.config = text_config(config)
         self.policy = policy_lib.get(policy)
-        self.block_size, self.group_size, self.shadow = int(block_size), int(group_size), shadow is not None
+        self.block_size, self.shadow = int(block_size), shadow is not None
+        #: None: each layer takes formats.default_group_size(head_dim) (layer.geometry.group_size)
+        self.group_size = None if group_size is None else int(group_size)
         self.backend = backend
         #: set to a kvprec.attention_ref.ReadCounter to count block reads of the "torch" backend
         self.read_counter: Optional[ReadCounter] = None

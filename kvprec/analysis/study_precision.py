@@ -64,7 +64,7 @@ class StudyConfig:
     context: int = 256                  # P: calibration context in the cache (rounded down to a block multiple)
     queries: int = 16                   # Q: query tokens on top of it
     block_size: int = 16
-    group_size: int = 32
+    group_size: Optional[int] = None    # value group; None: formats.default_group_size(head_dim)
     tiers: List[str] = field(default_factory=lambda: ["int2", "int4", "int8"])
     max_items: int = 128                # sampled (layer, KV head, block) items for measured sensitivity
     hutchinson_samples: int = 32

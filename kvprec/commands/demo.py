@@ -69,7 +69,7 @@ def run(args) -> int:
         from kvprec.policy import Curvature
 
         head_dim = cfg.hidden_size // cfg.num_attention_heads
-        pages = BlockGeometry(args.block_size, head_dim, min(32, head_dim)).page_bytes(Tier.INT4)
+        pages = BlockGeometry(args.block_size, head_dim).page_bytes(Tier.INT4)  # the cache's default group
         bits = 8 * pages / (args.block_size * head_dim * 2)
         calib = byte_tokens(stdlib_text(STDLIB_EVAL_FILES[1:2])[:args.prefill + args.tokens])
         curvature = Curvature.calibrate(model, calib, bits_per_element=bits, block_size=args.block_size,

@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits-per-element", type=float, default=None,
                    help="wrap every policy in a budget of this many bits per element of the sealed pages")
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--group-size", type=int, default=32, help="value quantization group along head_dim")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="value quantization group along head_dim (default: the largest divisor of head_dim <= 64)")
     p.add_argument("--key-rotation", default="none", choices=["none", "hadamard", "orthogonal"],
                    help="store keys rotated (kvprec/rotation.py); recommended below INT4")
     p.add_argument("--rotation-seed", type=int, default=0, help="seed of the key rotations (default 0)")

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--context", type=int, default=256, help="calibration context tokens in the cache")
     q.add_argument("--queries", type=int, default=16, help="query tokens fed on top of the context")
     q.add_argument("--block-size", type=int, default=16)
-    q.add_argument("--group-size", type=int, default=32)
+    q.add_argument("--group-size", type=int, default=None,
+                   help="value quantization group (default: the largest divisor of head_dim <= 64)")
     q.add_argument("--max-items", type=int, default=128, help="sampled (layer, head, block) items for sensitivity")
     q.add_argument("--hutchinson", type=int, default=32, help="Hutchinson samples")
     q.add_argument("--prefill", type=int, default=256, help="quality harness prefill")

@@ -50,7 +50,8 @@ class Curvature(Policy):
     def calibrate(cls, model, input_ids: Union[torch.Tensor, Sequence[torch.Tensor]], *, mode: str = "budget",
                   bits_per_element: Optional[float] = None, budget_bytes: Optional[int] = None,
                   max_error: Optional[float] = None, eps: Optional[float] = None, c: float = 1.0,
-                  candidates: Iterable = ("int4", "int8", "fp16"), block_size: int = 64, group_size: int = 32,
+                  candidates: Iterable = ("int4", "int8", "fp16"), block_size: int = 64,
+                  group_size: Optional[int] = None,
                   query_reduce: str = "mean", method: str = "auto", backend: str = "auto") -> "Curvature":
         """Run ``model`` once on ``input_ids`` and return the policy of the resulting map.
 
@@ -64,7 +65,8 @@ class Curvature(Policy):
             element. A budget below every block at the cheapest candidate raises ValueError.
         eps, c: the bound's tolerance (default 2^-11, FP16's unit roundoff) and constant; only threshold mode's
             choice depends on them (the knapsack's errors all scale with c and ignore eps).
-        candidates, block_size, group_size: the tiers and the block geometry of the cache the policy is for.
+        candidates, block_size, group_size: the tiers and the block geometry of the cache the policy is for
+            (group_size None: ``formats.default_group_size(head_dim)``, as AdaptiveCache's default).
         query_reduce: "mean" or "max" of curvature over inputs, query heads and queries; method: knapsack
             solver, auto | dp | greedy.
         backend: how each layer's curvature is reduced (:meth:`KVCacheAnalyzer.add_calibration`): "auto" runs the

@@ -220,3 +220,26 @@ def test_paged_view_is_reused_and_follows_every_table_change(monkeypatch):
     layer.reset()
     append(9)
     check()
+
+
+@pytest.mark.parametrize("batch,context", [(1, 4096), (1, 16384), (2, 8192)])
+def test_uniform_int4_resident_bytes_meet_the_target(batch, context):
+    """Issue 4's memory target, exact on any device: uniform INT4 at the default block and value group keeps
+    <= 0.30x the FP16 bytes, tail and block table included, at bench_generate's Llama-3.2-1B KV shape (8 KV heads
+    of head_dim 64; per layer, so one layer suffices) after its prefill and 34 more tokens."""
+    from transformers import LlamaConfig
+
+    from kvprec.attention import register
+
+    register()
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64)
+    config._attn_implementation = "kvprec"
+    cache = AdaptiveCache(config, policy="uniform:int4")
+    tokens = context + 34
+    k = torch.randn(batch, 8, tokens, 64, dtype=torch.float16)
+    cache.update(k, k, 0)
+    fp16 = 2 * batch * 8 * tokens * 64 * 2
+    ratio = cache.memory_report().resident_bytes / fp16
+    assert cache.layers[0].geometry.group_size == 64
+    assert 0.28 < ratio <= 0.30, ratio

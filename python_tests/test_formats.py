@@ -193,3 +193,13 @@ def test_fp16_tier_refuses_out_of_range_wider_inputs(backend):
         with pytest.raises(ValueError, match="fp16 tier holds"):
             quant(x, "fp16", *extra, backend=backend)
         assert quant(x, "bf16", *extra, backend=backend).codes.dtype == torch.bfloat16  # bf16 covers it
+
+
+def test_default_group_size_is_the_largest_divisor_up_to_64():
+    from kvprec.formats import default_group_size
+
+    assert [default_group_size(d) for d in (4, 12, 32, 64, 80, 96, 128, 256)] == [4, 12, 32, 64, 40, 48, 64, 64]
+    assert BlockGeometry().group_size == 64 and BlockGeometry(head_dim=80).group_size == 40
+    assert BlockGeometry(head_dim=128, group_size=32).group_size == 32
+    with pytest.raises(ValueError, match="head_dim: 0"):
+        default_group_size(0)

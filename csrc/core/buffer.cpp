@@ -172,6 +172,7 @@ struct MixedPrecisionBuffer::State {
 };
 
 MixedPrecisionBuffer::MixedPrecisionBuffer(const BufferOptions& options) : opts_(options) {
+  if (opts_.group_size == 0 && opts_.head_dim > 0) opts_.group_size = default_group_size(opts_.head_dim);
   TORCH_CHECK_VALUE(opts_.batch >= 1, "batch: ", opts_.batch, " is not accepted; expected >= 1");
   TORCH_CHECK_VALUE(opts_.kv_heads >= 1, "kv_heads: ", opts_.kv_heads, " is not accepted; expected >= 1");
   value_errors([&] { geometry().check(); });

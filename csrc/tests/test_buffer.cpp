@@ -310,6 +310,10 @@ void test_errors() {
   CHECK_THROWS(MixedPrecisionBuffer(opts(0, 1, 64, 16, Tier::INT4)), "batch");
   CHECK_THROWS(MixedPrecisionBuffer(opts(1, 1, 64, 16, Tier::INT4, at::kInt)), "dtype");
 
+  // group_size 0 (BufferOptions' default) takes default_group_size(head_dim)
+  CHECK(MixedPrecisionBuffer(opts(1, 1, 96, 16, Tier::INT4, at::kFloat, false, 0)).options().group_size == 48);
+  CHECK(MixedPrecisionBuffer(BufferOptions{}).options().group_size == 64);
+
   MixedPrecisionBuffer buf(opts(2, 2, 32, 16, Tier::INT4, at::kFloat, false, 8));
   const at::Tensor x = randn({2, 2, 20, 32});
   CHECK_THROWS(buf.append(randn({2, 3, 20, 32}), x), "append: k");

@@ -73,12 +73,12 @@ void test_formulas() {
 }
 
 void test_mapper_tiers() {
-  kvprec::PrecisionMapper m;  // defaults: INT2, INT4, INT8, FP16; T=64, D=128, G=32; c=1, eps=2^-11
+  kvprec::PrecisionMapper m;  // defaults: INT2, INT4, INT8, FP16; T=64, D=128, G=64; c=1, eps=2^-11
   CHECK(m.options().eps == 1.0 / 2048.0 && m.options().c == 1.0);
   const auto& ladder = m.ladder();
   CHECK(ladder.size() == 4 && ladder[0] == Tier::INT2 && ladder[1] == Tier::INT4 && ladder[2] == Tier::INT8 &&
         ladder[3] == Tier::FP16);
-  CHECK(m.page_bytes(Tier::INT2) == 5632 && m.page_bytes(Tier::INT4) == 9728 && m.page_bytes(Tier::INT8) == 17920 &&
+  CHECK(m.page_bytes(Tier::INT2) == 5120 && m.page_bytes(Tier::INT4) == 9216 && m.page_bytes(Tier::INT8) == 17408 &&
         m.page_bytes(Tier::FP16) == 32768);
   const double b2 = kvprec::tier_effective_bits(Tier::INT2), b4 = kvprec::tier_effective_bits(Tier::INT4);
   CHECK(m.tier_for_bits(-INFINITY) == Tier::INT2);
@@ -161,10 +161,11 @@ void test_greedy_gap_and_switch() {
   CHECK(s.error - s.lower_bound <= max_drop + 1e-9);
   std::printf("  greedy on 20000 items: error %.6g, LP bound %.6g (gap %.3g%%)\n", s.error, s.lower_bound,
               100.0 * (s.error - s.lower_bound) / s.error);
-  // Gcd units: page sizes of the default geometry share 512 bytes, so 8 blocks at any budget fit the DP.
+  // Gcd units: page sizes of the default geometry share 1024 bytes (INT2 5, FP16 32 units), so 8 blocks at any
+  // budget fit the DP.
   kvprec::PrecisionMapper m;
   KnapsackProblem small = m.problem(std::vector<double>(8, 1e-3));
-  CHECK(small.dp_cells(small.max_cost()) == 8 * (8 * (64 - 11) + 1));
+  CHECK(small.dp_cells(small.max_cost()) == 8 * (8 * (32 - 5) + 1));
 }
 
 void test_mapper_budget_and_quality() {

@@ -38,7 +38,7 @@ struct BufferOptions {
   int64_t kv_heads = 1;
   int64_t head_dim = 128;
   int64_t block_size = 64;
-  int64_t group_size = 32;                 // value quantization group along head_dim
+  int64_t group_size = 0;                  // value quantization group along head_dim; 0: default_group_size(head_dim)
   at::ScalarType dtype = at::kHalf;        // model dtype: the tail, gather() and attention output
   c10::Device device = c10::Device(c10::kCPU);
   Tier default_tier = Tier::INT4;          // tier of sealed blocks when append() gets no tiers

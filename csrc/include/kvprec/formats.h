@@ -91,12 +91,20 @@ inline Tier tier_from_name(std::string_view name) {
 // Bytes of packed K (or V) data of `n` elements of one row of head_dim `d`: d * bits / 8.
 constexpr int64_t tier_row_bytes(Tier t, int64_t head_dim) { return head_dim * tier_bits(t) / 8; }
 
+// The value group used when none is given: the largest divisor of head_dim that is <= 64 (64 for head_dim 64 /
+// 128 / 256, as transformers' QuantizedCache; 32 for 32, 40 for 80, 48 for 96). kvprec.formats.default_group_size.
+constexpr int64_t default_group_size(int64_t head_dim) {
+  for (int64_t g = head_dim < 64 ? head_dim : 64; g > 1; --g)
+    if (head_dim % g == 0) return g;
+  return 1;
+}
+
 // Geometry of a block, checked once: head_dim divisible by 4 (INT2 packs four codes per byte) and by the
 // value group size; block_size a power of two.
 struct BlockGeometry {
   int64_t block_size = 64;
   int64_t head_dim = 128;
-  int64_t group_size = 32;
+  int64_t group_size = default_group_size(128);
 
   void check() const {
     if (block_size <= 0 || (block_size & (block_size - 1)) != 0)

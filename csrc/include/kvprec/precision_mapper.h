@@ -27,7 +27,7 @@
 // sum_i c_i,j(i) <= budget.
 //   Exact: dynamic programming over cost (Kellerer, Pferschy, Pisinger, "Knapsack Problems", 2004, ch. 11).
 //     Each item's cheapest cost is paid up front; the extra costs d_ij = c_ij - min_j c_ij are counted in
-//     units of g = gcd of all d_ij (page sizes share large powers of two: 512 bytes for T=64, D=128, G=32), so
+//     units of g = gcd of all d_ij (page sizes share large powers of two: 1024 bytes for T=64, D=128, G=64), so
 //     the table has W + 1 = floor((budget - sum_i min_j c_ij) / g) + 1 columns, capped at sum_i max_j d_ij / g.
 //     O(I * W * J) time, I * (W + 1) bytes for the choice table.
 //   Greedy: each item's choices reduced to the lower convex hull of (cost, error) (dominated and non-convex

@@ -65,10 +65,13 @@ def rotation_matrix(kind: str, head_dim: int, seed: int = 0, layer_idx: int = 0)
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x [..., D] @ rotation [D, D], computed in FP32, returned in x's dtype."""
+    """x [..., D] @ rotation [D, D], computed in FP32, returned in x's dtype. (One product when x is FP32 already: the
+    call sits on every decode step of every layer, twice.)"""
+    if x.dtype == torch.float32:
+        return x @ rotation
     return (x.float() @ rotation).to(x.dtype)
 
 
 def unrotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """x [..., D] @ rotation^T: the inverse of :func:`rotate` (up to rounding), in x's dtype."""
-    return (x.float() @ rotation.T).to(x.dtype)
+    return rotate(x, rotation.T)

@@ -52,6 +52,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"
 BACKENDS = ("auto", "cpp", "torch", "triton", "cuda")
 
 
+class Int2KeysWarning(UserWarning):
+    """Blocks go to INT2 with keys stored as given (no ``key_rotation``); code that compares against such caches on
+    purpose filters this category."""
+
+
 def text_config(config):
     """The decoder's text config (itself for text-only models)."""
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -470,7 +475,7 @@ class AdaptiveCache(Cache):
             warnings.warn("kvprec.AdaptiveCache: blocks go to INT2 with keys stored as given; 2-bit keys lose far "
                           "more quality unrotated (uniform INT2 on examples/models/small_llama_stdlib: +20% "
                           "perplexity, +2.3% rotated): build the cache with key_rotation='orthogonal' or 'hadamard'",
-                          stacklevel=4)
+                          Int2KeysWarning, stacklevel=4)
 
     def warn_slow_path(self) -> None:
         if not self._warned_slow:

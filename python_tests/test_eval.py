@@ -230,3 +230,21 @@ def test_eval_command_hf_cache(tmp_path, capsys):
         main(["eval", "--model", "tiny"])
     with pytest.raises(SystemExit, match="accepted 'dynamic'"):
         main(["eval", "--model", "tiny", "--hf-cache", "kivi:2"])
+
+
+def test_demo_runs_end_to_end(capsys):
+    """`kvprec demo` (the README's main job) on short lengths: every default row, the rotated INT2 one among them,
+    and no advice to rotate (the table shows plain INT2 beside rotated INT2 on purpose)."""
+    import warnings
+
+    from kvprec.cache import Int2KeysWarning
+    from kvprec.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Int2KeysWarning)
+        assert main(["demo", "--prefill", "64", "--tokens", "16", "--generate", "4", "--block-size", "16"]) == 0
+    out = capsys.readouterr().out
+    for row in ("uniform:int8", "uniform:int4", "sink_window", "attention_mass", "uniform:int2 rot:orthogonal",
+                "curvature@"):
+        assert row in out
+    assert "greedy continuation of 4 tokens" in out and "precision map" in out

@@ -152,7 +152,9 @@ def test_int2_without_rotation_warns_once(tiny_model, prompts):
 
     model = tiny_model("llama")
     ids = prompts["single"]["input_ids"]
-    with pytest.warns(UserWarning, match="key_rotation='orthogonal'") as record:
+    from kvprec.cache import Int2KeysWarning
+
+    with pytest.warns(Int2KeysWarning, match="key_rotation='orthogonal'") as record:
         fill(model, ids, policy="uniform:int2")
     assert sum("INT2" in str(w.message) for w in record) == 1
     with warnings.catch_warnings():

@@ -267,7 +267,7 @@ def measure_sensitivity_per_query(model, ids: torch.Tensor, context: int, items:
     module docstring's measures before the mean over queries (d_attn still a mean over the group's query heads).
     ``context`` must be a multiple of ``block_size`` so the query positions never share a block with the context."""
     from ..attention import enabled
-    from ..cache import AdaptiveCache
+    from ..cache import AdaptiveCache, Int2KeysWarning
     from ..policy.uniform import Uniform
 
     if context % block_size:
@@ -292,7 +292,7 @@ def measure_sensitivity_per_query(model, ids: torch.Tensor, context: int, items:
     target = ids[0, context + 1:context + nq + 1].cpu()
     with torch.no_grad(), enabled(model), warnings.catch_warnings():
         # the probes measure keys as stored without rotation on purpose: no advice to rotate them
-        warnings.filterwarnings("ignore", message=".*blocks go to INT2 with keys stored as given")
+        warnings.simplefilter("ignore", Int2KeysWarning)
         model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
         for layer in cache.layers:
             layer.attend = wrap(layer)

@@ -36,6 +36,7 @@ def _show(data: bytes) -> str:
 
 def run(args) -> int:
     import kvprec
+    from kvprec.cache import Int2KeysWarning
     from kvprec.eval import compare
     from kvprec.models import STDLIB_EVAL_FILES, byte_tokens, load_tiny_llama, stdlib_text
     from transformers import DynamicCache
@@ -77,7 +78,7 @@ def run(args) -> int:
         caches[f"curvature@{bits:.2f}b pages"] = lambda: kvprec.AdaptiveCache(model.config, policy=curvature,
                                                                              block_size=args.block_size)
     with warnings.catch_warnings():  # the table shows plain INT2 beside rotated INT2 on purpose: no advice
-        warnings.filterwarnings("ignore", message=".*blocks go to INT2 with keys stored as given")
+        warnings.simplefilter("ignore", Int2KeysWarning)
         result = compare(model, tokens, args.prefill, caches)
     print(result.format())
 

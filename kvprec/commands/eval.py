@@ -39,6 +39,8 @@ def run(args) -> int:
     from kvprec.eval import compare, hf_cache, hf_cache_name
     from kvprec.loading import load
 
+    if not args.policy and not args.hf_cache:  # before the model loads
+        raise SystemExit("kvprec eval: give at least one --policy or --hf-cache")
     loaded = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if args.windows < 1:
         raise SystemExit(f"kvprec eval: --windows must be >= 1, got {args.windows}")
@@ -48,8 +50,6 @@ def run(args) -> int:
             return kvprec.policy.get(spec)
         return kvprec.policy.budget(spec, bits_per_element=args.bits_per_element)
 
-    if not args.policy and not args.hf_cache:
-        raise SystemExit("kvprec eval: give at least one --policy or --hf-cache")
     try:
         for spec in args.policy:
             make_policy(spec)

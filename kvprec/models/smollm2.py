@@ -45,8 +45,9 @@ STAMP = "kvprec_conversion.json"  # written last into the temporary directory: t
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class ModelUnavailable(RuntimeError):
-    """The model cannot be provided offline here; the message says what to install."""
+class ModelUnavailable(FileNotFoundError):
+    """The model's files are not here (package not installed, incomplete conversion); the message says what to
+    do. A FileNotFoundError, so the command line reports it in one line as it does a missing model path."""
 
 
 def cache_dir() -> Path:

@@ -61,7 +61,7 @@ triton = pytest.importorskip("triton")
 import kvprec  # noqa: E402
 from kvprec import ops  # noqa: E402
 from kvprec.analysis import curvature as C  # noqa: E402
-from kvprec.triton_ops import curvature as tc  # noqa: E402
+from kvprec.ops.triton import curvature as tc  # noqa: E402
 
 from results_file import git_commit, quantiles, write_results  # noqa: E402
 
@@ -174,8 +174,8 @@ def test_curvature_reduce(benchmark, layer_inputs, queries, scope, backend):
 # ---------------------------------------------------------------------------------------------------------
 # Calibration: KVCacheAnalyzer.add_calibration over 16 layers and Curvature.calibrate on 8k tokens
 
-from kvprec.analyzer import KVCacheAnalyzer  # noqa: E402
-from kvprec.policy import Curvature  # noqa: E402
+from kvprec.analysis.analyzer import KVCacheAnalyzer  # noqa: E402
+from kvprec.hf.policy import Curvature  # noqa: E402
 
 # (layers, Hq, Hkv, D, N): the 1B shape; the smoke run a tiny Llama (Triton interpreter, FP32)
 CALIB_SHAPE = (2, 4, 2, 32, 64) if SMOKE and DEVICE == "cpu" else (LAYERS, HQ, HKV, D, N)
@@ -190,7 +190,7 @@ _CALIB: dict = {"cases": []}
 def calibration_results():
     """The calibration cases' results; written as one JSON at the end of the module (not by a smoke run)."""
     layers, hq, hkv, d, n = CALIB_SHAPE
-    from kvprec.analyzer import calibration_backend
+    from kvprec.analysis.analyzer import calibration_backend
     _CALIB.update(_environment())
     _CALIB.update({"shape": {"layers": layers, "B": 1, "Hq": hq, "Hkv": hkv, "D": d, "N": n, "Q": n},
                    "block_size": BLOCK_SIZE, "query_reduce": "mean", "causal": True,
@@ -319,10 +319,10 @@ def calibration_model():
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
 @torch.no_grad()
 def test_calibration_calibrate(benchmark, calibration_results, calibration_model, backend):
-    from kvprec.cache import AdaptiveCache
-    from kvprec.formats import Tier
-    from kvprec.policy import Uniform
-    from kvprec.policy import curvature as policy_module
+    from kvprec.hf.cache import AdaptiveCache
+    from kvprec.storage.formats import Tier
+    from kvprec.hf.policy import Uniform
+    from kvprec.hf.policy import curvature as policy_module
 
     model = calibration_model
     layers, _, _, _, n = CALIB_SHAPE

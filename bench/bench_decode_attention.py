@@ -30,9 +30,9 @@ triton = pytest.importorskip("triton")
 
 import kvprec  # noqa: E402
 from kvprec import ops  # noqa: E402
-from kvprec.formats import BlockGeometry, Tier  # noqa: E402
-from kvprec.reference import PagedKV  # noqa: E402
-from kvprec.triton_ops import decode_attention as tda  # noqa: E402
+from kvprec.storage.formats import BlockGeometry, Tier  # noqa: E402
+from kvprec.ops.reference import PagedKV  # noqa: E402
+from kvprec.ops.triton import decode_attention as tda  # noqa: E402
 from results_file import git_commit, quantiles, write_results  # noqa: E402
 
 SHAPES = [  # B, Hq, Hkv, D, N

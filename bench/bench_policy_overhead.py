@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kvprec
-import kvprec.policy as P
+import kvprec.hf.policy as P
 
 if not kvprec.native_available():
     pytest.skip("the native library is not built", allow_module_level=True)
@@ -38,7 +38,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_update_overhead(benchmark, case, device):
     from transformers import LlamaConfig
 
-    from kvprec.attention import register
+    from kvprec.hf.attention import register
 
     register()
     config = LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_size=128)

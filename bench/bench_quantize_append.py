@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 
 import kvprec  # noqa: E402
 from kvprec import ops  # noqa: E402
-from kvprec.formats import Tier  # noqa: E402
+from kvprec.storage.formats import Tier  # noqa: E402
 
 from bench_decode_attention import L2_BYTES, _event_times  # noqa: E402
 from results_file import git_commit, quantiles, write_results  # noqa: E402

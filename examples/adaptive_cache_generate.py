@@ -8,7 +8,7 @@ import argparse
 import torch
 
 import kvprec
-from kvprec.loading import load
+from kvprec.models.loading import load
 from kvprec.models import stdlib_text
 
 parser = argparse.ArgumentParser()

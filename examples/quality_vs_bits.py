@@ -1,5 +1,5 @@
 """Quality against memory on a trained model: uniform tiers and budgeted adaptive policies, teacher-forced through
-the cache (kvprec.eval), against issue #4's quality targets.
+the cache (kvprec.hf.eval), against issue #4's quality targets.
 
     python examples/quality_vs_bits.py --model examples/models/small_llama_stdlib.safetensors \\
         --windows 8 --prefill 512 --tokens 512 --group-size 64 --out runs/quality_small.json
@@ -13,10 +13,10 @@ alone: the tail is one model-dtype block per row and head whatever the policy, s
 at short contexts), perplexity change and top-1 agreement over windows x tokens predictions, and which of the
 targets each row meets (rows are held to a target by their measured page bits): uniform INT4 within +0.5% and
 >= 97%; <= 3.0 bits within +1.5% and >= 95%; <= 2.6 bits within +5%. ``--extra`` adds unbudgeted policy specs.
-Every cache runs once per ``--key-rotations`` kind (default: none, hadamard, orthogonal; kvprec/rotation.py): the
+Every cache runs once per ``--key-rotations`` kind (default: none, hadamard, orthogonal; kvprec/storage/rotation.py): the
 rotated rows are the ones that reach the 3.0 and 2.6-bit targets. ``--hf-caches`` adds transformers'
 QuantizedCache (quanto / hqq, 4 and 2 bits, groups of 64, the last 128 tokens in the model dtype) where installed;
-their bits count every tensor they hold (kvprec.eval.held_bits_per_element), and they are held to no target.
+their bits count every tensor they hold (kvprec.hf.eval.held_bits_per_element), and they are held to no target.
 """
 from __future__ import annotations
 
@@ -27,15 +27,15 @@ from pathlib import Path
 import torch
 
 import kvprec
-from kvprec.eval import compare, hf_cache, hf_cache_name
-from kvprec.loading import load
+from kvprec.hf.eval import compare, hf_cache, hf_cache_name
+from kvprec.models.loading import load
 
 
 def curvature_policies(model, encode, budgets, block_size, group_size, windows=4, length=1024):
     """The curvature map (kvprec.policy.Curvature) at each budget, calibrated on ``windows`` x ``length`` tokens of
     the training text (disjoint from the evaluation text), tiers INT2 / INT4 / INT8 / FP16."""
     from kvprec.models import STDLIB_TRAIN_FILES, stdlib_text
-    from kvprec.policy.curvature import Curvature
+    from kvprec.hf.policy.curvature import Curvature
 
     ids = encode(stdlib_text(STDLIB_TRAIN_FILES).decode("utf-8", errors="replace"))[:windows * length]
     calib = torch.tensor(ids).view(windows, length)
@@ -90,10 +90,10 @@ def main():
                    help="more policy specs, unbudgeted (default: the last 192 positions at INT4, the rest INT2)")
     p.add_argument("--key-rotations", nargs="+", default=["none", "hadamard", "orthogonal"],
                    choices=["none", "hadamard", "orthogonal"],
-                   help="run every cache once per key rotation (kvprec/rotation.py); 'none' stores keys as given")
+                   help="run every cache once per key rotation (kvprec/storage/rotation.py); 'none' stores keys as given")
     p.add_argument("--no-curvature", action="store_true", help="skip the calibrated curvature map rows")
     p.add_argument("--hf-caches", nargs="*", default=["quanto:4", "quanto:2", "hqq:4", "hqq:2"],
-                   help="transformers QuantizedCache rows for comparison (kvprec.eval.hf_cache specs); a backend "
+                   help="transformers QuantizedCache rows for comparison (kvprec.hf.eval.hf_cache specs); a backend "
                         "whose package is not installed is skipped with a note")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=None, help="write the rows (and the command's arguments) as JSON")

@@ -1,11 +1,11 @@
-"""MixedPrecisionBuffer through Python: pages bit for bit against kvprec.formats, round trips per tier, exact
+"""MixedPrecisionBuffer through Python: pages bit for bit against kvprec.storage.formats, round trips per tier, exact
 memory accounting, re-tiering, crop, index_batch, attend against a dense torch softmax, and bad-input errors.
 
 Tolerances: pages are compared bit for bit (the buffer quantizes with the C++ kernels that match the
-reference). Integer round trips use the stated element bound of kvprec.formats (scale/2 plus the FP32 rounding
+reference). Integer round trips use the stated element bound of kvprec.storage.formats (scale/2 plus the FP32 rounding
 of x' = code * scale + zero). attend with an FP32 model dtype reads the same FP32 values as gather(), so it
 differs from a dense FP32 softmax only by summation order: 1e-5 on values of order 1. With an FP16/BF16 model
-dtype it must be within 2x the error of torch's SDPA in that dtype against the FP32 reference (STYLE.md #12).
+dtype it must be within 2x the error of torch's SDPA in that dtype against the FP32 reference (docs/design.md, "Tests").
 """
 import math
 
@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import kvprec
-from kvprec import MemoryReport, MixedPrecisionBuffer, formats
-from kvprec.formats import Tier
+from kvprec import MemoryReport, MixedPrecisionBuffer
+from kvprec.storage import formats
+from kvprec.ops.reference import quantize as quantize_ref
+from kvprec.storage.formats import Tier
 
 from helpers import available_devices
 
@@ -65,7 +67,7 @@ def test_pages_match_reference_bit_for_bit(device, seq_len, head_dim, batch):
         if rows.numel() == 0:
             continue
         p = buf.pool(tier)
-        qk, qv = formats.quantize_keys(kb[rows], tier), formats.quantize_values(vb[rows], tier, group)
+        qk, qv = quantize_ref.quantize_keys(kb[rows], tier), quantize_ref.quantize_values(vb[rows], tier, group)
         sel = pages[rows].to(device)
         assert torch.equal(p.k[sel].cpu(), qk.codes) and torch.equal(p.v[sel].cpu(), qv.codes), tier
         if tier.is_integer:
@@ -79,13 +81,13 @@ def test_pages_match_reference_bit_for_bit(device, seq_len, head_dim, batch):
 # Round trips
 
 def _check_within_bound(buf, tier, x_k, x_v, k, v):
-    """|x - x'| <= scale/2 + 2^-22 (|x| + scale): the bound of kvprec.formats plus the FP32 rounding of the
+    """|x - x'| <= scale/2 + 2^-22 (|x| + scale): the bound of kvprec.storage.formats plus the FP32 rounding of the
     multiply and the add of x' = code * scale + zero (2^-23 each)."""
     n, t, group = buf.num_sealed_blocks, buf.block_size, buf.group_size
     pages = buf.pages().permute(2, 0, 1).reshape(-1).long()
     p = buf.pool(tier)
-    ks = formats.element_error_bound(p.k_scale[pages]).unsqueeze(1)                          # [N, 1, D]
-    vs = formats.element_error_bound(p.v_scale[pages]).repeat_interleave(group, dim=-1)      # [N, T, D]
+    ks = quantize_ref.element_error_bound(p.k_scale[pages]).unsqueeze(1)                          # [N, 1, D]
+    vs = quantize_ref.element_error_bound(p.v_scale[pages]).repeat_interleave(group, dim=-1)      # [N, T, D]
     for x, y, half in [(x_k, k, ks), (x_v, v, vs)]:
         xb, yb = _by_block(x, n, t), _by_block(y, n, t)
         assert ((xb - yb).abs() <= half + 2.0 ** -22 * (xb.abs() + 2 * half)).all()
@@ -176,7 +178,7 @@ def test_demote_then_promote_needs_the_shadow():
     k4, v4 = buf.block(0, torch.float32)
     buf.set_block_tiers(0, "int2")
     # Without the shadow, demotion re-quantizes the INT4 page dequantized to FP32.
-    want = formats.dequantize_keys(formats.quantize_keys(k4.reshape(-1, t, d), Tier.INT2), Tier.INT2, d, torch.float32)
+    want = quantize_ref.dequantize_keys(quantize_ref.quantize_keys(k4.reshape(-1, t, d), Tier.INT2), Tier.INT2, d, torch.float32)
     assert torch.equal(buf.block(0)[0].reshape(-1, t, d), want)
     pages = buf.pages()
     with pytest.raises(RuntimeError, match="none is held"):

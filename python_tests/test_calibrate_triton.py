@@ -4,7 +4,7 @@ Curvature.calibrate(backend=...)) against the C++ path (host copies, FP64 closed
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by triton_device before any
 imports triton); on a GPU the model and tensors move there, where backend="auto" picks the kernel.
 
-Tolerance: the kernel's (kvprec/triton_ops/curvature.py; RTOL, ATOL, FLOOR as in test_curvature_triton.py, which
+Tolerance: the kernel's (kvprec/ops/triton/curvature.py; RTOL, ATOL, FLOOR as in test_curvature_triton.py, which
 measures them), per calibration input, batch row and KV head, for the position sum and max::
 
     |x_i - ref_i| <= RTOL ref_i + ATOL max_t ref_i + FLOOR K0_i,     K0_i = (s max||q||)^3 max||v||^2
@@ -26,9 +26,9 @@ skip_module_without_triton()
 
 import kvprec  # noqa: E402
 from kvprec.analysis import curvature as C  # noqa: E402
-from kvprec.analyzer import KVCacheAnalyzer, calibration_backend, visible_count  # noqa: E402
-from kvprec.formats import Tier  # noqa: E402
-from kvprec.policy import Curvature  # noqa: E402
+from kvprec.analysis.analyzer import KVCacheAnalyzer, calibration_backend, visible_count  # noqa: E402
+from kvprec.storage.formats import Tier  # noqa: E402
+from kvprec.hf.policy import Curvature  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
@@ -145,7 +145,7 @@ def test_analyzer_triton_path_matches_the_cpp_path(causal, query_reduce):
 def test_calibrate_on_the_tiny_llama_matches_the_cpp_path(tiny_model, monkeypatch):
     """Curvature.calibrate with the kernel (backend="triton"; on a GPU "auto" too) and with the C++ path, on the
     same model and inputs: two inputs of different lengths and a batch of two (four calibration rows)."""
-    from kvprec.policy import curvature as policy_module
+    from kvprec.hf.policy import curvature as policy_module
 
     model = tiny_model("llama")
     if DEVICE == "cuda":

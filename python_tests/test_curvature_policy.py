@@ -1,12 +1,12 @@
 """KVCacheAnalyzer from Python (torch.classes.kvprec.KVCacheAnalyzer) and the Curvature policy in generate.
 
-Oracles: the analysis ops (kvprec.analysis.curvature / kvprec.precision, backend "cpp" and the pure-torch
+Oracles: the analysis ops (kvprec.analysis.curvature / kvprec.analysis.precision, backend "cpp" and the pure-torch
 reference) on the same q, k, v; for the model capture, q recomputed from the attention module's inputs by a
 forward pre-hook and K/V from a stock DynamicCache.
 
 Measured (not asserted: the tiny models here are random, and on the trained model it is a small, mixed effect):
 equal page bytes (5.5 bits/element, uniform INT4's at T=16, D=32, G=32), teacher-forced through the cache
-(kvprec.eval.compare, T=16; trained tiny Llama of kvprec/models: calibration on 512 bytes of argparse.py, eval
+(kvprec.hf.eval.compare, T=16; trained tiny Llama of kvprec/models: calibration on 512 bytes of argparse.py, eval
 prefill 384 + 128 steps of difflib.py):
     uniform INT4                       mean |dNLL| 0.0248, top-1 agreement 99.2%, ppl -0.24%
     Curvature int2/int4/int8/fp16      mean |dNLL| 0.0221, top-1 agreement 98.4%, ppl +0.11%
@@ -21,12 +21,12 @@ import pytest
 import torch
 
 import kvprec
-from kvprec import policy as P
+from kvprec.hf import policy as P
 from kvprec.analysis.curvature import block_reduce, curvature_reduce
-from kvprec.analyzer import KVCacheAnalyzer, PrecisionMap, visible_count
-from kvprec.formats import BlockGeometry, Tier
-from kvprec.policy import Curvature
-from kvprec.precision import knapsack_tiers, map_tiers, page_costs, required_bits, tier_errors
+from kvprec.analysis.analyzer import KVCacheAnalyzer, PrecisionMap, visible_count
+from kvprec.storage.formats import BlockGeometry, Tier
+from kvprec.hf.policy import Curvature
+from kvprec.analysis.precision import knapsack_tiers, map_tiers, page_costs, required_bits, tier_errors
 
 pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
@@ -383,7 +383,7 @@ def test_curvature_policy_errors(tiny_model):
         P.get("curvature")
     with pytest.raises(ValueError, match="already taken"):
         P.register("curvature", lambda: None)
-    with pytest.raises(ValueError, match="must be a kvprec.analyzer.PrecisionMap"):
+    with pytest.raises(ValueError, match="must be a kvprec.analysis.analyzer.PrecisionMap"):
         Curvature("uniform:int4")
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="needs exactly one of budget_bytes= or bits_per_element="):

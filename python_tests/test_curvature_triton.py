@@ -1,4 +1,4 @@
-"""The Triton curvature reduction (triton_kernels/curvature.py, launcher kvprec/triton_ops/curvature.py) against
+"""The Triton curvature reduction (triton_kernels/curvature.py, launcher kvprec/ops/triton/curvature.py) against
 the FP64 pure-torch reference kvprec.analysis.curvature.curvature_reduce_reference.
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by triton_device before any
@@ -34,7 +34,7 @@ skip_module_without_triton()
 
 from kvprec import ops  # noqa: E402
 from kvprec.analysis import curvature as C  # noqa: E402
-from kvprec.triton_ops import curvature as tc  # noqa: E402
+from kvprec.ops.triton import curvature as tc  # noqa: E402
 
 from triton_sm90 import run_compile_script  # noqa: E402
 
@@ -258,7 +258,7 @@ def test_lazy_registration_and_unavailable_backend():
 _COMPILE_SCRIPT = r"""
 import torch
 from triton_sm90 import compile_sm90, record_launches
-import kvprec.triton_ops.curvature as tc
+import kvprec.ops.triton.curvature as tc
 
 launches = record_launches(tc)
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import kvprec
-from kvprec import _ops, formats, ops
-from kvprec.formats import Tier
-from kvprec.reference import PagedKV, decode_attention, dense_decode_attention
+from kvprec.ops import native as _ops
+from kvprec.ops.reference import quantize as quantize_ref
+from kvprec import ops
+from kvprec.storage.formats import Tier
+from kvprec.ops.reference import PagedKV, decode_attention, dense_decode_attention
 
 from helpers import evicted_view
 
@@ -121,10 +123,10 @@ def test_from_dense_layout_and_page_indirection():
             for j in range(paged.num_blocks):
                 tier = Tier(int(paged.tiers[b, h, j]))
                 blk = slice(16 * j, 16 * j + 16)
-                qk = formats.quantize_keys(k[b, h, blk][None], tier)
-                qv = formats.quantize_values(v[b, h, blk][None], tier, 8)
-                assert torch.equal(k_dense[b, h, blk], formats.dequantize_keys(qk, tier, 32, torch.float32)[0])
-                assert torch.equal(v_dense[b, h, blk], formats.dequantize_values(qv, tier, 32, 8, torch.float32)[0])
+                qk = quantize_ref.quantize_keys(k[b, h, blk][None], tier)
+                qv = quantize_ref.quantize_values(v[b, h, blk][None], tier, 8)
+                assert torch.equal(k_dense[b, h, blk], quantize_ref.dequantize_keys(qk, tier, 32, torch.float32)[0])
+                assert torch.equal(v_dense[b, h, blk], quantize_ref.dequantize_values(qv, tier, 32, 8, torch.float32)[0])
     assert torch.equal(k_dense[:, :, 96:], k[:, :, 96:].float())
 
 
@@ -198,7 +200,7 @@ def test_bad_inputs_are_named():
 # ---------------------------------------------------------------------------------------------------------
 # Backends against the FP32 reference: "torch" everywhere (so that the comparison itself runs on CPU CI), "cuda"
 # where the CUDA kernels are built and a GPU exists (csrc/cuda/decode_attention_kernels.cu). Error rule of the
-# kernels (DESIGN.md, "Kernels and dispatch"; as python_tests/test_triton_kernels.py): over the rows that may
+# kernels (docs/design.md, "Kernels and dispatch"; as python_tests/test_triton_kernels.py): over the rows that may
 # attend to something, max |backend - FP32 reference| <= 2 * max |torch in q's dtype - FP32 reference| + 1e-5
 # for out, lse and block mass, where the FP32 reference runs on the same dequantized K/V; rows that may attend to
 # nothing get out 0, lse -inf and mass 0 exactly.
@@ -399,7 +401,7 @@ def test_cuda_opcheck(block_mass):
 
 @native
 def test_decode_attention_fake_kernel_shapes():
-    """The fake of kvprec::decode_attention (kvprec/_ops.py), traced without any kernel: shapes and dtypes."""
+    """The fake of kvprec::decode_attention (kvprec/ops/native.py), traced without any kernel: shapes and dtypes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     paged = make_paged(1, 2, 50, 64, 16)  # NB = 3 sealed blocks + a tail of 2

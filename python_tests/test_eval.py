@@ -1,12 +1,12 @@
-"""The quality harness: teacher-forced decoding through the cache (kvprec/eval.py) and the CLI commands."""
+"""The quality harness: teacher-forced decoding through the cache (kvprec/hf/eval.py) and the CLI commands."""
 import json
 
 import pytest
 import torch
 
 import kvprec
-from kvprec.attention_ref import ReadCounter
-from kvprec.eval import compare, teacher_forced
+from kvprec.ops.reference.attention import ReadCounter
+from kvprec.hf.eval import compare, teacher_forced
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_stock_caches_run_with_the_stock_attention(tiny_model, tokens):
     layers hold); a bad spec and a missing backend package are named."""
     import sys
 
-    from kvprec.eval import hf_cache
+    from kvprec.hf.eval import hf_cache
 
     model = tiny_model("llama")
     result = compare(model, tokens, 100, {"dynamic": hf_cache("dynamic", model.config)})
@@ -206,7 +206,7 @@ def test_quanto_cache_bits_count_its_packed_codes(tiny_model, tokens):
     held_bytes follows __tensor_flatten__ down both), FP32 scale and shift per 64-element group, and the FP32
     residual."""
     pytest.importorskip("optimum.quanto")
-    from kvprec.eval import hf_cache
+    from kvprec.hf.eval import hf_cache
 
     model = tiny_model("llama")
     result = compare(model, tokens, 100, {"quanto": hf_cache("quanto:4", model.config)})
@@ -237,7 +237,7 @@ def test_demo_runs_end_to_end(capsys):
     and no advice to rotate (the table shows plain INT2 beside rotated INT2 on purpose)."""
     import warnings
 
-    from kvprec.cache import Int2KeysWarning
+    from kvprec.hf.cache import Int2KeysWarning
     from kvprec.cli import main
 
     with warnings.catch_warnings():

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import kvprec
-from kvprec import formats, ops
-from kvprec.formats import BlockGeometry, Tier
+from kvprec.ops.reference import quantize as quantize_ref
+from kvprec import ops
+from kvprec.storage.formats import BlockGeometry, Tier
 
 from helpers import same_bits
 
@@ -86,13 +87,13 @@ def test_element_error_bound(tier, dtype):
     """|x - x'| <= scale/2 per group, plus FP32 rounding of (x - zero)/scale and code*scale + zero:
     at most a few ulp of |x| + scale, bounded here by 2^-21 (|x| + scale)."""
     x = _keys(3, 123, 64, dtype, seed=7).float()
-    kq = formats.quantize_keys(x, tier)
-    err_k = (formats.dequantize_keys(kq, tier, 64, torch.float32) - x).abs()
-    bound_k = formats.element_error_bound(kq.scale).unsqueeze(1)
+    kq = quantize_ref.quantize_keys(x, tier)
+    err_k = (quantize_ref.dequantize_keys(kq, tier, 64, torch.float32) - x).abs()
+    bound_k = quantize_ref.element_error_bound(kq.scale).unsqueeze(1)
     assert (err_k <= bound_k + 2**-21 * (x.abs() + 2 * bound_k)).all()
-    vq = formats.quantize_values(x, tier, 16)
-    err_v = (formats.dequantize_values(vq, tier, 64, 16, torch.float32) - x).abs().reshape(3, 123, 4, 16)
-    bound_v = formats.element_error_bound(vq.scale).unsqueeze(-1)
+    vq = quantize_ref.quantize_values(x, tier, 16)
+    err_v = (quantize_ref.dequantize_values(vq, tier, 64, 16, torch.float32) - x).abs().reshape(3, 123, 4, 16)
+    bound_v = quantize_ref.element_error_bound(vq.scale).unsqueeze(-1)
     assert (err_v <= bound_v + 2**-21 * (x.reshape(3, 123, 4, 16).abs() + 2 * bound_v)).all()
     # The bound is tight: some element reaches at least 90% of it (a loose bound would hide a regression).
     assert (err_k / bound_k.clamp_min(1e-30)).max() > 0.9
@@ -101,26 +102,26 @@ def test_element_error_bound(tier, dtype):
 def test_bound_holds_at_fp16_extremes():
     x = torch.tensor([[[-65504.0, 65504.0, 1e-7, -6e-8]]]).transpose(1, 2).repeat(1, 1, 4)  # [1, 4, 4]
     for tier in INT_TIERS:
-        q = formats.quantize_keys(x, tier)
+        q = quantize_ref.quantize_keys(x, tier)
         assert torch.isfinite(q.scale.float()).all()
-        err = (formats.dequantize_keys(q, tier, 4, torch.float32) - x).abs()
+        err = (quantize_ref.dequantize_keys(q, tier, 4, torch.float32) - x).abs()
         assert (err <= q.scale.float().unsqueeze(1) / 2 * (1 + 2**-20)).all()
 
 
 def test_constant_group_is_exact():
     x = torch.full((1, 8, 4), 3.0)
-    q = formats.quantize_keys(x, Tier.INT4)
-    assert torch.equal(formats.dequantize_keys(q, Tier.INT4, 4, torch.float32), x)
+    q = quantize_ref.quantize_keys(x, Tier.INT4)
+    assert torch.equal(quantize_ref.dequantize_keys(q, Tier.INT4, 4, torch.float32), x)
 
 
 def test_directed_rounding():
     x = torch.randn(10000) * torch.logspace(-8, 4.8, 10000)
     x = torch.cat([x, torch.tensor([0.0, -0.0, 65504.0, -65504.0, 1e-9, -1e-9])])
-    down, up = formats.fp16_round_down(x), formats.fp16_round_up(x)
+    down, up = quantize_ref.fp16_round_down(x), quantize_ref.fp16_round_up(x)
     assert (down.float() <= x).all() and (up.float() >= x).all()
     exact = x.half().float() == x
     # Tightness: where x is not an FP16 value, up is the FP16 successor of down (nothing lies between).
-    successor = formats._step_fp16(down, toward_negative=False).float()
+    successor = quantize_ref._step_fp16(down, toward_negative=False).float()
     assert torch.equal(successor[~exact], up[~exact].float())
     assert torch.equal(down[exact].float(), x[exact]) and torch.equal(up[exact].float(), x[exact])
 
@@ -128,9 +129,9 @@ def test_directed_rounding():
 @pytest.mark.parametrize("tier", INT_TIERS, ids=str)
 def test_pack_unpack_roundtrip(tier):
     codes = torch.randint(0, tier.qmax + 1, (3, 5, 64), dtype=torch.uint8)
-    packed = formats.pack_codes(codes, tier)
+    packed = quantize_ref.pack_codes(codes, tier)
     assert packed.shape[-1] == 64 * tier.bits // 8
-    assert torch.equal(formats.unpack_codes(packed, tier, 64), codes)
+    assert torch.equal(quantize_ref.unpack_codes(packed, tier, 64), codes)
     if tier is Tier.INT4:  # element 2j in the low nibble
         assert packed[0, 0, 0].item() == codes[0, 0, 0].item() | (codes[0, 0, 1].item() << 4)
 
@@ -196,7 +197,7 @@ def test_fp16_tier_refuses_out_of_range_wider_inputs(backend):
 
 
 def test_default_group_size_is_the_largest_divisor_up_to_64():
-    from kvprec.formats import default_group_size
+    from kvprec.storage.formats import default_group_size
 
     assert [default_group_size(d) for d in (4, 12, 32, 64, 80, 96, 128, 256)] == [4, 12, 32, 64, 40, 48, 64, 64]
     assert BlockGeometry().group_size == 64 and BlockGeometry(head_dim=80).group_size == 40

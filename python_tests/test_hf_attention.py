@@ -9,9 +9,9 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kvprec
-from kvprec.attention import kvprec_attention_forward
-from kvprec.attention_ref import ReadCounter, attend_blocks, attend_dense
-from kvprec.cache import AdaptiveCache, KVHandle
+from kvprec.hf.attention import kvprec_attention_forward
+from kvprec.ops.reference.attention import ReadCounter, attend_blocks, attend_dense
+from kvprec.hf.cache import AdaptiveCache, KVHandle
 
 pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
@@ -20,7 +20,7 @@ CAUSAL = SimpleNamespace(is_causal=True, layer_idx=0)
 
 def make_buffer(n, batch=2, kv_heads=2, head_dim=32, block_size=8, seed=0):
     """A buffer of n random positions whose sealed blocks have random tiers among fp32/fp16/bf16/int8/int4."""
-    from kvprec.buffer import MixedPrecisionBuffer
+    from kvprec.storage.buffer import MixedPrecisionBuffer
 
     g = torch.Generator().manual_seed(seed)
     buf = MixedPrecisionBuffer(batch=batch, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
@@ -161,7 +161,7 @@ def count_calls(monkeypatch, cls, name):
 def test_decode_reads_one_block_at_a_time(tiny_model, prompts, monkeypatch, family, window):
     """The reference backend, instrumented: every forward reads each block once (sealed + tail) except blocks no
     query's sliding window reaches, never holds two dequantized blocks at once, and nothing gathers the cache."""
-    from kvprec.buffer import MixedPrecisionBuffer
+    from kvprec.storage.buffer import MixedPrecisionBuffer
 
     gathers = count_calls(monkeypatch, MixedPrecisionBuffer, "gather")
     model = tiny_model(family)
@@ -197,7 +197,7 @@ def test_read_counter_sees_held_blocks():
 def test_native_decode_never_gathers(tiny_model, prompts, monkeypatch):
     """The native backend: one attend call per layer per forward, no gather (the cache is never materialised in
     Python). What attend does inside is checked against the reference above."""
-    from kvprec.buffer import MixedPrecisionBuffer
+    from kvprec.storage.buffer import MixedPrecisionBuffer
 
     gathers = count_calls(monkeypatch, MixedPrecisionBuffer, "gather")
     attends = count_calls(monkeypatch, MixedPrecisionBuffer, "attend")

@@ -5,8 +5,8 @@ import torch
 from transformers import DynamicCache
 
 import kvprec
-from kvprec.cache import AdaptiveCache, KVHandle
-from kvprec.formats import BlockGeometry, Tier
+from kvprec.hf.cache import AdaptiveCache, KVHandle
+from kvprec.storage.formats import BlockGeometry, Tier
 
 pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
@@ -182,7 +182,7 @@ def test_paged_view_is_reused_and_follows_every_table_change(monkeypatch):
     each seal, re-tier, crop and batch selection; after every operation it must read what a fresh view reads."""
     from transformers import LlamaConfig
 
-    from kvprec.reference import PagedKV
+    from kvprec.ops.reference import PagedKV
 
     builds = []
     original = PagedKV.from_buffer.__func__
@@ -229,7 +229,7 @@ def test_uniform_int4_resident_bytes_meet_the_target(batch, context):
     of head_dim 64; per layer, so one layer suffices) after its prefill and 34 more tokens."""
     from transformers import LlamaConfig
 
-    from kvprec.attention import register
+    from kvprec.hf.attention import register
 
     register()
     config = LlamaConfig(num_hidden_layers=1, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kvprec
-from kvprec import attention
+from kvprec.hf import attention
 
 from conftest import FAMILIES
 
@@ -34,7 +34,7 @@ def assert_same(before, after):
 
 
 def test_import_registers_nothing():
-    code = ("import kvprec, kvprec.cache, kvprec.attention\n"
+    code = ("import kvprec, kvprec.hf.cache, kvprec.hf.attention\n"
             "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n"
             "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS\n"
             "assert 'kvprec' not in ALL_ATTENTION_FUNCTIONS and 'kvprec' not in ALL_MASK_ATTENTION_FUNCTIONS\n")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import kvprec
-from kvprec import policy as P
-from kvprec.cache import AdaptiveCache
-from kvprec.formats import Tier
-from kvprec.policy.base import AttentionStats
+from kvprec.hf import policy as P
+from kvprec.hf.cache import AdaptiveCache
+from kvprec.storage.formats import Tier
+from kvprec.hf.policy.base import AttentionStats
 
 native = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
@@ -101,7 +101,7 @@ def test_rebalance_runs_only_when_the_table_or_the_window_block_moves(tiny_model
 
 
 class FakeLayer:
-    """The few members a policy reads (kvprec/policy/base.py), with a recorded set_block_tiers."""
+    """The few members a policy reads (kvprec/hf/policy/base.py), with a recorded set_block_tiers."""
 
     def __init__(self, tiers, mean_mass):
         self._tiers, self.block_size = tiers, 8

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kvprec
-from kvprec.cache import AdaptiveCache
+from kvprec.hf.cache import AdaptiveCache
 
 pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
@@ -63,7 +63,7 @@ def teacher_forced_reference(model, ids):
 @pytest.mark.parametrize("dtype,tier", [(torch.float16, "fp16"), (torch.bfloat16, "bf16")])
 def test_half_precision_model_within_twice_the_stock_error(tiny_model, dtype, tier):
     """A half-precision model with a cache in its own dtype: the kvprec path's logit error against the FP32
-    model is at most twice that of the stock attention with DynamicCache in the same dtype (DESIGN.md's
+    model is at most twice that of the stock attention with DynamicCache in the same dtype (docs/design.md's
     attention criterion, applied end to end)."""
     import copy
 

@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import kvprec
-from kvprec.cache import AdaptiveCache, sliding_windows
+from kvprec.hf.cache import AdaptiveCache, sliding_windows
 
 pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
@@ -49,7 +49,7 @@ def check_held(cache):
             assert layer.evicted_blocks == 0
         b, h = buf.batch, buf.kv_heads
         assert sum(buf.memory().tier_pages.values()) == b * h * (buf.num_sealed_blocks - layer.evicted_blocks)
-        assert (layer.tiers()[..., :layer.evicted_blocks] == kvprec.formats.EVICTED).all()
+        assert (layer.tiers()[..., :layer.evicted_blocks] == kvprec.storage.formats.EVICTED).all()
 
 
 @pytest.mark.parametrize("family", SLIDING)

@@ -1,4 +1,4 @@
-"""Key rotation (kvprec/rotation.py): orthogonal matrices, attention unchanged, keys gathered back unrotated, bytes
+"""Key rotation (kvprec/storage/rotation.py): orthogonal matrices, attention unchanged, keys gathered back unrotated, bytes
 counted, clear refusals, and 2-bit keys that lose far less on a trained model."""
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kvprec
-from kvprec.cache import AdaptiveCache
-from kvprec.rotation import rotation_matrix
+from kvprec.hf.cache import AdaptiveCache
+from kvprec.storage.rotation import rotation_matrix
 
 pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 
@@ -129,8 +129,8 @@ def test_rotation_rescues_int2_keys_on_the_trained_model():
     perplexity they cost rotated (8 windows, examples/quality_vs_bits.py: +20.2% vs +2.3..2.8%). The loss of plain
     INT2 keys grows with the context (about +3% over positions 192..320, +8% over 512..640, +20% over 512..1024),
     so the test keeps the full 512 + 512 positions, on 4 of the 8 windows."""
-    from kvprec.eval import compare
-    from kvprec.loading import load
+    from kvprec.hf.eval import compare
+    from kvprec.models.loading import load
     from kvprec.models import STDLIB_EVAL_FILES, stdlib_text
 
     loaded = load(str(SMALL_MODEL))
@@ -152,7 +152,7 @@ def test_int2_without_rotation_warns_once(tiny_model, prompts):
 
     model = tiny_model("llama")
     ids = prompts["single"]["input_ids"]
-    from kvprec.cache import Int2KeysWarning
+    from kvprec.hf.cache import Int2KeysWarning
 
     with pytest.warns(Int2KeysWarning, match="key_rotation='orthogonal'") as record:
         fill(model, ids, policy="uniform:int2")

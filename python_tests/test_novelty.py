@@ -268,7 +268,7 @@ def test_backend_selection_and_unavailable_backends(monkeypatch):
 
 @needs_triton
 def test_triton_launcher_refuses_what_it_cannot_run(monkeypatch):
-    from kvprec.triton_ops import novelty as tnov
+    from kvprec.ops.triton import novelty as tnov
 
     dev = TRITON_DEVICES[0]
     with pytest.raises(ValueError, match="head_dim 520 is not supported; accepted head_dim 1 to 512"):
@@ -321,7 +321,7 @@ def test_triton_many_key_tiles(device):
 
 @gpu
 def test_triton_op_opcheck():
-    from kvprec.triton_ops import novelty as tnov
+    from kvprec.ops.triton import novelty as tnov
 
     k, window = make(2, 2, 3, 9, 64, dtype=torch.float16, device="cuda", rank=2)
     basis = window_basis(window.float(), 2).contiguous()
@@ -407,7 +407,7 @@ def test_tracker_with_triton_backend():
 _COMPILE_SCRIPT = r"""
 import torch
 from triton_sm90 import compile_sm90, record_launches
-import kvprec.triton_ops.novelty as tnov
+import kvprec.ops.triton.novelty as tnov
 from kvprec.analysis.novelty import window_basis
 
 launches = record_launches(tnov)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvprec
-from kvprec import _ops
+from kvprec.ops import native as _ops
 
 from helpers import available_devices
 
@@ -24,7 +24,7 @@ def test_every_native_op_has_a_fake():
     names = _native_op_names()
     assert "kvprec::quantize_keys" in names
     missing = [n for n in names if n not in _ops.registered_fakes()]
-    assert not missing, f"native ops without a fake kernel in kvprec/_ops.py: {missing}"
+    assert not missing, f"native ops without a fake kernel in kvprec/ops/native.py: {missing}"
 
 
 @native

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import kvprec
-from kvprec import precision as P
-from kvprec.formats import BlockGeometry, Tier
+from kvprec.analysis import precision as P
+from kvprec.storage.formats import BlockGeometry, Tier
 
 native = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
 BACKENDS = ["torch"] + (["cpp"] if kvprec.native_available() else [])

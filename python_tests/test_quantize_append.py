@@ -1,12 +1,12 @@
 """quantize_append: whole blocks quantized straight into the pages of a pool, every backend against the oracle
-(kvprec.formats.quantize_keys / quantize_values of the live blocks, then index writes into a copy of the pool),
+(kvprec.storage.quantize_ref.quantize_keys / quantize_values of the live blocks, then index writes into a copy of the pool),
 bit for bit; the fused range check (amax); bad arguments; and the buffer's seal path built on it.
 
 Backends: "torch" (the reference, on the test device), "cpp" (CPU kernel), "triton" (Triton's interpreter on CPU,
 TRITON_INTERPRET=1 set by triton_device before triton is imported; compiled where a GPU exists), "cuda" (where built and a
 GPU exists). Pools start as random bytes with spare pages and the blocks land on a random page order with one
 block skipped (page -1), so a kernel that ignores the indirection, writes outside its pages or reads a skipped
-block fails. Tolerance: none (STYLE.md #12, quantizers are bit-exact).
+block fails. Tolerance: none (docs/design.md, "Tests": quantizers are bit-exact).
 """
 from triton_device import DEVICE, TRITON  # first: sets TRITON_INTERPRET without CUDA
 
@@ -16,9 +16,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kvprec  # noqa: E402
-from kvprec import MixedPrecisionBuffer, formats, ops  # noqa: E402
-from kvprec.formats import Tier  # noqa: E402
-from kvprec.reference import PagedKV  # noqa: E402
+from kvprec import MixedPrecisionBuffer, ops  # noqa: E402
+from kvprec.ops.reference import quantize as quantize_ref
+from kvprec.storage.formats import Tier  # noqa: E402
+from kvprec.ops.reference import PagedKV  # noqa: E402
 
 from helpers import awkward_blocks, same_bits  # noqa: E402
 from triton_sm90 import run_compile_script  # noqa: E402
@@ -55,7 +56,7 @@ def random_pages(lead, spare, seed, skip=True):
 
 
 def oracle(x, tier, pages, pool, keys, group_size):
-    """formats.quantize_keys / quantize_values of the blocks with a page, then index writes into a copy."""
+    """quantize_ref.quantize_keys / quantize_values of the blocks with a page, then index writes into a copy."""
     codes, scale, zero = (None if a is None else a.clone().cpu() for a in pool)
     t, d = x.shape[-2:]
     x3 = x.reshape(-1, t, d).cpu()
@@ -63,7 +64,7 @@ def oracle(x, tier, pages, pool, keys, group_size):
     live = (p >= 0).nonzero().flatten()
     amax = torch.zeros(1)
     if live.numel():
-        q = formats.quantize_keys(x3[live], tier) if keys else formats.quantize_values(x3[live], tier, group_size)
+        q = quantize_ref.quantize_keys(x3[live], tier) if keys else quantize_ref.quantize_values(x3[live], tier, group_size)
         codes[p[live]] = q.codes
         if tier.is_integer:
             scale[p[live]] = q.scale
@@ -176,8 +177,8 @@ def test_every_fp16_and_bf16_bit_pattern_converts_as_torch(backend):
 _COMPILE_SCRIPT = r"""
 import torch
 from triton_sm90 import compile_sm90, record_launches
-import kvprec.triton_ops.quantize_append as tqa
-from kvprec.formats import Tier
+import kvprec.ops.triton.quantize_append as tqa
+from kvprec.storage.formats import Tier
 
 launches = record_launches(tqa)
 
@@ -356,7 +357,7 @@ def test_native_opcheck(device, tier, keys):
 
 @pytest.mark.skipif(DEVICE != "cuda" or not TRITON, reason="the interpreter cannot trace fake tensors")
 def test_triton_opcheck():
-    from kvprec.triton_ops import quantize_append as tqa
+    from kvprec.ops.triton import quantize_append as tqa
 
     x = torch.randn(2, 16, 64, device="cuda", dtype=torch.float16)
     codes, scale, zero = make_pool(Tier.INT4, 3, 16, 64, False, 32, "cuda")

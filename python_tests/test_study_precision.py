@@ -1,4 +1,4 @@
-"""The precision study (kvprec/analysis/precision.py, kvprec/analysis/study_precision.py, `kvprec study precision`).
+"""The precision study (kvprec/studies/precision/measure.py, kvprec/studies/precision/study.py, `kvprec study precision`).
 
 Oracles: the exact Hessian diagonal (torch.autograd.functional.hessian) for Hutchinson's estimate; central finite
 differences of the next-token log-probability w.r.t. one cached key for the gradient method; the closed form's
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import kvprec
-from kvprec.analysis import precision as pr
-from kvprec.analysis import study_precision as sp
+from kvprec.studies.precision import measure as pr
+from kvprec.studies.precision import study as sp
 from kvprec.analysis.curvature import attention_curvature_reference
 
 pytestmark = pytest.mark.skipif(not kvprec.native_available(), reason="native library not built")
@@ -133,7 +133,7 @@ TINY_SETTINGS = dict(context=32, queries=4, block_size=16, max_items=6, hutchins
 
 @pytest.fixture(scope="module")
 def study_run(tiny_model, tmp_path_factory):
-    from kvprec.loading import LoadedModel
+    from kvprec.models.loading import LoadedModel
 
     model = tiny_model("llama")
     loaded = LoadedModel(model, lambda s: list(s.encode("utf-8")), lambda ids: bytes(ids).decode(), "random-llama")
@@ -311,8 +311,8 @@ def test_per_kind_and_heldout_numbers_are_recomputed_from_the_raw_data(study_run
 
 
 def test_heldout_queries_and_prompts_are_disjoint_from_the_calibration(study_run, tiny_model, tmp_path):
-    from kvprec.analysis import precision_heldout as ph
-    from kvprec.analysis.precision_probes import collect_probes
+    from kvprec.studies.precision import heldout as ph
+    from kvprec.studies.precision.probes import collect_probes
 
     out, a, _ = study_run
     raw = sp.load_raw(out / "raw.npz")
@@ -371,7 +371,7 @@ def test_old_run_directories_without_probes_still_reanalyze(study_run, tmp_path)
 
 
 def test_probes_too_short_for_the_settings_are_skipped_with_the_reason():
-    from kvprec.analysis.precision_probes import ProbesSkipped, plan
+    from kvprec.studies.precision.probes import ProbesSkipped, plan
 
     p, probes = plan([("prose", list(range(60))), ("code", list(range(80)))], context=256, queries=4, heldout=4,
                      gap=4, block_size=16, file_probes=3)

@@ -1,13 +1,13 @@
-"""Triton kernels (triton_kernels/, launchers kvprec/triton_ops/) against the pure-torch references.
+"""Triton kernels (triton_kernels/, launchers kvprec/ops/triton/) against the pure-torch references.
 
 On a machine without CUDA they run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by triton_device before
-anything imports triton); on a GPU they compile for it. Tolerances by kind (DESIGN.md, "Kernels and dispatch"):
+anything imports triton); on a GPU they compile for it. Tolerances by kind (docs/design.md, "Kernels and dispatch"):
 
-* quantize / dequantize: bit for bit against kvprec.formats;
+* quantize / dequantize: bit for bit against kvprec.storage.formats;
 * attention: err(kernel) <= 2 * err(torch same dtype) + 1e-5 for out, lse and block mass, where err(x) is the max
-  abs difference from the FP32 reference (kvprec.reference.decode_attention with FP32 q on the same dequantized
+  abs difference from the FP32 reference (kvprec.ops.reference.decode_attention with FP32 q on the same dequantized
   K/V) and "torch same dtype" is dense attention with products and softmax in q's dtype
-  (kvprec.reference.dense_decode_attention). The 1e-5 floor covers cases where the same-dtype error is ~0
+  (kvprec.ops.reference.dense_decode_attention). The 1e-5 floor covers cases where the same-dtype error is ~0
   (one position: the output is exactly V); FP32 q is held to 1e-5 alone.
 
 The interpreter does not run the compiler, so one test also compiles a few launches for sm_90 (triton's bundled
@@ -26,11 +26,13 @@ import torch  # noqa: E402
 skip_module_without_triton()
 
 import kvprec  # noqa: E402
-from kvprec import _ops, formats, ops  # noqa: E402
-from kvprec.formats import Tier  # noqa: E402
-from kvprec.reference import PagedKV, decode_attention, dense_decode_attention  # noqa: E402
-from kvprec.triton_ops import decode_attention as tda  # noqa: E402
-from kvprec.triton_ops import quantize as tq  # noqa: E402
+from kvprec.ops import native as _ops  # noqa: E402
+from kvprec.ops.reference import quantize as quantize_ref
+from kvprec import ops
+from kvprec.storage.formats import Tier  # noqa: E402
+from kvprec.ops.reference import PagedKV, decode_attention, dense_decode_attention  # noqa: E402
+from kvprec.ops.triton import decode_attention as tda  # noqa: E402
+from kvprec.ops.triton import quantize as tq  # noqa: E402
 
 from helpers import awkward_blocks, evicted_view, same_bits  # noqa: E402
 from triton_sm90 import run_compile_script  # noqa: E402
@@ -174,7 +176,7 @@ def test_importing_kvprec_does_not_import_triton_and_the_launchers_load_lazily()
         assert "triton" not in sys.modules, "import kvprec imported triton"
         x = torch.randn(2, 7, 16, device={DEVICE!r})
         got = kvprec.ops.quantize_keys(x, "int4", backend="triton")
-        want = kvprec.formats.quantize_keys(x, "int4")
+        want = kvprec.storage.quantize_ref.quantize_keys(x, "int4")
         assert "triton" in sys.modules and torch.equal(got.codes, want.codes)
         # the kernel bodies load as kvprec.triton_kernels, never as a top-level triton_kernels (OpenAI's name)
         assert "kvprec.triton_kernels.quantize" in sys.modules and "triton_kernels" not in sys.modules
@@ -187,10 +189,10 @@ def test_importing_kvprec_does_not_import_triton_and_the_launchers_load_lazily()
 _COMPILE_SCRIPT = r"""
 import torch
 from triton_sm90 import compile_sm90, record_launches
-import kvprec.triton_ops.decode_attention as tda, kvprec.triton_ops.quantize as tq
-from kvprec import _ops
-from kvprec.formats import Tier
-from kvprec.reference import PagedKV
+import kvprec.ops.triton.decode_attention as tda, kvprec.ops.triton.quantize as tq
+from kvprec.ops import native as _ops
+from kvprec.storage.formats import Tier
+from kvprec.ops.reference import PagedKV
 
 launches = record_launches(tda, tq)
 
@@ -277,17 +279,17 @@ def test_quantize_dequantize_bit_exact(shape, tier, dtype):
     x = awkward_input(n, t, d, dtype, seed=hash((shape, int(tier))) % 1000)
     for keys in (True, False):
         if keys:
-            want, got = formats.quantize_keys(x, tier), tq.quantize_keys(x, tier)
+            want, got = quantize_ref.quantize_keys(x, tier), tq.quantize_keys(x, tier)
         else:
-            want, got = formats.quantize_values(x, tier, gs), tq.quantize_values(x, tier, gs)
+            want, got = quantize_ref.quantize_values(x, tier, gs), tq.quantize_values(x, tier, gs)
         for part in ("codes", "scale", "zero"):
             assert same_bits(getattr(got, part), getattr(want, part)), f"{'keys' if keys else 'values'} {part}"
         for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
             if keys:
-                ref = formats.dequantize_keys(want, tier, d, out_dtype)
+                ref = quantize_ref.dequantize_keys(want, tier, d, out_dtype)
                 res = tq.dequantize_keys(want, tier, d, out_dtype)
             else:
-                ref = formats.dequantize_values(want, tier, d, gs, out_dtype)
+                ref = quantize_ref.dequantize_values(want, tier, d, gs, out_dtype)
                 res = tq.dequantize_values(want, tier, d, gs, out_dtype)
             assert same_bits(res, ref), f"dequantize {'keys' if keys else 'values'} -> {out_dtype}"
 
@@ -295,22 +297,22 @@ def test_quantize_dequantize_bit_exact(shape, tier, dtype):
 @pytest.mark.parametrize("tier", [Tier.INT4, Tier.INT2], ids=str)
 def test_quantize_long_block_bit_exact(tier):
     x = awkward_input(1, 1023, 128, torch.float16, seed=7)
-    for want, got in ((formats.quantize_keys(x, tier), tq.quantize_keys(x, tier)),
-                      (formats.quantize_values(x, tier, 32), tq.quantize_values(x, tier, 32))):
+    for want, got in ((quantize_ref.quantize_keys(x, tier), tq.quantize_keys(x, tier)),
+                      (quantize_ref.quantize_values(x, tier, 32), tq.quantize_values(x, tier, 32))):
         assert same_bits(got.codes, want.codes) and same_bits(got.scale, want.scale) and same_bits(got.zero, want.zero)
 
 
 def test_float_tiers_and_registry_dispatch():
     x = awkward_input(2, 7, 16, torch.float16, seed=8)
     for tier in (Tier.FP32, Tier.BF16):
-        assert same_bits(ops.quantize_keys(x, tier, backend="triton").codes, formats.quantize_keys(x, tier).codes)
+        assert same_bits(ops.quantize_keys(x, tier, backend="triton").codes, quantize_ref.quantize_keys(x, tier).codes)
     q = ops.quantize_values(x, Tier.INT4, 8, backend="triton")
-    assert same_bits(q.codes, formats.quantize_values(x, Tier.INT4, 8).codes)
+    assert same_bits(q.codes, quantize_ref.quantize_values(x, Tier.INT4, 8).codes)
     y = ops.dequantize_values(q, Tier.INT4, 16, 8, torch.bfloat16, backend="triton")
-    assert same_bits(y, formats.dequantize_values(q, Tier.INT4, 16, 8, torch.bfloat16))
+    assert same_bits(y, quantize_ref.dequantize_values(q, Tier.INT4, 16, 8, torch.bfloat16))
     k = ops.quantize_keys(x, "int2", backend="triton")
     assert same_bits(ops.dequantize_keys(k, "int2", 16, torch.float32, backend="triton"),
-                     formats.dequantize_keys(k, "int2", 16, torch.float32))
+                     quantize_ref.dequantize_keys(k, "int2", 16, torch.float32))
 
 
 def test_quantize_bad_inputs():

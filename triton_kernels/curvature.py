@@ -1,6 +1,6 @@
 """Per-position attention curvature reduced over queries: @triton.jit bodies only.
 
-Launcher, checks and block sizes: kvprec/triton_ops/curvature.py. The closed form (kvprec/curvature.h, oracle
+Launcher, checks and block sizes: kvprec/ops/triton/curvature.py. The closed form (kvprec/curvature.h, oracle
 kvprec.analysis.curvature.curvature_reduce_reference) for query row r (query head h*G + g, query i at position
 p_i = N - Q + i) and cached position t of KV head h, with s the softmax scale:
 
@@ -47,7 +47,7 @@ import triton.language as tl
 # Globals read inside @triton.jit bodies must be tl.constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
 
-# query_reduce codes (kvprec.triton_ops.curvature._REDUCE_CODES).
+# query_reduce codes (kvprec.ops.triton.curvature._REDUCE_CODES).
 _MEAN = tl.constexpr(0)
 _MAX = tl.constexpr(1)
 _SUM = tl.constexpr(2)

@@ -1,10 +1,10 @@
 """Flash-decoding attention over a mixed-precision paged KV cache: @triton.jit bodies only.
 
-Launch logic, checks and the split heuristic live in kvprec/triton_ops/decode_attention.py. Shapes (B batch,
+Launch logic, checks and the split heuristic live in kvprec/ops/triton/decode_attention.py. Shapes (B batch,
 Hkv KV heads, G = Hq / Hkv query heads per KV head, Q queries, D head_dim, T block_size, NB sealed blocks,
 TL < T tail positions, N = NB*T + TL, NBT = NB + (1 if TL else 0), S splits, GQ = G*Q rows per KV head):
 
-    q [B, Hq, Q, D]; pools as in kvprec.formats; tiers int8 / pages int32 [B, Hkv, NB]; tail [B, Hkv, TL, D]
+    q [B, Hq, Q, D]; pools as in kvprec.storage.formats; tiers int8 / pages int32 [B, Hkv, NB]; tail [B, Hkv, TL, D]
     m_part, l_part [B*Hkv, S, GQ], acc_part [B*Hkv, S, GQ, D]           (FP32 partials of each split)
     blk_m, blk_s [B*Hkv, GQ, NBT]                                        (FP32, only with BLOCK_MASS)
 
@@ -33,7 +33,7 @@ import triton.language as tl
 # interpreter does not check).
 LOG2E = tl.constexpr(1.4426950408889634)
 
-# Tier ids (kvprec.formats.Tier).
+# Tier ids (kvprec.storage.formats.Tier).
 _FP32 = tl.constexpr(0)
 _FP16 = tl.constexpr(1)
 _BF16 = tl.constexpr(2)

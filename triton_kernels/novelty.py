@@ -1,6 +1,6 @@
 """Novelty of new keys against a window of recent keys: @triton.jit body only.
 
-Launcher, checks and block sizes: kvprec/triton_ops/novelty.py; definitions and the oracle:
+Launcher, checks and block sizes: kvprec/ops/triton/novelty.py; definitions and the oracle:
 kvprec.analysis.novelty. Shapes (B batch, H KV heads, n new keys, W window keys, R = rank, D head_dim padded to
 BLOCK_D with masked loads):
 

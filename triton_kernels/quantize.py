@@ -1,12 +1,12 @@
-"""Quantize / dequantize of integer-tier blocks, bit-identical to kvprec.formats: @triton.jit bodies only.
+"""Quantize / dequantize of integer-tier blocks, bit-identical to kvprec.ops.reference.quantize: @triton.jit bodies only.
 
-Launchers: kvprec/triton_ops/quantize.py. Shapes (N blocks, T positions, D channels, GS value group size,
+Launchers: kvprec/ops/triton/quantize.py. Shapes (N blocks, T positions, D channels, GS value group size,
 BITS in {8, 4, 2}, PER = 8 / BITS codes per byte, QMAX = 2^BITS - 1):
 
     x [N, T, D] (fp32 / fp16 / bf16, contiguous) -> codes uint8 [N, T, D / PER],
     keys: scale, zero FP16 [N, D] (per channel over the T positions); values: FP16 [N, T, D / GS].
 
-Per group, in FP32 (kvprec.formats docstring):
+Per group, in FP32 (kvprec.ops.reference.quantize docstring):
 
     zero  = fp16_round_down(min)                 (-0 canonicalised to +0 first)
     scale = fp16_round_up((max - zero) / QMAX)    (IEEE division: tl.div_rn, not the approximate '/')
@@ -212,7 +212,7 @@ def dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, D, GS,
         zero = tl.load(zero_ptr + meta, mask=ok, other=0.0).to(tl.float32)
     y = code.to(tl.float32) * scale
     y = y + zero
-    y = tl.minimum(tl.maximum(y, -65504.0), 65504.0)  # within the input contract |x| <= 65504 (see formats.py)
+    y = tl.minimum(tl.maximum(y, -65504.0), 65504.0)  # within the input contract |x| <= 65504 (see kvprec/ops/reference/quantize.py)
     o_offs = n * T * D + offs_t[:, None] * D + offs_d[None, :]
     if OUT_BF16:
         tl.store(out_ptr + o_offs, round_to_bf16(y), mask=ok)

@@ -1,5 +1,5 @@
 """quantize_append: whole blocks quantized straight into the pages of a pool. @triton.jit bodies only; launcher:
-kvprec/triton_ops/quantize_append.py; format and reference: kvprec.formats.quantize_append (bit for bit).
+kvprec/ops/triton/quantize_append.py; format and reference: kvprec.ops.reference.quantize.quantize_append (bit for bit).
 
 Grid (N, chunks): program (i, j) handles one tile of block i of x [L0, L1, L2, T, D] (leading dims padded to
 three, element strides SX0..SX2, SXT, unit stride along D), a tile that holds whole quantization groups:

@@ -1,6 +1,6 @@
 // MixedPrecisionBuffer (kvprec/buffer.h): paged pools per tier, a host block table, the model-dtype tail and
 // the optional host shadow. Quantization goes through kvprec/quantize.h, so pages are bit-identical to the
-// Python reference (kvprec/formats.py).
+// Python reference (kvprec/ops/reference/quantize.py).
 //
 // Every mutating call validates all of its arguments and computes everything that can fail (quantization
 // included) before it changes any state, so a rejected call leaves the buffer as it was. append seals with

@@ -1,5 +1,5 @@
 // PrecisionMapper and the multiple-choice knapsack: see kvprec/precision_mapper.h for the formulas, the
-// algorithms and their sources. Plain C++ on std::vector; kvprec/precision.py mirrors it step for step (same
+// algorithms and their sources. Plain C++ on std::vector; kvprec/analysis/precision.py mirrors it step for step (same
 // tie-breaks) so the two can be compared choice for choice.
 #include "kvprec/precision_mapper.h"
 
@@ -99,7 +99,7 @@ DpTable run_dp(const KnapsackProblem& p, const Units& u, int64_t W) {
       const double e = p.error(i, j);
       for (int64_t w = d; w < cols; ++w) {
         const double cand = t.best[w - d] + e;
-        if (cand < next[w]) {  // strict: the lowest j wins ties (kvprec/precision.py: argmin)
+        if (cand < next[w]) {  // strict: the lowest j wins ties (kvprec/analysis/precision.py: argmin)
           next[w] = cand;
           ch[w] = static_cast<int8_t>(j);
         }

@@ -2,7 +2,7 @@
 // input checks with messages that name the argument, the outputs and the FP32 scratch, the current stream, and
 // the torch-free launcher in decode_attention_kernels.cu. Compiled only when KVPREC_WITH_CUDA.
 //
-// `pools` is the flat list kvprec/_ops.py DECODE_POOL_SLOTS describes (24 slots, None where a tier has no pool):
+// `pools` is the flat list kvprec/ops/native.py DECODE_POOL_SLOTS describes (24 slots, None where a tier has no pool):
 // the float tiers' (k, v), then the integer tiers' (k, k_scale, k_zero, v, v_scale, v_zero), in tier order.
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attention_cuda(
 
   // --- pools
   TORCH_CHECK(pools.size() == kNumSlots, kOp, ": pools must hold ", kNumSlots,
-              " slots (kvprec._ops.DECODE_POOL_SLOTS), got ", pools.size());
+              " slots (kvprec.ops.native.DECODE_POOL_SLOTS), got ", pools.size());
   cuda::DecodeAttentionParams p;
   for (Tier tier : kAllTiers) {
     const PoolSlots& s = kSlots[tier_index(tier)];

@@ -1,5 +1,5 @@
 // Flash-decoding attention over a mixed-precision paged KV cache (semantics: decode_attention_kernels.cuh and
-// kvprec/reference/decode_attention.py). Shapes: B batch, Hkv KV heads, G = Hq/Hkv query heads per KV head,
+// kvprec/ops/reference/decode_attention.py). Shapes: B batch, Hkv KV heads, G = Hq/Hkv query heads per KV head,
 // Q queries, D head_dim, T block_size, NB sealed blocks, TL tail tokens, N = NB*T + TL, GQ = G*Q rows.
 //
 // Design

@@ -1,6 +1,6 @@
 // CUDA flash-decoding attention over a mixed-precision paged KV cache, torch-free: raw pointers, element
 // strides, a stream, an error code. The design (grid, what each thread holds, how bytes flow) is at the top of
-// decode_attention_kernels.cu; the semantics are those of kvprec/reference/decode_attention.py:
+// decode_attention_kernels.cu; the semantics are those of kvprec/ops/reference/decode_attention.py:
 //
 //   for query head hq (KV head hq / (Hq/Hkv)) and query i at position p_i = N - Q + i, in FP32:
 //     s_t = scale * q_i . k_t;  s_t = c tanh(s_t / c) (softcap c > 0);
@@ -8,7 +8,7 @@
 //     out_i = sum_t softmax(s)_t v_t;  lse_i = log sum_t e^(s_t);  mass_i[j] = sum_{t in block j} softmax(s)_t
 //   a query with nothing to attend gets out 0, lse -inf, mass 0.
 //
-// The cache (csrc/include/kvprec/buffer.h, kvprec/reference/paged.py): sealed block j of (b, h) is page
+// The cache (csrc/include/kvprec/buffer.h, kvprec/ops/reference/paged.py): sealed block j of (b, h) is page
 // pages[b, h, j] of the pool of tier tiers[b, h, j]; positions 0..N-1 are the NB sealed blocks of T tokens, then
 // the TL < T tail tokens in the model dtype. Formats per tier: csrc/include/kvprec/formats.h.
 #pragma once

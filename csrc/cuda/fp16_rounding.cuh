@@ -1,7 +1,7 @@
 // FP16 rounding toward -inf / +inf on the device, shared by the CUDA quantizers (quantize_kernels.cu,
 // quantize_append_kernels.cu). The same steps as fp16_round_down/up in csrc/core/quantize.cpp: round to nearest,
 // then one bit-pattern step where that went the wrong way. zero = round_down(min) and scale = round_up(range / qmax)
-// are what make |x - x'| <= scale / 2 hold (kvprec/formats.py).
+// are what make |x - x'| <= scale / 2 hold (kvprec/ops/reference/quantize.py).
 #pragma once
 
 #include <cuda_fp16.h>

@@ -1,6 +1,6 @@
 // See quantize_append_kernels.cuh. The arithmetic is spelled with __fdiv_rn / __fsub_rn / __fadd_rn, as in
 // quantize_kernels.cu, so that nvcc never contracts it or divides approximately: bit-identical to the CPU
-// reference (csrc/core/quantize.cpp) and to kvprec/formats.py.
+// reference (csrc/core/quantize.cpp) and to kvprec/ops/reference/quantize.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -1,6 +1,6 @@
 // CUDA quantize_append, torch-free: whole blocks quantized straight into the pages of a pool (the buffer's seal
 // path). Raw pointers, explicit sizes and strides, a stream, an error code. Same formats, bit for bit, as
-// kvprec/formats.py and csrc/core/quantize.cpp (see kvprec/quantize.h for the arguments' contract).
+// kvprec/ops/reference/quantize.py and csrc/core/quantize.cpp (see kvprec/quantize.h for the arguments' contract).
 //
 // One CTA per block, a single pass over the input:
 //   1. load:   the [T, D] tile, 16-byte loads where the layout allows, into shared memory as FP32; each thread

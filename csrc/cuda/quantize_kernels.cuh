@@ -1,5 +1,5 @@
 // CUDA quantizers for the integer tiers, torch-free: raw pointers, explicit sizes, a stream, an error code.
-// Same algorithm and bit layout as csrc/core/quantize.cpp and kvprec/formats.py (see kvprec/quantize.h):
+// Same algorithm and bit layout as csrc/core/quantize.cpp and kvprec/ops/reference/quantize.py (see kvprec/quantize.h):
 // zero = fp16_round_down(min), scale = fp16_round_up((max - zero) / qmax), code = rint((x - zero) / scale),
 // x' = code * scale + zero with IEEE division and no fused multiply-add, so results are bit-identical.
 //

@@ -1,5 +1,5 @@
 // torch.classes.kvprec.KVCacheAnalyzer: the C++ KVCacheAnalyzer (kvprec/analyzer.h) as a TorchScript custom
-// class. kvprec/analyzer.py wraps it (tier names, defaults, a PrecisionMap dataclass); this glue only converts
+// class. kvprec/analysis/analyzer.py wraps it (tier names, defaults, a PrecisionMap dataclass); this glue only converts
 // types so that the schema stays fixed: tiers as int ids, modes, reductions and knapsack methods as names, the
 // report as flat tensors and numbers. Argument errors surface in Python as ValueError naming the argument.
 #include <ATen/ATen.h>
@@ -84,7 +84,7 @@ TORCH_LIBRARY_FRAGMENT(kvprec, m) {
       .def("add_calibration", [](const Self& s, int64_t layer, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v) { s->analyzer.add_calibration(layer, q, k, v); })
       // pos_sum, pos_max [B?, Hkv, N] and count [N] or [Hkv, N] of one layer on one calibration input, reduced on a
-      // device (kvprec/analyzer.py: the Triton curvature reduction); CPU tensors.
+      // device (kvprec/analysis/analyzer.py: the Triton curvature reduction); CPU tensors.
       .def("add_reduced", [](const Self& s, int64_t layer, const at::Tensor& pos_sum, const at::Tensor& pos_max,
                              const at::Tensor& count) { s->analyzer.add_reduced(layer, pos_sum, pos_max, count); })
       .def("num_layers", [](const Self& s) { return s->analyzer.num_layers(); })

@@ -1,5 +1,5 @@
 // torch.classes.kvprec.MixedPrecisionBuffer: the C++ MixedPrecisionBuffer and attend() (kvprec/buffer.h) as a
-// TorchScript custom class. kvprec/buffer.py wraps it in a Python class that accepts torch dtypes, devices and
+// TorchScript custom class. kvprec/storage/buffer.py wraps it in a Python class that accepts torch dtypes, devices and
 // tier names; this glue only converts types (tier ids as int, dtype and device as strings, undefined tensors as
 // empty ones) so that the schema stays fixed.
 #include <ATen/ATen.h>

@@ -1,6 +1,6 @@
 // Registration of the analysis ops (schemas + CPU kernels): curvature (kvprec/curvature.h) and the precision
-// mapper / knapsack (kvprec/precision_mapper.h). Fake kernels live in kvprec/_ops.py; references in
-// kvprec/analysis/curvature.py and kvprec/precision.py. Argument errors surface in Python as ValueError.
+// mapper / knapsack (kvprec/precision_mapper.h). Fake kernels live in kvprec/ops/native.py; references in
+// kvprec/analysis/curvature.py and kvprec/analysis/precision.py. Argument errors surface in Python as ValueError.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

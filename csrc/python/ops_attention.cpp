@@ -1,8 +1,8 @@
-// Registration of the attention ops over the paged mixed-precision cache. Fake kernels live in kvprec/_ops.py;
-// the pure-torch reference (the CPU default and the oracle) is kvprec/reference/decode_attention.py.
+// Registration of the attention ops over the paged mixed-precision cache. Fake kernels live in kvprec/ops/native.py;
+// the pure-torch reference (the CPU default and the oracle) is kvprec/ops/reference/decode_attention.py.
 //
 // kvprec::decode_attention: flash-decoding attention of q [B, Hq, Q, D] (the Q newest positions, bottom-right
-// causal) over the paged pools (the 24 slots of kvprec._ops.DECODE_POOL_SLOTS), the block table tiers int8 /
+// causal) over the paged pools (the 24 slots of kvprec.ops.native.DECODE_POOL_SLOTS), the block table tiers int8 /
 // pages int32 [B, Hkv, NB] and the tail [B, Hkv, TL, D]; optional bool mask [B, Q, N], sliding window, logit
 // softcap (0 = none), num_splits (0 = automatic). Returns out [B, Hq, Q, D] (q's dtype), lse FP32 [B, Hq, Q] and,
 // when block_mass, FP32 [B, Hq, Q, NB + (TL > 0)] (else an empty tensor). Only a CUDA kernel is registered

@@ -1,4 +1,4 @@
-// Registration of the storage-format ops (schemas + CPU kernels). Fake kernels live in kvprec/_ops.py.
+// Registration of the storage-format ops (schemas + CPU kernels). Fake kernels live in kvprec/ops/native.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

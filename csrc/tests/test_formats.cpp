@@ -16,7 +16,7 @@ static void test_constants() {
   CHECK(tier_from_name("int2") == Tier::INT2);
   CHECK_THROWS(tier_from_name("int3"), "accepted fp32, fp16, bf16, int8, int4, int2");
   CHECK_THROWS(tier_from_index(6), "is not a tier");
-  // the default value group: the largest divisor of head_dim <= 64 (kvprec.formats.default_group_size)
+  // the default value group: the largest divisor of head_dim <= 64 (kvprec.storage.formats.default_group_size)
   CHECK(default_group_size(128) == 64 && default_group_size(256) == 64 && default_group_size(64) == 64);
   CHECK(default_group_size(32) == 32 && default_group_size(80) == 40 && default_group_size(96) == 48);
   CHECK(BlockGeometry{}.group_size == 64 && BlockGeometry{}.page_bytes(Tier::INT4) == 9216);

@@ -1,8 +1,8 @@
 """``kvprec demo``: the adaptive cache on the built-in tiny model (a byte-level Llama trained on Python's standard
 library, kvprec/models/tiny.py), on held-out text. For each policy it measures, through the cache
-(teacher-forced decoding, kvprec/eval.py): perplexity against an unquantized DynamicCache, top-1 agreement,
+(teacher-forced decoding, kvprec/hf/eval.py): perplexity against an unquantized DynamicCache, top-1 agreement,
 effective bits per element from the cache's own byte accounting, and wall time (the default set adds uniform INT2
-with rotated keys, kvprec/rotation.py, beside plain INT2); then it generates a
+with rotated keys, kvprec/storage/rotation.py, beside plain INT2); then it generates a
 continuation with the unquantized and the default adaptive cache side by side, and prints the default cache's
 memory report with its precision map. Every number is computed in the run.
 """
@@ -36,8 +36,8 @@ def _show(data: bytes) -> str:
 
 def run(args) -> int:
     import kvprec
-    from kvprec.cache import Int2KeysWarning
-    from kvprec.eval import compare
+    from kvprec.hf.cache import Int2KeysWarning
+    from kvprec.hf.eval import compare
     from kvprec.models import STDLIB_EVAL_FILES, byte_tokens, load_tiny_llama, stdlib_text
     from transformers import DynamicCache
 
@@ -66,8 +66,8 @@ def run(args) -> int:
     if not args.no_curvature:
         # The central claim, tested at equal memory: a curvature map (calibrated on a different held-out file)
         # may spend uniform INT4's page bytes on any mix of INT2..FP16 blocks.
-        from kvprec.formats import BlockGeometry, Tier
-        from kvprec.policy import Curvature
+        from kvprec.storage.formats import BlockGeometry, Tier
+        from kvprec.hf.policy import Curvature
 
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         pages = BlockGeometry(args.block_size, head_dim).page_bytes(Tier.INT4)  # the cache's default group

@@ -1,4 +1,4 @@
-"""``kvprec eval --model PATH --text FILE --policy ...``: teacher-forced decoding through the cache (kvprec/eval.py):
+"""``kvprec eval --model PATH --text FILE --policy ...``: teacher-forced decoding through the cache (kvprec/hf/eval.py):
 perplexity change and top-1 agreement of each policy against an unquantized DynamicCache, with effective
 bits per element from the cache's own accounting. ``--windows N`` runs N disjoint windows of the text as one
 batch (N times the predictions); ``--bits-per-element B`` wraps every policy in ``policy.budget(policy,
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="value quantization group along head_dim (default: the largest divisor of head_dim <= 64)")
     p.add_argument("--key-rotation", default="none", choices=["none", "hadamard", "orthogonal"],
-                   help="store keys rotated (kvprec/rotation.py); recommended below INT4")
+                   help="store keys rotated (kvprec/storage/rotation.py); recommended below INT4")
     p.add_argument("--rotation-seed", type=int, default=0, help="seed of the key rotations (default 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import kvprec
-    from kvprec.eval import compare, hf_cache, hf_cache_name
-    from kvprec.loading import load
+    from kvprec.hf.eval import compare, hf_cache, hf_cache_name
+    from kvprec.models.loading import load
 
     if not args.policy and not args.hf_cache:  # before the model loads
         raise SystemExit("kvprec eval: give at least one --policy or --hf-cache")

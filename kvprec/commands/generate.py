@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch", "triton"],
                    help="attention over the cache (see kvprec.AdaptiveCache)")
     p.add_argument("--key-rotation", default="none", choices=["none", "hadamard", "orthogonal"],
-                   help="store keys rotated (kvprec/rotation.py); recommended below INT4")
+                   help="store keys rotated (kvprec/storage/rotation.py); recommended below INT4")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size (tokens)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import kvprec
-    from kvprec.loading import load
+    from kvprec.models.loading import load
 
     if args.max_new_tokens < 1 or args.chunk < 1:
         raise SystemExit("kvprec generate: --max-new-tokens and --chunk must be >= 1")

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Measured curvature (closed form, autograd, Hutchinson Hessian, hybrid), "
                        "locality, the precision map, per-block measured sensitivity and its rank correlation with "
                        "each method, policies at equal memory, memory and compression tables "
-                       "(kvprec/analysis/study_precision.py).")
+                       "(kvprec/studies/precision/study.py).")
     q.add_argument("--model", default="tiny", help="'tiny' (built-in) or a local Hugging Face model directory")
     q.add_argument("--text", default=None, help="calibration text file (default: built-in prompts)")
     q.add_argument("--eval-text", default=None,
@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from kvprec.analysis import study_precision as sp
+    from kvprec.studies.precision import study as sp
 
     if args.study != "precision":
         raise SystemExit(f"kvprec study: unknown study {args.study!r}")

@@ -6,7 +6,7 @@
 //   1. add_calibration(layer, q, k, v): per-position curvature kappa_t, reduced over the calibration inputs, the
 //      query heads of each GQA group and the queries that see t (AnalyzerOptions::query_reduce, default Mean),
 //      per KV head: [Hkv, N_max] (CurvatureAccumulator). add_reduced(layer, pos_sum, pos_max, count) takes the
-//      same statistics of one input already reduced on a device (kvprec/analyzer.py does that on a GPU).
+//      same statistics of one input already reduced on a device (kvprec/analysis/analyzer.py does that on a GPU).
 //   2. per block of T positions: kappa_max (the block's most sensitive position: threshold mode needs every
 //      position's bound to hold) and kappa_sum (predicted errors of positions add: the knapsack modes).
 //   3. analyze(request):

@@ -1,7 +1,7 @@
 // MixedPrecisionBuffer: the KV cache of one layer at mixed precision. One implementation, used by the C++
 // demos and (as torch.classes.kvprec.MixedPrecisionBuffer) by Python.
 //
-// Data layout (DESIGN.md, "Data layout of the cache"):
+// Data layout (docs/design.md, "Data layout of the cache"):
 //   * positions are grouped in blocks of block_size (T) tokens; the newest, incomplete block stays in the
 //     model dtype in the tail [B, H, T, D]; a block is sealed when it fills;
 //   * a sealed block has one tier per (batch row, KV head); its K/V and metadata live in a page of that

@@ -1,7 +1,7 @@
 // Attention curvature: how sensitive one attention output is to a perturbation of one cached key, in closed
 // form, and the locality patterns of the attention maps that explain where the sensitivity sits.
 //
-// ---- The closed form (DESIGN.md, "Precision policy") -------------------------------------------------
+// ---- The closed form (docs/design.md, "Precision policy") -------------------------------------------------
 // One query q [D], keys K [N, D], values V [N, Dv], scale s (0 means 1/sqrt(D)):
 //   s_t = s * q.K_t,   a = softmax(s_.),   o = sum_t a_t v_t                                 [Dv]
 // Softmax derivative d a_u / d s_t = a_u (delta_ut - a_t), hence
@@ -84,7 +84,7 @@ class CurvatureAccumulator {
   void add(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
   // The statistics of one calibration input that a kernel has already reduced (for example on the GPU, by the
-  // Triton curvature reduction kvprec/triton_ops/curvature.py), so that only [B?, Hkv, N] crosses to the host:
+  // Triton curvature reduction kvprec/ops/triton/curvature.py), so that only [B?, Hkv, N] crosses to the host:
   //   pos_sum [B?, Hkv, N]  per batch row, KV head and position: the sum of kappa over the group's query heads
   //                         and the queries that see t;
   //   pos_max [B?, Hkv, N]  the max over the same (query head, query) pairs;

@@ -1,5 +1,5 @@
 // Storage formats of kvprec: the precision tiers and their bit layouts. This header is the one source of
-// truth for the constants; kvprec/formats.py mirrors them and python_tests/test_formats.py checks that the
+// truth for the constants; kvprec/storage/formats.py mirrors them and python_tests/test_formats.py checks that the
 // two agree through the native extension.
 //
 // Torch-free: only <cstdint>, <cmath>, <string_view>.
@@ -92,7 +92,7 @@ inline Tier tier_from_name(std::string_view name) {
 constexpr int64_t tier_row_bytes(Tier t, int64_t head_dim) { return head_dim * tier_bits(t) / 8; }
 
 // The value group used when none is given: the largest divisor of head_dim that is <= 64 (64 for head_dim 64 /
-// 128 / 256, as transformers' QuantizedCache; 32 for 32, 40 for 80, 48 for 96). kvprec.formats.default_group_size.
+// 128 / 256, as transformers' QuantizedCache; 32 for 32, 40 for 80, 48 for 96). kvprec.storage.formats.default_group_size.
 constexpr int64_t default_group_size(int64_t head_dim) {
   for (int64_t g = head_dim < 64 ? head_dim : 64; g > 1; --g)
     if (head_dim % g == 0) return g;

@@ -1,8 +1,8 @@
 // PrecisionMapper: from curvature to precision tiers, by threshold, under a byte budget, or under an error
 // budget. Torch-free (std::vector); the op glue is csrc/python/ops_analysis.cpp, the Python mirror and
-// brute-force oracle kvprec/precision.py.
+// brute-force oracle kvprec/analysis/precision.py.
 //
-// ---- Required bits (DESIGN.md, "Precision policy") --------------------------------------------------------
+// ---- Required bits (docs/design.md, "Precision policy") --------------------------------------------------------
 // The precision obstruction bound: storing K_t with unit roundoff u = 2^-p perturbs the attention output by
 // about c * kappa_t * D^2 * u, so keeping that below eps needs
 //     p_t = log2(c * kappa_t * D^2 / eps)          (kappa_t = 0 -> -inf: any tier will do)

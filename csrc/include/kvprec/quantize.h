@@ -1,4 +1,4 @@
-// Quantize / dequantize one or more blocks to a tier (CPU, ATen). Bit-identical to kvprec/formats.py, the
+// Quantize / dequantize one or more blocks to a tier (CPU, ATen). Bit-identical to kvprec/ops/reference/quantize.py, the
 // pure-torch reference; python_tests/test_formats.py checks that on awkward shapes.
 //
 // Algorithm for one quantization group g (keys: the T positions of one channel of a block; values: G

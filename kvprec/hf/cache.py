@@ -1,0 +1,628 @@
+"""AdaptiveCache: a Hugging Face ``Cache`` whose layers store K/V in a MixedPrecisionBuffer.
+
+Use::
+
+    cache = kvprec.AdaptiveCache(model.config, policy="sink_window:window=256")
+    with kvprec.enabled(model):
+        out = model.generate(**inputs, past_key_values=cache)
+
+Each layer owns one buffer (created at its first update from the K/V shape, dtype and device): blocks of
+``block_size`` positions, sealed when full into the tier the policy assigns per (batch row, KV head), the
+newest positions in an unsealed tail in the model dtype. ``update()`` returns a :class:`KVHandle`, not tensors,
+while the model runs the "kvprec" attention function (kvprec/hf/attention.py), which attends over the stored
+tiers one block at a time. When the model runs another attention implementation the layer returns the K/V
+gathered back to the model dtype (correct, slow, warned once).
+
+Only decoder families whose attention passes the cache's return value straight to the attention function are
+accepted (SUPPORTED_MODEL_TYPES); others are refused at construction rather than failing later on a handle.
+Sliding-window layers (Mistral, Qwen2/3, Gemma 2/3: the layers ``DynamicCache(config=...)`` would make
+``DynamicSlidingWindowLayer``) evict the sealed blocks that no later query's window reaches, so they hold at most
+window + 2 blocks of positions, as DynamicCache holds ``window - 1``; positions keep their numbering (the block
+table keeps an entry per evicted block, with no page). While transformers records the past for a rollback
+(``activate_past_recording``: assisted decoding, deferred stopping) eviction waits for the next ``crop``, which
+trims; a crop back past evicted positions raises, as DynamicCache's does. ``evict_sliding=False`` keeps every
+position (studies that read all of them).
+
+``key_rotation`` ("hadamard" or "orthogonal", kvprec/storage/rotation.py) stores every key as k R for a fixed orthogonal R per
+layer and rotates the queries the same way before attending, which leaves the scores unchanged and makes 2-bit keys
+far more accurate; ``gather()`` rotates the keys back, so everything outside the attention sees the model's keys.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .policy.registry import get as get_policy
+from .._native import require_native
+from ..ops.reference.attention import ReadCounter, attend_blocks
+from ..storage.formats import BlockGeometry, Tier
+from .policy.base import AttentionStats, SealStats
+from ..storage.rotation import check_kind, rotate, rotation_matrix, unrotate
+
+#: ``config.model_type`` of the text decoder, for the families whose attention modules hand ``update()``'s
+#: return value to the attention function unchanged (checked in transformers 5.23, docs/hf_integration.md).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2")
+
+BACKENDS = ("auto", "cpp", "torch", "triton", "cuda")
+
+#: The name under which kvprec/hf/attention.py registers its attention and mask functions with transformers.
+ATTENTION_NAME = "kvprec"
+
+
+def is_kvprec_attention(fn) -> bool:
+    """Whether ``fn`` is kvprec's attention function (kvprec/hf/attention.py marks it with ``__kvprec_attention__``),
+    also inside wrappers that keep ``__wrapped__`` (functools.wraps: profilers, tracers)."""
+    for _ in range(64):  # a wrapper chain longer than this is a loop, not a profiler
+        if fn is None:
+            return False
+        if getattr(fn, "__kvprec_attention__", False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def kvprec_attention_registered() -> bool:
+    """Whether transformers maps "kvprec" to kvprec's attention function (wrapped or not) and the SDPA mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return (is_kvprec_attention(ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME))
+            and ALL_MASK_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is sdpa_mask)
+
+
+class Int2KeysWarning(UserWarning):
+    """Blocks go to INT2 with keys stored as given (no ``key_rotation``); code that compares against such caches on
+    purpose filters this category."""
+
+
+def text_config(config):
+    """The decoder's text config (itself for text-only models)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def check_supported(config) -> None:
+    model_type = getattr(text_config(config), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"kvprec does not support model_type {model_type!r}: its attention must pass the cache's "
+                         f"handle to the attention function, which is checked for {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+class KVHandle:
+    """What ``AdaptiveLayer.update`` returns for key and value: a reference to the layer, read by the "kvprec"
+    attention function. Anything else that treats it as a tensor gets an error saying what went wrong."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: "AdaptiveLayer"):
+        self.layer = layer
+
+    def __getattr__(self, name):
+        raise AttributeError(f"a kvprec KVHandle (layer {self.layer.layer_idx}) has no {name!r}: the cache returned "
+                             "a handle, so the model must run the 'kvprec' attention; use kvprec.enable(model)")
+
+    def __repr__(self):
+        return f"KVHandle(layer={self.layer.layer_idx}, seq_len={self.layer.get_seq_length()})"
+
+
+def sliding_windows(config) -> list[int]:
+    """Per decoder layer, the sliding window of its attention (0 = full attention): the layers that
+    ``DynamicCache(config=...)`` makes sliding (``transformers.cache_utils.get_layer_types_and_kwargs``)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(config)
+    return [int(kw.get("sliding_window") or 0) if t == "sliding_attention" else 0 for t, kw in zip(types, kwargs)]
+
+
+class AdaptiveLayer(CacheLayerMixin):
+    """One layer of an :class:`AdaptiveCache` over one MixedPrecisionBuffer (``self.buffer``).
+
+    ``sliding_window`` > 0: the layer evicts the sealed blocks that no later query can see (module docstring).
+    """
+
+    is_compileable = False
+    is_croppable = True  # exact with a shadow; without one, a crop inside an integer block dequantizes it
+    # False also for sliding layers: positions keep their numbering and the mask spans all of them, where HF's
+    # sliding layers return (and mask) only the window.
+    is_sliding = False
+
+    def __init__(self, cache: "AdaptiveCache", layer_idx: int, sliding_window: int = 0):
+        super().__init__()
+        self.cache, self.layer_idx = cache, layer_idx
+        self.sliding_window = int(sliding_window)
+        #: set by transformers before a loop that may roll back (activate_past_recording): evict only at crop
+        self.record_past = False
+        self.buffer = None
+        self.rows = 0  # batch rows held (not `batch_size`: Cache.batch_size reads that name from layers)
+        self.stats: Optional[AttentionStats] = None
+        self.geometry: Optional[BlockGeometry] = None
+        #: bumped whenever the block table or the pools change (seal, re-tier, crop, batch selection, reset); the
+        #: host tiers, the kernels' PagedKV view and the policies' rebalance memo are kept until it moves
+        self.table_version = 0
+        self.rebalance_memo: dict = {}
+        self._paged = None
+        self._tiers: Optional[torch.Tensor] = None
+        #: FP32 [D, D] orthogonal matrix the keys are stored multiplied by (None: keys as the model gave them)
+        self.rotation: Optional[torch.Tensor] = None
+
+    # ---- members the policies use (kvprec/hf/policy/base.py) ------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.cache.block_size
+
+    @property
+    def wants_attention_mass(self) -> bool:
+        return self.stats is not None
+
+    @property
+    def evicted_blocks(self) -> int:
+        """Sealed blocks [0, evicted_blocks) were evicted by the sliding window (tier ``formats.EVICTED`` in
+        tiers())."""
+        return 0 if self.buffer is None else self.buffer.evicted_blocks
+
+    def tiers(self) -> torch.Tensor:
+        """int8 [B, H_kv, n_sealed], a host tensor shared until the table changes: read it, do not modify it.
+        Evicted blocks (the first ``evicted_blocks``) read ``formats.EVICTED`` (-1)."""
+        if self.buffer is None:
+            return torch.zeros(0, 0, 0, dtype=torch.int8)
+        if self._tiers is None:
+            self._tiers = self.buffer.tiers().cpu()
+        return self._tiers
+
+    def set_block_tiers(self, index: int, tiers: torch.Tensor) -> None:
+        tiers = tiers.to(torch.int8).cpu()
+        self.cache.check_int2_keys(tiers)
+        self.buffer.set_block_tiers(index, tiers)
+        self._table_changed()
+
+    def _table_changed(self) -> None:
+        self.table_version += 1
+        self._paged = self._tiers = None
+
+    def paged(self):
+        """The buffer as the kernels read it (:class:`~kvprec.ops.reference.PagedKV`).
+
+        The pools and the device copy of the block table are taken once and reused until a seal, re-tier, crop or
+        batch selection changes them (each of those goes through this layer and drops the copy); only the tail
+        views are set fresh on each call, in place: the object returned is valid until the layer's next update.
+        Rebuilding it every step would cost two host table copies, two host-to-device uploads and a dozen pool
+        lookups per layer per decode step (and a dataclass copy per call, ~5 us, is host time a decode step lacks).
+        """
+        from ..ops.reference import PagedKV
+
+        if self._paged is None:
+            self._paged = PagedKV.from_buffer(self.buffer)
+        self._paged.tail_k, self._paged.tail_v = self.buffer.tail_keys(), self.buffer.tail_values()
+        return self._paged
+
+    def memory(self):
+        return self.buffer.memory()
+
+    # ---- the HF layer interface ----------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        from ..storage.buffer import MixedPrecisionBuffer
+
+        b, h, _, d = key_states.shape
+        try:
+            self.geometry = BlockGeometry(self.cache.block_size, d, self.cache.group_size)
+        except ValueError as exc:
+            raise ValueError(f"AdaptiveCache layer {self.layer_idx} (head_dim {d}): {exc}") from exc
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if self.cache.key_rotation is not None:
+            try:
+                self.rotation = rotation_matrix(self.cache.key_rotation, d, self.cache.rotation_seed,
+                                                self.layer_idx).to(key_states.device)
+            except ValueError as exc:
+                raise ValueError(f"AdaptiveCache layer {self.layer_idx}: {exc}") from exc
+        self.buffer = MixedPrecisionBuffer(batch=b, kv_heads=h, head_dim=d, block_size=self.cache.block_size,
+                                           group_size=self.geometry.group_size, dtype=key_states.dtype,
+                                           device=key_states.device, shadow=self.cache.shadow)
+        self.rows = b
+        self.stats = (AttentionStats.empty(b, h, key_states.device)
+                      if self.cache.policy.wants_attention_mass else None)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append k, v [B, H_kv, n, D]; seal the blocks that fill, at the policy's tiers; let the policy re-tier.
+
+        Returns (handle, handle) while the model runs the "kvprec" attention, else the whole K/V
+        [B, H_kv, seq_len, D] gathered back to the model dtype.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.rotation is not None:
+            key_states = rotate(key_states, self.rotation)
+        if not self.record_past:  # before the append, so the seal can reuse the freed pages
+            self._evict(self.get_seq_length())
+        n = key_states.shape[-2]
+        sealing = self.buffer.blocks_sealed_by(n)
+        tiers = None
+        if sealing:
+            first = self.buffer.num_sealed_blocks
+            b, h = key_states.shape[:2]
+            stats = SealStats(b, h, self.block_size, self.get_seq_length() + n, key_states, value_states, self)
+            tiers = self._checked(self.cache.policy.assign(self.layer_idx, range(first, first + sealing), stats),
+                                  (b, h, sealing))
+            self.cache.check_int2_keys(tiers)
+        self.buffer.append(key_states, value_states, tiers)
+        if sealing:
+            self._table_changed()
+        if self.stats is not None:
+            self.stats.resize(math.ceil(self.get_seq_length() / self.block_size))
+        self.cache.policy.rebalance(self.cache, self.layer_idx)
+        if self.cache.uses_kvprec_attention():
+            handle = KVHandle(self)
+            return handle, handle
+        self.cache.warn_slow_path()
+        return self.gather()
+
+    def _checked(self, tiers, shape) -> torch.Tensor:
+        name = self.cache.policy.describe()
+        if not isinstance(tiers, torch.Tensor) or tuple(tiers.shape) != shape:
+            got = tuple(tiers.shape) if isinstance(tiers, torch.Tensor) else type(tiers).__name__
+            raise ValueError(f"policy {name}.assign returned {got}; expected int8 tiers of shape {shape}")
+        if tiers.is_floating_point() or tiers.dtype == torch.bool or bool(((tiers < 0) | (tiers >= len(Tier))).any()):
+            raise ValueError(f"policy {name}.assign returned tiers outside 0..{len(Tier) - 1}: {tiers.unique()}")
+        return tiers.to(torch.int8).cpu()
+
+    def gather(self):
+        """All positions back in the model dtype, (K, V) [B, H_kv, seq_len, D]. Evicted positions read as zeros:
+        they lie outside every later query's sliding window, so the model's sliding mask hides them."""
+        start = self.evicted_blocks * self.block_size
+        k, v = self.buffer.gather(start, self.get_seq_length())
+        if self.rotation is not None:
+            k = unrotate(k, self.rotation)
+        if start:
+            pad = (0, 0, start, 0)
+            k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+        return k, v
+
+    # ---- sliding-window eviction ---------------------------------------------------------------------------
+    def activate_past_recording(self) -> None:
+        """Called by transformers before a loop that may crop (assisted decoding, deferred stopping): keep the
+        blocks the window has passed until the next crop, as ``DynamicSlidingWindowLayer`` does."""
+        self.record_past = True
+
+    def _evict(self, next_query: int) -> None:
+        """Evict the sealed blocks that no query at position >= ``next_query`` can see: block j's last position
+        (j+1)T - 1 must be <= next_query - window, so count = (next_query - window + 1) // T."""
+        if not self.sliding_window or self.buffer is None:
+            return
+        count = min(self.buffer.num_sealed_blocks, max(0, next_query - self.sliding_window + 1) // self.block_size)
+        if count > self.buffer.evicted_blocks:
+            self.buffer.evict_blocks(count)
+            self._table_changed()
+
+    def attend(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: float, sliding_window: int,
+               softcap: float, block_mass: bool):
+        """Attention of q [B, Hq, Q, D] over this layer: (out [B, Hq, Q, D], lse [B, Hq, Q], block_mass)."""
+        if self.rotation is not None:  # stored keys are k R: (q R) . (k R) = q . k
+            q = rotate(q, self.rotation)
+        backend = self.cache.attention_backend(q)
+        if backend == "torch":
+            return attend_blocks(self.buffer, q, mask, scale, sliding_window, softcap, block_mass,
+                                 counter=self.cache.read_counter)
+        if backend in ("triton", "cuda"):
+            from .. import ops
+
+            out, lse, mass = ops.decode_attention(q, self.paged(), scale=scale or None, mask=mask,
+                                                  sliding_window=sliding_window, softcap=softcap,
+                                                  block_mass=block_mass, backend=backend)
+            return out, lse, mass if mass is not None else torch.empty(0, device=q.device)
+        return self.buffer.attend(q, mask, scale=scale, sliding_window=sliding_window, softcap=softcap,
+                                  block_mass=block_mass)
+
+    def record_attention(self, block_mass: torch.Tensor) -> None:
+        """Accumulate the kernel's block mass [B, Hq, Q, n_blocks] and pass it to the policy."""
+        self.stats.add(block_mass, self.get_seq_length(), self.block_size)
+        self.cache.policy.on_attention(self.layer_idx, block_mass)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.buffer is None else self.buffer.seq_len
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.buffer, self.stats, self.geometry, self.rows, self.rotation = None, None, None, 0, None
+        self._table_changed()
+        self.is_initialized = False
+
+    def _index_batch(self, idx: torch.Tensor) -> None:
+        if self.buffer is None:
+            return
+        idx = idx.to(torch.int64).cpu()
+        self.buffer.index_batch(idx)
+        self._table_changed()
+        self.rows = idx.numel()
+        if self.stats is not None:
+            self.stats.index_batch(idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(torch.arange(self.rows).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:
+            indices = torch.nonzero(indices).flatten()
+        self._index_batch(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions (transformers v5: the argument is <= 0)."""
+        self.check_crop(tokens_to_remove)
+        if self.buffer is None:
+            return
+        new_len = self.get_seq_length() + tokens_to_remove
+        if tokens_to_remove == 0:  # transformers' crop(0) under record_past: trim what the window has passed
+            self._evict(new_len)
+            return
+        self.buffer.crop(new_len)
+        self._table_changed()
+        if self.stats is not None:
+            self.stats.resize(math.ceil(new_len / self.block_size))
+            if new_len % self.block_size:  # the partly kept block's mass includes dropped positions: forget it
+                self.stats.mass[..., -1] = 0
+                self.stats.seen[-1] = 0
+        self._evict(new_len)  # after a rollback, what the window has passed goes (DynamicSlidingWindowLayer.crop)
+
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise ValueError if ``crop(tokens_to_remove)`` cannot be done (nothing is changed)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to drop (transformers v5 "
+                             "convention); a positive target length is not supported")
+        if self.buffer is None:
+            return
+        new_len = self.get_seq_length() + tokens_to_remove
+        if new_len < 0:
+            raise ValueError(f"crop({tokens_to_remove}): the layer holds only {self.get_seq_length()} tokens")
+        held = self.evicted_blocks * self.block_size
+        if tokens_to_remove and held and held - 1 > new_len - self.sliding_window:
+            raise ValueError(f"crop({tokens_to_remove}): layer {self.layer_idx} has evicted positions < {held} "
+                             f"(sliding window {self.sliding_window}), and a query at position {new_len} would see "
+                             "some of them; call cache.activate_past_recording() before decoding steps you may roll "
+                             "back, or build the AdaptiveCache with evict_sliding=False")
+
+    def offload(self):
+        raise NotImplementedError("AdaptiveCache does not support offloading (Cache(offloading=True))")
+
+    def prefetch(self):
+        raise NotImplementedError("AdaptiveCache does not support offloading (Cache(offloading=True))")
+
+
+class AdaptiveCache(Cache):
+    """A transformers ``Cache`` storing K/V at mixed precision, per block, layer and KV head.
+
+    Args:
+        config: the model's config (pass ``model.config`` itself: the cache reads the model's attention
+            implementation from it to decide between handles and gathered tensors).
+        policy: a :class:`kvprec.policy.Policy` or a name for :func:`kvprec.policy.get` (default
+            ``"sink_window"``: 4 sink tokens and the last 128 at FP16, the rest at INT4).
+        block_size: positions per block (power of two). group_size: value quantization group along head_dim
+            (None: ``formats.default_group_size(head_dim)``, 64 for head_dim 64 / 128 / 256, as QuantizedCache).
+        shadow: None, or "cpu" to keep a host copy of each sealed block in the model dtype (exact crop,
+            promotion possible; host memory, reported apart).
+        evict_sliding: sliding-window layers release the blocks no later query can see (default, as
+            DynamicCache's sliding layers do); False keeps every position.
+        key_rotation: None (keys stored as given), "hadamard" (randomized Hadamard; head_dim a power of two) or
+            "orthogonal" (random orthogonal; any head_dim): keys are stored rotated and queries rotated alike
+            (kvprec/storage/rotation.py). Recommended whenever blocks go below INT4 (without it, the first INT2 block
+            warns once); float tiers then no longer hold the model's keys bit for bit (one FP32 rotation and a
+            rounding to the model dtype).
+        rotation_seed: seeds the rotations (each layer draws its own from (seed, layer index)).
+        backend: attention over the buffer: "cpp" (the native kernel, block by block with ATen ops), "cuda" (the
+            CUDA flash-decoding kernel reading the packed tiers; built with KVPREC_CUDA, fp16/bf16, head_dim
+            64/128/256, block_size >= 16), "triton" (the Triton flash-decoding kernel; head_dim 64/128/256),
+            "torch" (the pure-torch block-by-block reference, instrumented by ``read_counter``), or "auto": for
+            CUDA tensors "cuda" where it is built and takes the inputs, else "triton" where installed and the
+            head_dim fits, else "cpp" (warned: CPU kernels over device pages).
+        offloading: not supported; True raises.
+    """
+
+    def __init__(self, config, policy="sink_window", block_size: int = 64, group_size: Optional[int] = None,
+                 shadow: Optional[str] = None, backend: str = "auto", offloading: bool = False,
+                 evict_sliding: bool = True, key_rotation: Optional[str] = None, rotation_seed: int = 0):
+        if offloading:
+            raise NotImplementedError("AdaptiveCache does not support offloading=True: its pages live in the "
+                                      "buffer's tier pools; use shadow='cpu' for a host copy instead")
+        check_supported(config)
+        require_native("kvprec.AdaptiveCache")
+        if shadow not in (None, "cpu"):
+            raise ValueError(f"AdaptiveCache: shadow must be None or 'cpu' (a host copy), got {shadow!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"AdaptiveCache: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        from .._native import cuda_kernels_available
+
+        if backend == "cuda" and not cuda_kernels_available():
+            raise ValueError("AdaptiveCache: backend 'cuda' needs the CUDA kernels (build with KVPREC_CUDA=ON against "
+                             "a CUDA torch); use backend='auto', 'triton' or 'cpp'")
+        if backend == "triton" and importlib.util.find_spec("triton") is None:
+            raise ValueError("AdaptiveCache: backend 'triton' needs the triton package; use backend='auto' or 'cpp'")
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise ValueError(f"AdaptiveCache: block_size {block_size} is not a power of two")
+        self.config = text_config(config)
+        self.policy = get_policy(policy)
+        self.block_size, self.shadow = int(block_size), shadow is not None
+        #: None: each layer takes formats.default_group_size(head_dim) (layer.geometry.group_size)
+        self.group_size = None if group_size is None else int(group_size)
+        self.backend = backend
+        #: set to a kvprec.ops.reference.attention.ReadCounter to count block reads of the "torch" backend
+        self.read_counter: Optional[ReadCounter] = None
+        self._warned_slow = False
+        self._warned_cpu_kernels = False
+        self._warned_int2_keys = False
+        self.evict_sliding = bool(evict_sliding)
+        self.key_rotation, self.rotation_seed = check_kind(key_rotation), int(rotation_seed)
+        windows = sliding_windows(self.config) if self.evict_sliding else [0] * self.config.num_hidden_layers
+        super().__init__(layers=[AdaptiveLayer(self, i, w) for i, w in enumerate(windows)])
+
+    def attention_backend(self, q: torch.Tensor) -> str:
+        """The backend that attends for queries ``q`` [B, Hq, Q, D] (see ``backend`` in the class docstring)."""
+        if self.backend != "auto":
+            return self.backend
+        from .._native import cuda_kernels_available
+        from ..ops import TRITON_DECODE_HEAD_DIMS, cuda_decode_fits
+
+        if q.is_cuda and cuda_kernels_available() and cuda_decode_fits(q, self.block_size):
+            return "cuda"
+        if q.is_cuda and q.shape[-1] in TRITON_DECODE_HEAD_DIMS and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        if q.is_cuda and not self._warned_cpu_kernels:
+            if not cuda_kernels_available():
+                self._warned_cpu_kernels = True
+                warnings.warn("kvprec.AdaptiveCache: CUDA tensors, but neither the Triton kernel (head_dim "
+                              f"{q.shape[-1]}; it takes {TRITON_DECODE_HEAD_DIMS}) nor the CUDA kernels (build with "
+                              "KVPREC_CUDA=ON) can run here: blocks are dequantized on the CPU and copied back every "
+                              "step (correct, slow)", stacklevel=2)
+        return "cpp"
+
+    def uses_kvprec_attention(self) -> bool:
+        """Whether the model (through its config) runs the registered "kvprec" attention function."""
+        return getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME and kvprec_attention_registered()
+
+    def check_int2_keys(self, tiers: torch.Tensor) -> None:
+        """Warn once when blocks go to INT2 with keys stored as given: 2-bit keys lose far more unrotated."""
+        if self.key_rotation is None and not self._warned_int2_keys and bool((tiers == int(Tier.INT2)).any()):
+            self._warned_int2_keys = True
+            warnings.warn("kvprec.AdaptiveCache: blocks go to INT2 with keys stored as given; 2-bit keys lose far "
+                          "more quality unrotated (uniform INT2 on examples/models/small_llama_stdlib: +20% "
+                          "perplexity, +2.3% rotated): build the cache with key_rotation='orthogonal' or 'hadamard'",
+                          Int2KeysWarning, stacklevel=4)
+
+    def warn_slow_path(self) -> None:
+        if not self._warned_slow:
+            self._warned_slow = True
+            warnings.warn("kvprec.AdaptiveCache: the model is not using the 'kvprec' attention, so every update "
+                          "gathers the whole cache back to the model dtype (correct but slow, and it "
+                          "materialises full-precision K/V); call kvprec.enable(model)", stacklevel=3)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions of every layer; every layer is checked before any is
+        cropped, so a refused crop (e.g. back past a sliding layer's evicted positions) leaves the cache as it was."""
+        for layer in self.layers:
+            layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
+
+    def memory_report(self) -> "CacheMemoryReport":
+        return CacheMemoryReport.of(self)
+
+
+@dataclass
+class CacheMemoryReport:
+    """Exact bytes of an AdaptiveCache, from each buffer's report.
+
+    tier_bytes: int64 [L, n_tiers] live page bytes (K and V data + FP16 scales/zeros) per layer and tier;
+    tail_bytes, table_bytes, rotation_bytes, shadow_bytes, elements, tokens, evicted_tokens, sealed_elements:
+    int64 [L] (elements count the held positions, tokens minus evicted_tokens, which sliding-window layers dropped;
+    sealed_elements those of held sealed blocks, the elements the pages store);
+    precision_map: int64 [L, H_kv, n_tiers], sealed blocks per layer, KV head and tier (summed over batch rows).
+    Resident bytes = pages + tails + block tables + key rotation matrices (the shadow is host memory, reported
+    apart).
+    """
+
+    policy: str
+    tier_bytes: torch.Tensor
+    tail_bytes: torch.Tensor
+    table_bytes: torch.Tensor
+    rotation_bytes: torch.Tensor
+    shadow_bytes: torch.Tensor
+    elements: torch.Tensor
+    tokens: torch.Tensor
+    evicted_tokens: torch.Tensor
+    sealed_elements: torch.Tensor
+    precision_map: torch.Tensor
+
+    @classmethod
+    def of(cls, cache: AdaptiveCache) -> "CacheMemoryReport":
+        n_layers, n_tiers = len(cache.layers), len(Tier)
+        heads = max((layer.tiers().shape[1] for layer in cache.layers), default=0)
+        out = cls(cache.policy.describe(), torch.zeros(n_layers, n_tiers, dtype=torch.int64),
+                  *(torch.zeros(n_layers, dtype=torch.int64) for _ in range(8)),
+                  torch.zeros(n_layers, heads, n_tiers, dtype=torch.int64))
+        for i, layer in enumerate(cache.layers):
+            if layer.buffer is None:
+                continue
+            r = layer.memory()
+            out.tier_bytes[i] = torch.tensor([r.tier_bytes[str(t)] for t in Tier], dtype=torch.int64)
+            out.tail_bytes[i], out.table_bytes[i], out.shadow_bytes[i] = r.tail_bytes, r.table_bytes, r.shadow_bytes
+            if layer.rotation is not None:
+                out.rotation_bytes[i] = layer.rotation.numel() * layer.rotation.element_size()
+            out.elements[i], out.tokens[i] = r.elements, r.tokens
+            out.evicted_tokens[i] = layer.evicted_blocks * layer.block_size
+            tiers = layer.tiers().to(torch.int64)
+            if tiers.numel():
+                held = (tiers >= 0).unsqueeze(-1)  # evicted blocks (tier -1) hold nothing
+                counts = (torch.nn.functional.one_hot(tiers.clamp(min=0), n_tiers) * held).sum(dim=(0, 2))
+                out.sealed_elements[i] = int(held.sum()) * layer.block_size * layer.buffer.head_dim * 2
+                out.precision_map[i, :counts.shape[0]] = counts
+        return out
+
+    @property
+    def resident_bytes_per_layer(self) -> torch.Tensor:
+        return self.tier_bytes.sum(1) + self.tail_bytes + self.table_bytes + self.rotation_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        return int(self.resident_bytes_per_layer.sum())
+
+    @property
+    def bits_per_element(self) -> float:
+        """Resident bits per cached K/V element, metadata, tail and table included."""
+        elements = int(self.elements.sum())
+        return self.resident_bytes * 8 / elements if elements else 0.0
+
+    @property
+    def page_bits_per_element(self) -> float:
+        """Bits per element of the held sealed blocks: page bytes (data, scales, zeros) * 8 / their elements. What a
+        policy's tiers decide; the tail and the block table are left out (bits_per_element includes them)."""
+        elements = int(self.sealed_elements.sum())
+        return int(self.tier_bytes.sum()) * 8 / elements if elements else 0.0
+
+    @property
+    def compression_vs_fp16(self) -> float:
+        """FP16 bytes of the same elements over resident bytes."""
+        return int(self.elements.sum()) * 2 / self.resident_bytes if self.resident_bytes else 0.0
+
+    def format(self) -> str:
+        names = [str(t) for t in Tier]
+        lines = [f"kvprec AdaptiveCache, policy {self.policy}: {len(self.tokens)} layers, "
+                 f"{int(self.tokens.max()) if len(self.tokens) else 0} tokens"
+                 + (f" (sliding-window layers evicted up to {int(self.evicted_tokens.max())} of them)"
+                    if len(self.tokens) and int(self.evicted_tokens.max()) else ""),
+                 f"{'layer':>5} " + " ".join(f"{n:>9}" for n in names)
+                 + f" {'tail':>9} {'table':>7} {'resident':>10} {'bits/el':>7}"]
+        for i in range(len(self.tokens)):
+            el = int(self.elements[i])
+            bits = int(self.resident_bytes_per_layer[i]) * 8 / el if el else 0.0
+            lines.append(f"{i:>5} " + " ".join(f"{int(b):>9}" for b in self.tier_bytes[i])
+                         + f" {int(self.tail_bytes[i]):>9} {int(self.table_bytes[i]):>7}"
+                         f" {int(self.resident_bytes_per_layer[i]):>10} {bits:>7.2f}")
+        lines.append(f"{'all':>5} " + " ".join(f"{int(b):>9}" for b in self.tier_bytes.sum(0))
+                     + f" {int(self.tail_bytes.sum()):>9} {int(self.table_bytes.sum()):>7}"
+                     f" {self.resident_bytes:>10} {self.bits_per_element:>7.2f}")
+        rotation = int(self.rotation_bytes.sum())
+        lines.append(f"effective {self.bits_per_element:.2f} bits/element (scales, zeros, tail, block table"
+                     + (f" and {rotation} bytes of key rotations" if rotation else "")
+                     + f" included; sealed pages alone {self.page_bits_per_element:.2f}), compression vs FP16 "
+                     f"{self.compression_vs_fp16:.2f}x; host shadow {int(self.shadow_bytes.sum())} bytes")
+        lines.append("precision map (sealed blocks per KV head, summed over batch rows):")
+        for i in range(self.precision_map.shape[0]):
+            heads = []
+            for h in range(self.precision_map.shape[1]):
+                counts = self.precision_map[i, h]
+                heads.append(" ".join(f"{names[t]}={int(c)}" for t, c in enumerate(counts) if c) or "-")
+            lines.append(f"  layer {i}: " + " | ".join(f"h{h} {s}" for h, s in enumerate(heads)))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()

@@ -1,0 +1,1 @@
+"""Analysis studies, one subpackage each, run by ``kvprec study <name>`` (docs/architecture.md)."""

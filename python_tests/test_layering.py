@@ -20,6 +20,7 @@ LAYERS = {
     "kvprec.ops": 2,
     "kvprec.triton_kernels": 2,
     "kvprec.analysis": 3,
+    "kvprec.serving": 3,  # docs/serving.md: the vLLM page accounting and layout conversion, over storage and ops
     "kvprec.hf": 4,
     "kvprec.studies": 5,
     "kvprec.commands": 6,

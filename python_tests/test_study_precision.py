@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,8 +140,36 @@ def study_run(tiny_model, tmp_path_factory):
     loaded = LoadedModel(model, lambda s: list(s.encode("utf-8")), lambda ids: bytes(ids).decode(), "random-llama")
     out = tmp_path_factory.mktemp("precision_study")
     start = time.perf_counter()
-    analysis = sp.run(sp.StudyConfig(**TINY_SETTINGS), out, loaded=loaded, log=lambda *a: None)
+    analysis = sp.run(sp.StudyConfig(**TINY_SETTINGS), out, loaded=loaded)
     return out, analysis, time.perf_counter() - start
+
+
+def _same_numbers(got, want, path="analysis"):
+    """Equal JSON trees: the same keys, lists and strings, integers equal, floats within 1e-6 relative (a kernel that
+    sums in another order moves the last bits, nothing more)."""
+    assert type(got) is type(want) or {type(got), type(want)} <= {int, float}, (path, got, want)
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), (path, sorted(set(got) ^ set(want)))
+        for k in want:
+            _same_numbers(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), (path, len(got), len(want))
+        for i, (g, w) in enumerate(zip(got, want)):
+            _same_numbers(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-12), (path, got, want)
+    else:
+        assert got == want, (path, got, want)
+
+
+def test_same_numbers_as_before_the_study_platform(study_run):
+    """python_tests/data/precision_study_random_llama.json is analysis.json of this fixture's run written by the
+    precision study before it moved onto the run-directory platform (kvprec/studies/platform/): same settings, same
+    seed, same numbers."""
+    out, a, _ = study_run
+    want = json.loads((Path(__file__).parent / "data" / "precision_study_random_llama.json").read_text())
+    _same_numbers(a, want)
+    _same_numbers(json.loads((out / "analysis.json").read_text()), want)
 
 
 def test_study_end_to_end_on_a_tiny_random_model_under_a_minute(study_run):
@@ -340,7 +369,7 @@ def test_heldout_queries_and_prompts_are_disjoint_from_the_calibration(study_run
         f = tmp_path / name
         f.write_text(body)
         cfg = sp.StudyConfig(**TINY_SETTINGS, text=str(f), file_probes=2)
-        runs.append(collect_probes(model, lambda s: list(s.encode("utf-8")), cfg, log=lambda *x: None))
+        runs.append(collect_probes(model, lambda s: list(s.encode("utf-8")), cfg))
     r0, r1 = runs
     assert r0["probe_kinds"].tolist() == ["file", "file"] and r0["probe_offsets"].tolist() == [0, w]
     assert not np.array_equal(r0["probe_ids"], r1["probe_ids"])

@@ -1,89 +1,44 @@
-"""``kvprec study <name>``: analysis studies that write a run directory (config.json, raw.npz, analysis.json,
-report.md, plots/). Every number in a report is recomputed from the raw data by ``--reanalyze DIR``.
+"""``kvprec study <name>``: analysis studies, each writing one run directory (config.json, raw.npz, analysis.json,
+report.md, plots/; kvprec/studies/platform/rundir.py). Every number in a report is recomputed from the raw data
+by ``--reanalyze DIR``.
 
-    kvprec study precision --model PATH [--text FILE] [--budget BITS ...] [--eps EPS] [--out DIR]
-                           [--heldout-queries H] [--heldout-gap G] [--kind-context P] [--no-per-kind]
-    kvprec study precision --reanalyze DIR
+    kvprec study precision [--model NAME|DIR] [--text FILE] [--budget BITS ...] [--eps EPS] [--out DIR] [--force]
+    kvprec study <name> --reanalyze DIR
+
+A study is one module kvprec/studies/<name>/command.py (its arguments, settings and collection); adding one is
+adding it to STUDIES.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
-import torch
+from kvprec.studies.platform.command import add_common_arguments, run_study
+from kvprec.studies.platform.rundir import StudyInputError
+from kvprec.studies.precision import command as precision
+
+STUDIES = {module.NAME: module for module in (precision,)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="study", required=True)
-    q = sub.add_parser("precision", help="curvature by four methods, precision map, measured quality-memory curve",
-                       description="Measured curvature (closed form, autograd, Hutchinson Hessian, hybrid), "
-                       "locality, the precision map, per-block measured sensitivity and its rank correlation with "
-                       "each method, policies at equal memory, memory and compression tables "
-                       "(kvprec/studies/precision/study.py).")
-    q.add_argument("--model", default="tiny", help="'tiny' (built-in) or a local Hugging Face model directory")
-    q.add_argument("--text", default=None, help="calibration text file (default: built-in prompts)")
-    q.add_argument("--eval-text", default=None,
-                   help="text for the quality harness (default: held-out stdlib files for tiny, else --text)")
-    q.add_argument("--budget", type=float, action="append", default=None,
-                   help="bits/element budget of the policy comparison (repeatable; default: INT4's page bits and "
-                        "the midpoints to INT2 and INT8)")
-    q.add_argument("--map-budget", type=float, default=None, help="bits/element of the reported precision map "
-                   "(default: INT4's page bits)")
-    q.add_argument("--eps", type=float, default=None, help="threshold-mode precision map at this eps instead")
-    q.add_argument("--out", default=None, help="run directory (default: runs/precision-<time>)")
-    q.add_argument("--reanalyze", default=None, metavar="DIR",
-                   help="recompute analysis.json, report.md and plots of DIR from its raw.npz")
-    q.add_argument("--context", type=int, default=256, help="calibration context tokens in the cache")
-    q.add_argument("--queries", type=int, default=16, help="query tokens fed on top of the context")
-    q.add_argument("--block-size", type=int, default=16)
-    q.add_argument("--group-size", type=int, default=None,
-                   help="value quantization group (default: the largest divisor of head_dim <= 64)")
-    q.add_argument("--max-items", type=int, default=128, help="sampled (layer, head, block) items for sensitivity")
-    q.add_argument("--hutchinson", type=int, default=32, help="Hutchinson samples")
-    q.add_argument("--prefill", type=int, default=256, help="quality harness prefill")
-    q.add_argument("--steps", type=int, default=128, help="quality harness teacher-forced steps")
-    q.add_argument("--memory-context", type=int, action="append", default=None,
-                   help="context lengths of the memory table (repeatable; default 512, 2048, 8192)")
-    q.add_argument("--no-per-kind", action="store_true",
-                   help="skip the per-prompt-kind probes and the held-out validation (report sections 6 and 7)")
-    q.add_argument("--kind-context", type=int, default=None,
-                   help="context tokens of every per-kind probe (default: --context, capped by the shortest prompt)")
-    q.add_argument("--heldout-queries", type=int, default=None,
-                   help="held-out queries per probe, after the calibration queries (default: --queries)")
-    q.add_argument("--heldout-gap", type=int, default=None,
-                   help="tokens between calibration and held-out queries (default: --block-size)")
-    q.add_argument("--kind-items", type=int, default=None,
-                   help="sampled (layer, head, block) items per probe (default: --max-items)")
-    q.add_argument("--file-probes", type=int, default=3,
-                   help="with --text: disjoint windows of the file used as probes (kind 'file')")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = p.add_subparsers(dest="study", required=True, metavar="{" + ",".join(STUDIES) + "}")
+    for name, module in STUDIES.items():
+        q = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
+                           formatter_class=p.formatter_class)
+        module.add_arguments(q)
+        add_common_arguments(q, name)
 
 
 def run(args) -> int:
-    from kvprec.studies.precision import study as sp
+    try:
+        return run_study(STUDIES[args.study], args)
+    except StudyInputError as exc:  # bad input, found before the study ran: one line, no traceback
+        raise _usage_error(str(exc)) from None
 
-    if args.study != "precision":
-        raise SystemExit(f"kvprec study: unknown study {args.study!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.reanalyze:
-        sp.reanalyze(args.reanalyze)
-        print(f"reanalyzed {args.reanalyze}: analysis.json, report.md, plots/")
-        return 0
-    cfg = sp.StudyConfig(model=args.model, text=args.text, eval_text=args.eval_text, context=args.context,
-                         queries=args.queries, block_size=args.block_size, group_size=args.group_size,
-                         max_items=args.max_items, hutchinson_samples=args.hutchinson, seed=args.seed,
-                         budgets=args.budget, map_budget=args.map_budget, eps=args.eps, prefill=args.prefill,
-                         steps=args.steps, memory_contexts=args.memory_context or [512, 2048, 8192],
-                         dtype=args.dtype, device=args.device, per_kind=not args.no_per_kind,
-                         kind_context=args.kind_context, heldout_queries=args.heldout_queries,
-                         heldout_gap=args.heldout_gap, kind_max_items=args.kind_items, file_probes=args.file_probes)
-    out = args.out or f"runs/precision-{time.strftime('%Y%m%d-%H%M%S')}"
-    start = time.perf_counter()
-    sp.run(cfg, out)
-    print(f"wrote {out}/ (config.json, raw.npz, analysis.json, report.md, plots/) in "
-          f"{time.perf_counter() - start:.1f} s")
-    return 0
+
+def _usage_error(message: str) -> Exception:
+    """The command line's bad-input exception (kvprec/commands/arguments.py) where it exists, else a ValueError."""
+    try:
+        from kvprec.commands.arguments import UsageError
+    except ImportError:
+        return ValueError(message)
+    return UsageError(message)

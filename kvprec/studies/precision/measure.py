@@ -254,18 +254,19 @@ def locality(inputs: List[LayerInputs], window: int, **kw) -> Dict[str, np.ndarr
 # Measured sensitivity
 
 def measure_sensitivity(model, ids: torch.Tensor, context: int, items: np.ndarray, tiers: Sequence,
-                        block_size: int) -> Dict[str, np.ndarray]:
+                        block_size: int, progress=None) -> Dict[str, np.ndarray]:
     """For each item (layer, KV head, block) [M, 3] and tier: d_attn, kl, dlogp [M, n_tiers] (module docstring):
     the means over the Q queries of :func:`measure_sensitivity_per_query`."""
-    per_query = measure_sensitivity_per_query(model, ids, context, items, tiers, block_size)
+    per_query = measure_sensitivity_per_query(model, ids, context, items, tiers, block_size, progress)
     return {k: v.mean(-1) for k, v in per_query.items()}
 
 
 def measure_sensitivity_per_query(model, ids: torch.Tensor, context: int, items: np.ndarray, tiers: Sequence,
-                                  block_size: int) -> Dict[str, np.ndarray]:
+                                  block_size: int, progress=None) -> Dict[str, np.ndarray]:
     """For each item (layer, KV head, block) [M, 3], tier and query i: d_attn, kl, dlogp [M, n_tiers, Q], i.e. the
     module docstring's measures before the mean over queries (d_attn still a mean over the group's query heads).
-    ``context`` must be a multiple of ``block_size`` so the query positions never share a block with the context."""
+    ``context`` must be a multiple of ``block_size`` so the query positions never share a block with the context.
+    ``progress`` (kvprec.studies.platform.progress.Progress): a bar over the items."""
     from ...hf.attention import enabled
     from ...hf.cache import AdaptiveCache, Int2KeysWarning
     from ...hf.policy.uniform import Uniform
@@ -307,7 +308,10 @@ def measure_sensitivity_per_query(model, ids: torch.Tensor, context: int, items:
         hq = ref_out[0].shape[0]
         g = hq // hkv
         res = {k: np.zeros((len(items), len(tiers), nq)) for k in ("d_attn", "kl", "dlogp")}
-        for m, (layer_idx, head, block) in enumerate(np.asarray(items).tolist()):
+        rows = enumerate(np.asarray(items).tolist())
+        if progress is not None:
+            rows = progress.bar(rows, total=len(items), desc="sensitivity (blocks)")
+        for m, (layer_idx, head, block) in rows:
             layer = cache.layers[layer_idx]
             for ti, tier in enumerate(tiers):
                 row = torch.zeros(1, hkv, dtype=torch.int8)

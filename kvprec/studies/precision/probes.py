@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..platform.progress import QUIET, Progress
 from . import measure as pr
 
 SCORE_METHODS = ("attention", "grad_attn", "gradient", "hessian", "hybrid", "attention_mass")
@@ -87,7 +88,7 @@ def _scores(model, ids: torch.Tensor, p: int, scored: int, t: int, hutchinson: i
     return out, inputs
 
 
-def collect_probes(model, encode, cfg, log=print) -> Dict[str, np.ndarray]:
+def collect_probes(model, encode, cfg, progress: Progress = QUIET) -> Dict[str, np.ndarray]:
     """The ``probe_*`` raw arrays for a StudyConfig ``cfg`` (module docstring)."""
     if not cfg.per_kind:
         return {"probe_skipped": np.array("disabled (--no-per-kind)")}
@@ -98,7 +99,7 @@ def collect_probes(model, encode, cfg, log=print) -> Dict[str, np.ndarray]:
         p, probes = plan(sources(cfg.text, encode), context=cfg.kind_context or cfg.context, queries=nq,
                          heldout=nh, gap=gap, block_size=t, file_probes=cfg.file_probes)
     except ProbesSkipped as e:
-        log(f"per-kind / held-out probes skipped: {e}")
+        progress.log(f"per-kind / held-out probes skipped: {e}")
         return {"probe_skipped": np.array(str(e))}
     start = time.perf_counter()
     fed = nq + gap + nh
@@ -110,7 +111,7 @@ def collect_probes(model, encode, cfg, log=print) -> Dict[str, np.ndarray]:
         "probe_ho_queries": p + np.array(ho_index)}
     per: Dict[str, list] = {}
     items = None
-    for i, (kind, _, ids_list) in enumerate(probes):
+    for i, (kind, _, ids_list) in enumerate(progress.bar(probes, desc="probes")):
         ids = torch.tensor([ids_list])
         cal, inputs = _scores(model, ids[:, :p + nq + 1], p, nq, t, cfg.hutchinson_samples, cfg.seed + 2 * i)
         ho, _ = _scores(model, ids, p, nh, t, cfg.hutchinson_samples, cfg.seed + 2 * i + 1, ho_index)
@@ -119,7 +120,7 @@ def collect_probes(model, encode, cfg, log=print) -> Dict[str, np.ndarray]:
             items = pr.sample_items(n_layers, hkv, p // t, cfg.kind_max_items or cfg.max_items, cfg.seed)
         # pr.capture keeps only the last nq queries, and the locality is that of the calibration queries
         loc = pr.locality(inputs, cfg.locality_window)
-        sens = pr.measure_sensitivity_per_query(model, ids, p, items, cfg.tiers, t)
+        sens = pr.measure_sensitivity_per_query(model, ids, p, items, cfg.tiers, t, progress)
         for m in SCORE_METHODS:
             per.setdefault(f"probe_cal_{m}", []).append(cal[m])
             per.setdefault(f"probe_ho_{m}", []).append(ho[m])
@@ -127,7 +128,7 @@ def collect_probes(model, encode, cfg, log=print) -> Dict[str, np.ndarray]:
             per.setdefault(f"probe_loc_{k}", []).append(v)
         for k, v in sens.items():
             per.setdefault(f"probe_sens_{k}", []).append(v)
-        log(f"probe {i} ({kind}): {p} context + {nq} calibration + {gap} gap + {nh} held-out queries, "
+        progress.log(f"probe {i} ({kind}): {p} context + {nq} calibration + {gap} gap + {nh} held-out queries, "
             f"{len(items)} blocks x {len(cfg.tiers)} tiers ({time.perf_counter() - start:.1f} s so far)")
     raw["probe_items"] = items
     raw.update({k: np.stack(v) for k, v in per.items()})

@@ -151,6 +151,20 @@ def _num(x, fmt=".3g") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _map_blocks(pm: dict, shape: dict, config: dict) -> str:
+    """How many blocks the map covers: the probe's context and query positions, the last block(s) holding the
+    queries (so more than the shape's context blocks)."""
+    total = sum(pm["tier_blocks"].values())
+    per_head = total // max(1, shape["layers"] * shape["kv_heads"])
+    text = (f"{total} blocks ({shape['layers']} layers x {shape['kv_heads']} KV heads x {per_head} blocks of "
+            f"{config['block_size']} positions")
+    extra = per_head - shape["blocks"]
+    if extra > 0:
+        text += (f": the {shape['blocks']} context blocks and {extra} holding the {shape['queries']} query "
+                 "positions")
+    return text + ")"
+
+
 def render_report(a: dict, config: dict) -> str:
     s = a["shape"]
     tiers = list(config["tiers"])
@@ -224,8 +238,8 @@ def render_report(a: dict, config: dict) -> str:
         f"budget {_num(config.get('map_budget_resolved'), '.4g')} bits/element")
     out += ["## 2. Precision map", "",
             f"Mapper ({mode}, candidates {', '.join(config['candidates'])}) on the calibration probe: "
-            f"{_num(pm['bits_per_element'], '.3f')} bits/element of pages; blocks per tier: "
-            + ", ".join(f"{k} {v}" for k, v in pm["tier_blocks"].items()) + "; per layer (page bits/element): "
+            f"{_num(pm['bits_per_element'], '.3f')} bits/element of pages; {_map_blocks(pm, s, config)}; blocks per "
+            "tier: " + ", ".join(f"{k} {v}" for k, v in pm["tier_blocks"].items()) + "; per layer (page bits/element): "
             + ", ".join(f"L{i} {_num(b, '.2f')}" for i, b in enumerate(pm["layer_bits_per_element"]))
             + ". Plot: `plots/precision_map.png`. As a policy: `kvprec.studies.precision.study.curvature_policy(DIR)` "
             f"(an AdaptiveCache with block_size={config['block_size']}, group_size={config['group_size']}).", ""]

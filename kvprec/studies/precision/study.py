@@ -1,16 +1,16 @@
 """The precision study (``kvprec study precision``): measured curvature, the precision map, and the measured
 quality-memory curve of an HF decoder.
 
-A run writes one directory::
+A run writes one directory (the contract of every study: kvprec/studies/platform/rundir.py)::
 
     config.json     the settings (and the model name, token counts, versions)
     raw.npz         every measurement: per-position scores of each curvature method, locality, the sampled
                     blocks and their measured sensitivity per tier, the per-kind probes (``probe_*``: scores from
                     calibration and held-out queries, sensitivity per query), the precision map, the policy
                     comparison rows and the memory table
-    analysis.json   computed from raw.npz and config.json only (precision_report.analyze)
-    report.md       every number from analysis.json (precision_report.render_report)
-    plots/*.png     from raw.npz and analysis.json (precision_plots.make_plots)
+    analysis.json   computed from raw.npz and config.json only (kvprec/studies/precision/report.py)
+    report.md       every number from analysis.json (report.py)
+    plots/*.png     from raw.npz and analysis.json (kvprec/studies/precision/plots.py)
 
 ``kvprec study precision --reanalyze DIR`` recomputes analysis.json, report.md and plots from raw.npz; the
 result is byte-identical to the run's (tested).
@@ -30,15 +30,15 @@ What is measured (formulas in kvprec/studies/precision/measure.py):
    accounting (tail and block table included);
 5. per prompt kind (each built-in prompt, or windows of --text FILE) with calibration and held-out queries: every
    method's scores and the measured sensitivity per query, so the rank correlations can be taken per kind and out
-   of sample (held-out queries at later positions, held-out prompts of other kinds): kvprec/analysis/
-   precision_probes.py collects, kvprec/studies/precision/heldout.py analyses (report sections 6 and 7);
+   of sample (held-out queries at later positions, held-out prompts of other kinds): kvprec/studies/precision/
+   probes.py collects, kvprec/studies/precision/heldout.py analyses (report sections 6 and 7);
 6. memory at the requested context lengths from ``AdaptiveCache.memory_report()``, filled by appending random
    K/V of the model's shapes to each layer (no model forward: the bytes depend only on shapes and tiers);
    compression at top-1 agreement thresholds; early / middle / late layer patterns.
 """
 from __future__ import annotations
 
-import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -49,8 +49,11 @@ import numpy as np
 import torch
 
 from ...storage.formats import BlockGeometry, Tier
+from ..platform.inputs import check_device
+from ..platform.progress import QUIET, Progress
+from ..platform.rundir import StudyInputError, Study, check_out, load_raw, run_config, write_run
+from ..platform.rundir import reanalyze as rundir_reanalyze
 from . import measure as pr
-
 from .plots import make_plots
 from .probes import collect_probes
 from .report import analyze, render_report
@@ -144,7 +147,7 @@ def _memory_bytes(model, policy, cfg: StudyConfig, context: int, seed: int):
     return rep.resident_bytes, int(rep.elements.sum())
 
 
-def collect(cfg: StudyConfig, loaded, log=print) -> Dict[str, np.ndarray]:
+def collect(cfg: StudyConfig, loaded, progress: Progress = QUIET) -> Dict[str, np.ndarray]:
     """Run every measurement; returns the raw arrays (saved as raw.npz)."""
     from ...hf.eval import compare
     from ...hf.policy import Curvature, Uniform
@@ -169,18 +172,18 @@ def collect(cfg: StudyConfig, loaded, log=print) -> Dict[str, np.ndarray]:
     raw["gradient"], raw["hessian"] = pr.end_to_end_scores(model, probe, p, hutchinson_samples=cfg.hutchinson_samples,
                                                            seed=cfg.seed)
     raw["hybrid"] = pr.hybrid_scores(kappa, raw["gradient"])
-    log(f"curvature: {len(inputs)} layers x {kappa.shape[1]} KV heads x {p} positions "
+    progress.log(f"curvature: {len(inputs)} layers x {kappa.shape[1]} KV heads x {p} positions "
         f"({time.perf_counter() - start:.1f} s)")
     loc = pr.locality(inputs, cfg.locality_window)
     raw.update({f"loc_{k}": v for k, v in loc.items()})
 
     start = time.perf_counter()
     items = pr.sample_items(kappa.shape[0], kappa.shape[1], p // t, cfg.max_items, cfg.seed)
-    sens = pr.measure_sensitivity(model, probe, p, items, cfg.tiers, t)
+    sens = pr.measure_sensitivity(model, probe, p, items, cfg.tiers, t, progress=progress)
     raw["items"] = items
     raw.update({f"sens_{k}": v for k, v in sens.items()})
-    log(f"sensitivity: {len(items)} blocks x {len(cfg.tiers)} tiers ({time.perf_counter() - start:.1f} s)")
-    raw.update(collect_probes(model, loaded.encode, cfg, log))
+    progress.log(f"sensitivity: {len(items)} blocks x {len(cfg.tiers)} tiers ({time.perf_counter() - start:.1f} s)")
+    raw.update(collect_probes(model, loaded.encode, cfg, progress))
 
     geometry = BlockGeometry(t, inputs[0].k.shape[-1], cfg.group_size)
     map_bits = cfg.map_budget if cfg.map_budget is not None else page_bits(geometry, "int4")
@@ -234,7 +237,7 @@ def collect(cfg: StudyConfig, loaded, log=print) -> Dict[str, np.ndarray]:
     raw["ref_nll"] = result.reference.nll.reshape(-1).double().numpy()
     raw["ref_argmax"] = result.reference.argmax.reshape(-1).numpy()
     raw["eval_prefill"] = np.array(prefill)
-    log(f"quality: {len(factories)} caches, prefill {prefill} + {ev.shape[1] - prefill} steps "
+    progress.log(f"quality: {len(factories)} caches, prefill {prefill} + {ev.shape[1] - prefill} steps "
         f"({time.perf_counter() - start:.1f} s)")
 
     # memory at context lengths
@@ -255,43 +258,84 @@ def collect(cfg: StudyConfig, loaded, log=print) -> Dict[str, np.ndarray]:
     return raw
 
 # ---------------------------------------------------------------------------------------------------------
-# Run directory
+# Run directory (kvprec/studies/platform/rundir.py)
 
-def _write_outputs(raw: Dict[str, np.ndarray], config: dict, out: Path) -> dict:
-    a = analyze(raw, config)
-    (out / "analysis.json").write_text(json.dumps(a, indent=1, sort_keys=True) + "\n")
-    (out / "report.md").write_text(render_report(a, config) + "\n")
-    make_plots(raw, a, config, out / "plots")
-    return a
+STUDY = Study("precision", analyze, render_report, make_plots)
 
 
-def load_raw(path: Path) -> Dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+def validate(cfg: StudyConfig) -> None:
+    """Refuse settings the study cannot run, naming the command-line argument, before a model is loaded."""
+    def positive(flag, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise StudyInputError(f"{flag} {value}: use a whole number >= 1")
+
+    t = cfg.block_size
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1 or t & (t - 1):
+        raise StudyInputError(f"--block-size {t}: use a power of two >= 1 (e.g. 16)")
+    for flag, value in (("--context", cfg.context), ("--queries", cfg.queries), ("--max-items", cfg.max_items),
+                        ("--hutchinson", cfg.hutchinson_samples), ("--prefill", cfg.prefill),
+                        ("--steps", cfg.steps), ("--file-probes", cfg.file_probes),
+                        ("--locality-window", cfg.locality_window), ("--sink-window", cfg.sink_window)):
+        positive(flag, value)
+    for flag, value in (("--kind-context", cfg.kind_context), ("--heldout-queries", cfg.heldout_queries),
+                        ("--heldout-gap", cfg.heldout_gap), ("--kind-items", cfg.kind_max_items),
+                        ("--group-size", cfg.group_size)):
+        if value is not None:
+            positive(flag, value)
+    if cfg.context < t:
+        raise StudyInputError(f"--context {cfg.context}: the calibration context needs at least one block "
+                              f"(--block-size {t})")
+    for n in cfg.memory_contexts:
+        positive("--memory-context", n)
+    for flag, values in (("--budget", cfg.budgets or []), ("--map-budget", [] if cfg.map_budget is None else
+                                                           [cfg.map_budget]), ("--eps", [] if cfg.eps is None
+                                                                               else [cfg.eps])):
+        for v in values:
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise StudyInputError(f"{flag} {v}: use a finite number > 0")
+    for flag, names in (("tiers", cfg.tiers), ("candidates", cfg.candidates)):
+        for name in names:
+            try:
+                Tier.parse(name)
+            except ValueError as exc:
+                raise StudyInputError(f"{flag}: {exc}") from None
+    for flag, path in (("--text", cfg.text), ("--eval-text", cfg.eval_text)):
+        if path is not None and not Path(path).is_file():
+            raise StudyInputError(f"{flag} {path}: no such file; give a text file")
+    if cfg.dtype not in ("float32", "float16", "bfloat16"):
+        raise StudyInputError(f"--dtype {cfg.dtype}: use float32, float16 or bfloat16")
+    check_device(cfg.device)
 
 
-def run(cfg: StudyConfig, out_dir, loaded=None, log=print) -> dict:
-    """Collect everything for ``cfg`` (``loaded``: a kvprec.models.loading.LoadedModel, else loaded from cfg.model) and
-    write the run directory; returns analysis.json's content."""
+def collect_run(cfg: StudyConfig, progress: Progress = QUIET, loaded=None):
+    """(raw arrays, config.json's content) of one run: ``loaded`` (a kvprec.models.loading.LoadedModel) or the model
+    ``cfg.model`` names."""
     from ...models.loading import load
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    validate(cfg)
     if loaded is None:
         loaded = load(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    raw = collect(cfg, loaded, log)
-    config = asdict(cfg)
-    config.update({"eval_source": _texts(cfg, loaded.name)[2], "model_name": loaded.name,
-                   "torch": torch.__version__, "collect_seconds": round(time.perf_counter() - start, 2)})
-    head_dim = int(raw_head_dim(loaded.model))
-    g = BlockGeometry(cfg.block_size, head_dim, cfg.group_size)
-    config["map_budget_resolved"] = cfg.map_budget if cfg.map_budget is not None else page_bits(g, "int4")
-    config["budgets_resolved"] = cfg.budgets or default_budgets(g)
-    (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-    np.savez_compressed(out / "raw.npz", **raw)
-    return _write_outputs(load_raw(out / "raw.npz"), config, out)
+    raw = collect(cfg, loaded, progress)
+    g = BlockGeometry(cfg.block_size, int(raw_head_dim(loaded.model)), cfg.group_size)
+    settings = asdict(cfg)
+    settings.update({"eval_source": _texts(cfg, loaded.name)[2], "model_name": loaded.name, "torch": torch.__version__,
+                     "collect_seconds": round(time.perf_counter() - start, 2),
+                     "map_budget_resolved": cfg.map_budget if cfg.map_budget is not None else page_bits(g, "int4"),
+                     "budgets_resolved": cfg.budgets or default_budgets(g)})
+    config = run_config("precision", settings, model={"name": loaded.name, "argument": cfg.model, "dtype": cfg.dtype},
+                        data={"calibration": cfg.text or "built-in prompts", "eval": settings["eval_source"]},
+                        seeds={"seed": cfg.seed})
+    return raw, config
+
+
+def run(cfg: StudyConfig, out_dir, loaded=None, progress: Progress = QUIET, force: bool = False) -> dict:
+    """Collect everything for ``cfg`` and write the run directory ``out_dir`` (atomically; an existing run only with
+    ``force``); returns analysis.json's content."""
+    check_out(out_dir, force=force)
+    raw, config = collect_run(cfg, progress, loaded)
+    return write_run(STUDY, out_dir, config, raw, force=force)
 
 
 def raw_head_dim(model) -> int:
@@ -322,6 +366,4 @@ def curvature_policy(run_dir):
 
 def reanalyze(run_dir) -> dict:
     """Recompute analysis.json, report.md and plots of ``run_dir`` from its raw.npz and config.json."""
-    out = Path(run_dir)
-    config = json.loads((out / "config.json").read_text())
-    return _write_outputs(load_raw(out / "raw.npz"), config, out)
+    return rundir_reanalyze(STUDY, run_dir)

@@ -268,3 +268,18 @@ def test_from_vllm_refuses_a_head_tier_wider_than_the_slot():
     layer.head_tiers[layer.block_table[0, 0], 0] = int(Tier.FP32)
     with pytest.raises(ValueError, match="slot"):
         from_vllm(layer)
+
+
+def test_the_figures_docs_serving_md_quotes():
+    """docs/serving.md: page_size_bytes per tier of a Llama-3-8B-shaped layer (8 KV heads of 128, vLLM's default
+    block_size 16, G = 64), and what one page size per layer costs two mixed maps over 1024 positions."""
+    pages = {str(t): TierPageSpec(16, 8, 128, t).page_size_bytes for t in Tier}
+    assert pages == {"fp32": 131072, "fp16": 65536, "bf16": 65536, "int8": 37888, "int4": 21504, "int2": 13312}
+    k = v = torch.zeros(1, 8, 1024, 128)
+    one_head_int8 = torch.full((1, 8, 64), int(Tier.INT4), dtype=torch.int8)
+    one_head_int8[:, 0] = int(Tier.INT8)
+    recent_fp16 = torch.full((1, 8, 64), int(Tier.INT2), dtype=torch.int8)
+    recent_fp16[:, :, -4:] = int(Tier.FP16)
+    got = [to_vllm(PagedKV.from_dense(k, v, tiers, block_size=16, group_size=64)).memory()
+           for tiers in (one_head_int8, recent_fp16)]
+    assert [(m.block_bytes, m.payload_bytes) for m in got] == [(2424832, 1507328), (4194304, 1060864)]

@@ -36,3 +36,12 @@ def require_native(what: str) -> None:
     if NATIVE_ERROR is not None:
         raise RuntimeError(f"{what} needs the kvprec native library, which did not load ({NATIVE_ERROR}); "
                            f"{BUILD_HINT}")
+
+
+def cpu_isa() -> str:
+    """The instruction-set path of the native CPU kernels: ``"scalar"``, ``"avx2"``, ``"avx512"`` or
+    ``"avx512_vnni"``, chosen when the library loaded (the best one cpuid allows, or the one the environment variable
+    KVPREC_CPU_ISA names). Raises RuntimeError when KVPREC_CPU_ISA names a path this CPU or build cannot run, or when
+    the native library did not load."""
+    require_native("cpu_isa")
+    return torch.ops.kvprec.cpu_isa()

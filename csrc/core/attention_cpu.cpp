@@ -1,33 +1,31 @@
 // attend() for a buffer on the CPU: one fused pass, no ATen op per block (kvprec/buffer.h; the math is the one
-// written at the top of attention.cpp, which keeps the ATen implementation for other devices).
+// written at the top of attention.cpp, which keeps the ATen implementation for other devices). This file is the
+// driver: work split, masks, windows, the online softmax and the outputs. The per-block products run in the kernels
+// of the active instruction-set path (kvprec/cpu_isa.h, kvprec/cpu_kernels.h: scalar, AVX2, AVX-512), whose header
+// states what each computes (FP tiers in FP32 on the stored values; integer tiers, on the SIMD paths, scored from
+// their codes within a stated bound).
 //
-// Why: the ATen loop costs ~30 ops per block (block() alone is index_select + dequantize + index_copy per tier),
-// and at decode shapes (a few query rows, 64 x head_dim elements per block) the dispatch overhead is what runs,
-// not the arithmetic. Here a block costs one pass over its page.
+// Why fused: the ATen loop costs ~30 ops per block (block() alone is index_select + dequantize + index_copy per
+// tier), and at decode shapes (a few query rows, 64 x head_dim elements per block) the dispatch overhead is what
+// runs, not the arithmetic. Here a block costs one pass over its page.
 //
-// Work split. One work item is (batch row b, KV head h, tile of queries [i0, i1)); its rows are the G query heads
-// of h times those queries (row r = g * n + i - i0, n = i1 - i0), at most kTileRows of them (more only when G alone
-// is larger). Decode (Q = 1) is one item per (b, h); a prefill chunk is cut into tiles, so that a tile's scores
-// stay in cache and a causal tile stops at the block of its last query. Items run under at::parallel_for; an item
-// owns its rows' output from the first block to the last, so nothing is merged across threads and the result is
-// the same bits for any thread count. Tiles of one (b, h) are ordered 0, last, 1, last - 1, ... so that the
-// contiguous ranges parallel_for hands out mix cheap early tiles with expensive late ones. (at::parallel_for is
-// header code: it runs on ATen's OpenMP pool only where this file is compiled with OpenMP, else serially.)
+// Work split. One work item is (batch row b, KV head h, tile of queries [i0, i1), split j); its rows are the G
+// query heads of h times those queries (row r = g * n + i - i0, n = i1 - i0), at most kTileRows of them (more only
+// when G alone is larger). Decode (Q = 1) is one tile per (b, h); a prefill chunk is cut into tiles, so that a
+// tile's scores stay in cache and a causal tile stops at the block of its last query. Tiles of one (b, h) are
+// ordered 0, last, 1, last - 1, ... so that the contiguous ranges parallel_for hands out mix cheap early tiles
+// with expensive late ones. When there are fewer (b, h, tile) than threads (batch 1 with few KV heads on many
+// cores), each one's blocks are cut into S contiguous ranges (flash-decoding split); each range keeps its own
+// (m, l, acc) and a second pass merges them in range order:
+//   M = max_j m_j;  l = sum_j l_j e^(m_j - M);  acc = sum_j acc_j e^(m_j - M);  lse = M + log l.
+// S depends only on the shape and the thread count (split_count), and nothing else is merged across threads, so
+// the result is the same bits for a given thread count (and for any thread count while S = 1). at::parallel_for
+// is header code: it runs on ATen's OpenMP pool only where this file is compiled with OpenMP, else serially.
 //
-// What a thread holds, allocated once per parallel_for range (FP32 unless said):
-//   q      [rows, D]       the item's query rows, gathered once per item;
-//   k, v   [T, D]          the current block dequantized (or pointers straight into an FP32 page / FP32 tail);
-//   sf, zf [max(D, T * D/VG)]   the page's FP16 scales / zeros as FP32 (keys per channel, values per token/group);
-//   lanes  [rows, T, kLanes]    scores as partial sums along the channels; s [rows, T] the scores, then p;
-//   pv     [rows, D]       sum_t p_t v_t of the block;
-//   m, l, alpha, psum, lo, hi [rows], acc [rows, D]   online-softmax state and each row's visible range;
-//   sums, refs [rows, nchunks]   per-block sum_t p_t and reference max, for block_mass.
-// At T = 64, D = 128 that is ~80 KB for decode with G = 4 and ~280 KB for a 64-row prefill tile (block_mass on).
-//
-// A block is read from its pool page through the block table (tier, page) once per item and dequantized with the
-// formula of kvprec/formats.py, x' = clamp(code * scale + zero, -65504, 65504) in FP32 (two roundings: this file is
-// compiled with -ffp-contract=off), so every row sees the same element values as the ATen path. The clamp is
-// skipped on pages whose scales and zeros bound |x'| below 65504 (the same values, half the work).
+// What a thread holds, allocated once per parallel_for range (FP32): q [rows, D] the item's query rows; s [rows, T]
+// the block's scores, then p; pv [rows, D]; m, l, alpha, psum, lo, hi [rows], acc [rows, D] the online-softmax state
+// and each row's visible range; sums, refs [rows, nchunks] per-block sum_t p_t and reference max, for block_mass;
+// and the kernels' scratch (cpu::work_floats: a few [T, D] arrays).
 //
 // Per row and block: the positions it may see form one range [lo, hi) (causal and window, bottom-right aligned);
 // a block outside every row's range is not read at all, and a row whose range misses the block keeps its state
@@ -35,13 +33,9 @@
 // the user mask sets s = -inf. Then, as in attention.cpp:
 //   m' = max(m, max s); ref = m' or 0 while m' = -inf; alpha = exp(m - ref); p = exp(s - ref);
 //   l = l * alpha + sum p; acc = acc * alpha + sum_t p_t v_t.
-// What differs from ATen: summation orders (dot products, sum p, sum p v), and exp, which is exp_nonpositive below
-// (within 1 ulp, as ATen's vectorized Sleef expf is; libm's would not vectorize), tanh and log (libm).
-//
-// Inner loops are plain C++ that GCC vectorizes at -O3 for the baseline ISA (no -march): register blocks of fixed
-// size (RB rows x kKeys positions x kLanes channels for scores, RB rows x kVec channels for p v), reductions kept
-// in independent lanes (an in-order float reduction does not vectorize without -ffast-math), and selects written
-// on bit patterns where a float ternary would leave control flow in the loop.
+// What differs from ATen: summation orders (dot products, sum p, sum p v), exp (the kernels' exp_sum: a Cephes
+// polynomial within 1 ulp, as ATen's vectorized Sleef expf is), tanh and log (libm), and the integer tiers'
+// keys on the SIMD paths (kvprec/cpu_kernels.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -49,119 +43,20 @@
 
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "kvprec/buffer.h"
+#include "kvprec/cpu_kernels.h"
 
 namespace kvprec {
 namespace {
 
-constexpr float kFp16Max = 65504.0f;
-constexpr int64_t kTileRows = 64;  // rows (query heads x queries) per work item
-constexpr int kVec = 8;            // channels per register block of p v; lanes of a max / sum over positions
-constexpr int kLanes = 4;          // partial sums of a score (along channels; head_dim is a multiple of 4)
-constexpr int kKeys = 2;           // positions per register block of scores
+constexpr int64_t kTileRows = 64;         // rows (query heads x queries) per work item
+constexpr int64_t kMinBlocksPerSplit = 4;  // a split range reads at least this many blocks
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// c ? a : b on bit patterns: branch-free, so that loops around it vectorize (GCC keeps a float ternary followed by
-// more arithmetic as control flow under its default -ftrapping-math).
-inline float select(bool c, float a, float b) {
-  const uint32_t m = 0u - static_cast<uint32_t>(c);
-  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & m) | (std::bit_cast<uint32_t>(b) & ~m));
-}
-
-// e^x for x <= 0 (a score minus a running max), -inf -> 0, NaN -> NaN. Cephes expf: x = n ln2 + r with ln2 in two
-// parts, |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n through the exponent bits; below ln(FLT_MIN) it returns
-// 0 (no subnormals). Checked over every float in [-87.34, 0] against exp in double: at most 0.98 ulp (libm's expf:
-// 0.5; ATen's Sleef expf_u10: 1). e^0 = 1 exactly.
-inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  constexpr float kMin = -87.3365447505531f, kRound = 12582912.0f;  // ln(FLT_MIN); 1.5 * 2^23
-  const bool under = x < kMin;
-  const float xc = select(under, kMin, x);
-  float n = (xc * kLog2e + kRound) - kRound;  // round to nearest
-  n = select(n < -126.0f, -126.0f, n);        // also keeps a NaN out of the integer conversion
-  n = select(n > 127.0f, 127.0f, n);
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const float two_n = std::bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  return select(under, 0.0f, y * two_n);
-}
-
-// FP16 -> FP32, exact (c10's fp16_ieee_to_fp32_value on the bit patterns, so that the loop vectorizes).
-inline void half_to_float(const uint16_t* h, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t w = static_cast<uint32_t>(h[i]) << 16;
-    const uint32_t two_w = w + w;
-    const float normalized = std::bit_cast<float>((two_w >> 4) + 0x70000000u) * 0x1.0p-112f;
-    const float denormalized = std::bit_cast<float>((two_w >> 17) | 0x3F000000u) - 0.5f;
-    const uint32_t tiny = 0u - static_cast<uint32_t>(two_w < (1u << 27));
-    const uint32_t magnitude =
-        (std::bit_cast<uint32_t>(denormalized) & tiny) | (std::bit_cast<uint32_t>(normalized) & ~tiny);
-    dst[i] = std::bit_cast<float>((w & 0x80000000u) | magnitude);
-  }
-}
-
-inline void bf16_to_float(const uint16_t* h, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(h[i]) << 16);
-}
-
-// Codes of one packed row (PER codes per byte, element PER * j + i at bits i * 8 / PER) as FP32.
-template <int PER>
-inline void unpack_row(const uint8_t* src, int64_t d, float* out) {
-  constexpr int kBits = 8 / PER;
-  constexpr uint32_t kMask = (1u << kBits) - 1u;
-  for (int64_t j = 0; j < d / PER; ++j) {
-    const uint32_t byte = src[j];
-    for (int i = 0; i < PER; ++i) out[j * PER + i] = static_cast<float>((byte >> (kBits * i)) & kMask);
-  }
-}
-
-// clamp(code * scale + zero, -65504, 65504): formats.py's _dequantize (a multiply, an add, then the clamp).
-inline float dequant(float code, float scale, float zero) {
-  const float y = code * scale + zero;
-  return select(y < -kFp16Max, -kFp16Max, select(y > kFp16Max, kFp16Max, y));
-}
-
-// Partial maxima / sums in kVec lanes, combined at the end.
-inline float max_of(const float* x, int64_t n) {
-  float lane[kVec];
-  for (int j = 0; j < kVec; ++j) lane[j] = kNegInf;
-  int64_t t = 0;
-  for (; t + kVec <= n; t += kVec)
-    for (int j = 0; j < kVec; ++j) lane[j] = x[t + j] > lane[j] ? x[t + j] : lane[j];
-  for (; t < n; ++t) lane[0] = x[t] > lane[0] ? x[t] : lane[0];
-  float m = lane[0];
-  for (int j = 1; j < kVec; ++j) m = lane[j] > m ? lane[j] : m;
-  return m;
-}
-
-// x[t] = exp(x[t] - ref) for t < n; returns their sum.
-inline float exp_sum(float* x, int64_t n, float ref) {
-  float lane[kVec] = {};
-  int64_t t = 0;
-  for (; t + kVec <= n; t += kVec)
-    for (int j = 0; j < kVec; ++j) {
-      x[t + j] = exp_nonpositive(x[t + j] - ref);
-      lane[j] += x[t + j];
-    }
-  for (; t < n; ++t) {
-    x[t] = exp_nonpositive(x[t] - ref);
-    lane[0] += x[t];
-  }
-  return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
-}
 
 // Raw view of one tier's pool (PoolView's tensors, contiguous CPU), bytes per page of K / V data.
 struct PoolPtrs {
@@ -173,8 +68,9 @@ struct PoolPtrs {
 
 // Everything the kernel reads and writes, as raw pointers (set up once by attend_cpu below).
 struct Problem {
-  int64_t B, Hkv, D, T, VG, L, Q, G, nchunks, sealed, W, tile_q;
+  int64_t B, Hkv, D, T, VG, L, Q, G, nchunks, sealed, W, tile_q, tiles, splits;
   float scale, softcap;
+  const cpu::Kernels* K;
   const int8_t* tiers;    // [B, Hkv, sealed]
   const int32_t* pages;   // [B, Hkv, sealed]
   std::array<PoolPtrs, kNumTiers> pools;
@@ -187,190 +83,98 @@ struct Problem {
   void* out;              // [B, Hq, Q, D] model dtype
   float* lse;             // [B, Hq, Q]
   float* mass;            // [B, Hq, Q, nchunks] or null
+  // splits > 1: per (b, h, tile, split) the state of its rows (m, l [rows_max], acc [rows_max, D]) and per
+  // (b, h, tile) the block sums / references [rows_max, nchunks] for block_mass.
+  float *part_m, *part_l, *part_acc, *part_sums, *part_refs;
+  int64_t rows_max;
 };
 
 struct Scratch {
-  std::vector<float> q, k, v, sf, zf, lanes, s, pv, m, l, alpha, psum, acc, sums, refs;
+  std::vector<float> q, s, pv, m, l, alpha, psum, acc, sums, refs, work;
   std::vector<int64_t> lo, hi;
+  cpu::Work w;
   Scratch(const Problem& p, int64_t rows)
-      : q(rows * p.D), k(p.T * p.D), v(p.T * p.D), sf(std::max(p.D, p.T * (p.D / p.VG))),
-        zf(sf.size()), lanes(rows * p.T * kLanes), s(rows * p.T), pv(rows * p.D), m(rows), l(rows), alpha(rows),
-        psum(rows), acc(rows * p.D),
-        sums(p.mass ? rows * p.nchunks : 0), refs(sums.size()), lo(rows), hi(rows) {}
+      : q(rows * p.D), s(rows * p.T), pv(rows * p.D), m(rows), l(rows), alpha(rows), psum(rows), acc(rows * p.D),
+        sums(p.mass ? rows * p.nchunks : 0), refs(sums.size()), work(cpu::work_floats(rows, p.D, p.T, p.VG)),
+        lo(rows), hi(rows) {
+    w.f = work.data();
+    w.nf = static_cast<int64_t>(work.size());
+  }
 };
 
-// ---------------------------------------------------------------------------------------------------------------
-// Reading a block as FP32 rows [T, D].
+// How many split ranges each (b, h, tile) gets: 1 while there are at least as many of them as threads; else enough
+// that every thread gets work and the items divide evenly where possible, at least kMinBlocksPerSplit blocks each.
+int64_t split_count(int64_t items, int64_t nchunks, int64_t threads) {
+  if (items >= threads || nchunks < 2 * kMinBlocksPerSplit) return 1;
+  const int64_t need = (threads + items - 1) / items, cap = nchunks / kMinBlocksPerSplit;
+  int64_t s = need;
+  while (s < 4 * need && (items * s) % threads != 0) ++s;
+  if ((items * s) % threads != 0) s = need;
+  return std::clamp<int64_t>(s, 1, cap);
+}
 
-// Rows [0, n) of a row-major [n, D] array in a float dtype with row stride `ld` elements: a pointer into the source
-// when that is contiguous FP32 already, else the rows converted into `dst`.
-const float* float_rows(const char* src, at::ScalarType dt, int64_t n, int64_t ld, const Problem& p, float* dst) {
-  const int64_t d = p.D, elem = dt == at::kFloat ? 4 : 2;
-  if (dt == at::kFloat && ld == d) return reinterpret_cast<const float*>(src);
-  for (int64_t t = 0; t < n; ++t) {
-    const char* in = src + t * ld * elem;
-    float* o = dst + t * d;
-    if (dt == at::kFloat) std::memcpy(o, in, d * sizeof(float));
-    else if (dt == at::kHalf) half_to_float(reinterpret_cast<const uint16_t*>(in), o, d);
-    else bf16_to_float(reinterpret_cast<const uint16_t*>(in), o, d);
+cpu::Elem elem_of(Tier t) {
+  switch (t) {
+    case Tier::FP32: return cpu::Elem::F32;
+    case Tier::FP16: return cpu::Elem::F16;
+    case Tier::BF16: return cpu::Elem::BF16;
+    case Tier::INT8: return cpu::Elem::U8;
+    case Tier::INT4: return cpu::Elem::U4;
+    case Tier::INT2: return cpu::Elem::U2;
   }
-  return dst;
+  return cpu::Elem::F32;
 }
 
-// Whether the clamp of clamp(code * scale + zero) can bind on a page whose n scale/zero pairs are sf, zf: |x'| is at
-// most (qmax * scale + |zero|) (1 + 2^-24)^2 before the clamp, so below 65504 (1 - 2^-20) it never does, and the
-// cheaper loop without it gives the same values. (Almost every page: the clamp exists for inputs near +-65504.)
-bool clamp_can_bind(const float* sf, const float* zf, int64_t n, int qmax) {
-  const float limit = kFp16Max * (1.0f - 0x1p-20f);
-  for (int64_t i = 0; i < n; ++i)
-    if (!(std::fabs(zf[i]) + static_cast<float>(qmax) * std::fabs(sf[i]) < limit)) return true;  // NaN: true
-  return false;
+cpu::Elem elem_of(at::ScalarType dt) {
+  return dt == at::kFloat ? cpu::Elem::F32 : dt == at::kHalf ? cpu::Elem::F16 : cpu::Elem::BF16;
 }
 
-// Codes of a page, unpacked into dst [T, D], turned in place into x' = clamp(code * scale + zero) with keys' scale /
-// zero per channel (sf, zf [D]) or values' per (token, group of VG channels) (sf, zf [T, D/VG]).
-template <bool CLAMP>
-void scale_rows(const float* sf, const float* zf, bool keys, const Problem& p, float* dst) {
-  const int64_t d = p.D;
-  if (keys) {
-    for (int64_t t = 0; t < p.T; ++t) {
-      float* o = dst + t * d;
-      for (int64_t c = 0; c < d; ++c) o[c] = CLAMP ? dequant(o[c], sf[c], zf[c]) : o[c] * sf[c] + zf[c];
-    }
-    return;
+// K (keys) or V of block c of (b, h): a sealed block's page, or the tail (len positions).
+cpu::Rows block_rows(const Problem& p, int64_t b, int64_t h, int64_t c, int64_t len, bool keys) {
+  cpu::Rows r;
+  if (c >= p.sealed) {
+    const int64_t elem = static_cast<int64_t>(c10::elementSize(p.dtype));
+    r.elem = elem_of(p.dtype);
+    r.data = reinterpret_cast<const uint8_t*>(keys ? p.tail_k : p.tail_v) + (b * p.ts0 + h * p.ts1) * elem;
+    r.ld = p.ts2 * elem;
+    r.n = len;
+    return r;
   }
-  for (int64_t e = 0; e < p.T * (d / p.VG); ++e) {
-    const float sg = sf[e], zg = zf[e];
-    float* o = dst + e * p.VG;
-    for (int64_t c = 0; c < p.VG; ++c) o[c] = CLAMP ? dequant(o[c], sg, zg) : o[c] * sg + zg;
-  }
-}
-
-template <int PER>
-void dequantize_page(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, bool keys, const Problem& p,
-                     Scratch& w, float* dst) {
-  const int64_t n = keys ? p.D : p.T * (p.D / p.VG);
-  float* sf = w.sf.data();
-  float* zf = w.zf.data();
-  half_to_float(scale, sf, n);
-  half_to_float(zero, zf, n);
-  unpack_row<PER>(codes, p.T * p.D, dst);  // a page's rows are contiguous: one row of T * D codes
-  if (clamp_can_bind(sf, zf, n, (1 << (8 / PER)) - 1)) scale_rows<true>(sf, zf, keys, p, dst);
-  else scale_rows<false>(sf, zf, keys, p, dst);
-}
-
-// K (keys) or V of sealed block c of (b, h) as FP32 rows [T, D]: the FP32 page itself, else dst.
-const float* load_sealed(const Problem& p, int64_t b, int64_t h, int64_t c, bool keys, Scratch& w, float* dst) {
   const int64_t e = (b * p.Hkv + h) * p.sealed + c, page = p.pages[e];
   const Tier tier = static_cast<Tier>(p.tiers[e]);
   const PoolPtrs& pool = p.pools[tier_index(tier)];
-  const char* data = reinterpret_cast<const char*>(keys ? pool.k : pool.v) + page * pool.page_bytes;
-  const int64_t meta = page * (keys ? p.D : p.T * (p.D / p.VG));  // first scale / zero of the page
-  const uint16_t* scale = (keys ? pool.ks : pool.vs) + meta;
-  const uint16_t* zero = (keys ? pool.kz : pool.vz) + meta;
-  const auto* codes = reinterpret_cast<const uint8_t*>(data);
-  switch (tier) {
-    case Tier::FP32: return float_rows(data, at::kFloat, p.T, p.D, p, dst);
-    case Tier::FP16: return float_rows(data, at::kHalf, p.T, p.D, p, dst);
-    case Tier::BF16: return float_rows(data, at::kBFloat16, p.T, p.D, p, dst);
-    case Tier::INT8: dequantize_page<1>(codes, scale, zero, keys, p, w, dst); break;
-    case Tier::INT4: dequantize_page<2>(codes, scale, zero, keys, p, w, dst); break;
-    case Tier::INT2: dequantize_page<4>(codes, scale, zero, keys, p, w, dst); break;
+  r.elem = elem_of(tier);
+  r.data = (keys ? pool.k : pool.v) + page * pool.page_bytes;
+  r.ld = tier_row_bytes(tier, p.D);
+  r.n = p.T;
+  if (tier_is_integer(tier)) {
+    const int64_t meta = page * (keys ? p.D : p.T * (p.D / p.VG));  // first scale / zero of the page
+    r.scale = (keys ? pool.ks : pool.vs) + meta;
+    r.zero = (keys ? pool.kz : pool.vz) + meta;
   }
-  return dst;
+  return r;
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Register-blocked products. RB rows at a time; for_row_blocks walks the rows in blocks of 4 (or 2), 2, then 1.
-// GCC's loop vectorizer would take the reduction loop of these kernels (over channels, or positions) as in-order
-// float reductions and vectorize it with shuffles, 2-3x slower than scalar code; without it the basic-block (SLP)
-// vectorizer turns the fixed-size block into packed multiplies and adds. Clang does not
-// vectorize in-order float reductions, so it needs nothing.
-#if defined(__GNUC__) && !defined(__clang__)
-#define KVPREC_SLP_ONLY __attribute__((optimize("no-tree-loop-vectorize")))
-#else
-#define KVPREC_SLP_ONLY
-#endif
-
-template <int MaxRows, typename Fn>
-void for_row_blocks(int64_t rows, Fn&& fn) {
-  int64_t r = 0;
-  if constexpr (MaxRows >= 4)
-    for (; r + 4 <= rows; r += 4) fn(std::integral_constant<int, 4>{}, r);
-  for (; r + 2 <= rows; r += 2) fn(std::integral_constant<int, 2>{}, r);
-  for (; r < rows; ++r) fn(std::integral_constant<int, 1>{}, r);
+// e^x for x <= 0 with the kernels' exp (the same function as the softmax's).
+float exp_le0(const cpu::Kernels& K, float x) {
+  K.exp_sum(&x, 1, 0.0f);
+  return x;
 }
 
-// Scores q[i] . k[t] of RB rows over positions [t0, t1) in kLanes partial sums along the channels (D % 4 == 0):
-// lanes[(i * T + t) * kLanes + l] = sum over d = l mod kLanes of q[i, d] k[t, d]. kKeys positions at a time, so
-// that a key row serves RB rows and a query row kKeys positions. The lanes are added up by the caller: with the
-// horizontal sum in this function GCC 12's SLP vectorizer falls back to scalar code.
-template <int RB>
-KVPREC_SLP_ONLY void score_lanes(const float* q, const float* k, int64_t t0, int64_t t1, const Problem& p,
-                                 float* lanes) {
-  const int64_t D = p.D;
-  int64_t t = t0;
-  for (; t + kKeys <= t1; t += kKeys) {
-    float acc[RB][kKeys][kLanes] = {};
-    for (int64_t d = 0; d < D; d += kLanes)
-      for (int i = 0; i < RB; ++i)
-        for (int j = 0; j < kKeys; ++j)
-          for (int l = 0; l < kLanes; ++l) acc[i][j][l] += q[i * D + d + l] * k[(t + j) * D + d + l];
-    for (int i = 0; i < RB; ++i)
-      for (int j = 0; j < kKeys; ++j)
-        for (int l = 0; l < kLanes; ++l) lanes[(i * p.T + t + j) * kLanes + l] = acc[i][j][l];
-  }
-  for (; t < t1; ++t) {
-    float acc[RB][kLanes] = {};
-    for (int64_t d = 0; d < D; d += kLanes)
-      for (int i = 0; i < RB; ++i)
-        for (int l = 0; l < kLanes; ++l) acc[i][l] += q[i * D + d + l] * k[t * D + d + l];
-    for (int i = 0; i < RB; ++i)
-      for (int l = 0; l < kLanes; ++l) lanes[(i * p.T + t) * kLanes + l] = acc[i][l];
-  }
-}
-
-// pv[i, :] = sum_{t in [t0, t1)} s[i, t] v[t, :] for RB rows; channels in blocks of CB (kVec, then 4: D % 4 == 0).
-template <int RB, int CB>
-KVPREC_SLP_ONLY void probs_times_values(const float* s, const float* v, int64_t t0, int64_t t1, int64_t c0, int64_t c1,
-                        const Problem& p, float* pv) {
-  for (int64_t c = c0; c + CB <= c1; c += CB) {
-    float acc[RB][CB] = {};
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* vt = v + t * p.D + c;
-      for (int i = 0; i < RB; ++i) {
-        const float pt = s[i * p.T + t];
-        for (int j = 0; j < CB; ++j) acc[i][j] += pt * vt[j];
-      }
-    }
-    for (int i = 0; i < RB; ++i)
-      for (int j = 0; j < CB; ++j) pv[i * p.D + c + j] = acc[i][j];
-  }
-}
-
-template <typename out_t>
-void store_row(const float* acc, float l, int64_t d, void* out, int64_t offset) {
-  out_t* o = static_cast<out_t*>(out) + offset;
-  for (int64_t c = 0; c < d; ++c) o[c] = static_cast<out_t>(acc[c] / l);  // nearest even, as ATen's .to()
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// One work item: batch row b, KV head h, queries [i0, i1).
-
-void attend_item(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1, Scratch& w) {
+// Blocks [c_begin, c_end) of (b, h) for queries [i0, i1): the online-softmax state of the item's rows in w.m, w.l,
+// w.acc and, for block_mass, the per-block sums / references in sums, refs (row stride nchunks).
+void attend_range(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t c_begin, int64_t c_end,
+                  Scratch& w, float* sums, float* refs) {
+  const cpu::Kernels& K = *p.K;
   const int64_t D = p.D, n = i1 - i0, rows = p.G * n, Hq = p.Hkv * p.G;
   for (int64_t g = 0; g < p.G; ++g)
     std::memcpy(w.q.data() + g * n * D, p.q + ((b * Hq + h * p.G + g) * p.Q + i0) * D, n * D * sizeof(float));
   std::fill_n(w.m.begin(), rows, kNegInf);
   std::fill_n(w.l.begin(), rows, 0.0f);
   std::fill_n(w.acc.begin(), rows * D, 0.0f);
-  if (p.mass) {
-    std::fill_n(w.sums.begin(), rows * p.nchunks, 0.0f);
-    std::fill_n(w.refs.begin(), rows * p.nchunks, 0.0f);
-  }
   // Query i sits at position L - Q + i; it sees (pos - W, pos] (W = 0: [0, pos]).
   const int64_t first_pos = p.L - p.Q + i0, last_pos = p.L - p.Q + i1 - 1;
-  for (int64_t c = 0; c < p.nchunks; ++c) {
+  for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t start = c * p.T, len = std::min(p.T, p.L - start);
     if (start > last_pos) break;                                   // causal: no later block is seen either
     if (p.W > 0 && start + len - 1 <= first_pos - p.W) continue;   // below every row's window
@@ -386,21 +190,8 @@ void attend_item(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1,
       }
     }
     if (t_lo >= t_hi) continue;
-    const float* k;
-    const float* v;
-    if (c < p.sealed) {
-      k = load_sealed(p, b, h, c, true, w, w.k.data());
-      v = load_sealed(p, b, h, c, false, w, w.v.data());
-    } else {
-      const int64_t off = (b * p.ts0 + h * p.ts1) * static_cast<int64_t>(c10::elementSize(p.dtype));
-      k = float_rows(p.tail_k + off, p.dtype, len, p.ts2, p, w.k.data());
-      v = float_rows(p.tail_v + off, p.dtype, len, p.ts2, p, w.v.data());
-    }
-    // Scores of every row over the positions some row sees, as kLanes partial sums (a row's own range is applied
-    // below, where the lanes are added up).
-    for_row_blocks<2>(rows, [&](auto rb, int64_t r) {
-      score_lanes<decltype(rb)::value>(w.q.data() + r * D, k, t_lo, t_hi, p, w.lanes.data() + r * p.T * kLanes);
-    });
+    // Scores of every row over the positions some row sees (a row's own range is applied below).
+    K.scores(w.q.data(), rows, D, block_rows(p, b, h, c, len, true), t_lo, t_hi, p.scale, w.s.data(), p.T, w.w);
     // Softmax statistics per row; s becomes p over [t_lo, t_hi) (0 outside the row's range).
     for (int64_t r = 0; r < rows; ++r) {
       float* s = w.s.data() + r * p.T;
@@ -410,35 +201,24 @@ void attend_item(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1,
         continue;
       }
       const bool* mrow = p.mask ? p.mask + (b * p.Q + i0 + r % n) * p.L + start : nullptr;
-      const float* lanes = w.lanes.data() + r * p.T * kLanes;
-      for (int64_t t = lo; t < hi; ++t) {
-        const float* x4 = lanes + t * kLanes;
-        s[t] = ((x4[0] + x4[2]) + (x4[1] + x4[3])) * p.scale;
-      }
       if (p.softcap > 0.0f)
         for (int64_t t = lo; t < hi; ++t) s[t] = std::tanh(s[t] / p.softcap) * p.softcap;
       if (mrow)
-        for (int64_t t = lo; t < hi; ++t) s[t] = select(mrow[t], s[t], kNegInf);
-      const float m_new = std::max(w.m[r], max_of(s + lo, hi - lo));
+        for (int64_t t = lo; t < hi; ++t) s[t] = mrow[t] ? s[t] : kNegInf;
+      const float m_new = std::max(w.m[r], K.max(s + lo, hi - lo));
       const float ref = std::isinf(m_new) ? 0.0f : m_new;  // m_new is -inf or finite
-      w.alpha[r] = exp_nonpositive(w.m[r] - ref);
-      w.psum[r] = exp_sum(s + lo, hi - lo, ref);
+      w.alpha[r] = exp_le0(K, w.m[r] - ref);
+      w.psum[r] = K.exp_sum(s + lo, hi - lo, ref);
       w.m[r] = m_new;
       std::fill(s + t_lo, s + lo, 0.0f);
       std::fill(s + hi, s + t_hi, 0.0f);
-      if (p.mass) {
-        w.sums[r * p.nchunks + c] = w.psum[r];
-        w.refs[r * p.nchunks + c] = ref;
+      if (sums) {
+        sums[r * p.nchunks + c] = w.psum[r];
+        refs[r * p.nchunks + c] = ref;
       }
     }
     // pv = p v over [t_lo, t_hi), then acc = acc * alpha + pv and l = l * alpha + psum for the rows that see the block.
-    for_row_blocks<4>(rows, [&](auto rb, int64_t r) {
-      constexpr int RB = decltype(rb)::value;
-      const float* s = w.s.data() + r * p.T;
-      float* pv = w.pv.data() + r * D;
-      probs_times_values<RB, kVec>(s, v, t_lo, t_hi, 0, D / kVec * kVec, p, pv);
-      probs_times_values<RB, 4>(s, v, t_lo, t_hi, D / kVec * kVec, D, p, pv);
-    });
+    K.values(w.s.data(), p.T, rows, D, p.VG, block_rows(p, b, h, c, len, false), t_lo, t_hi, w.pv.data(), w.w);
     for (int64_t r = 0; r < rows; ++r) {
       if (w.lo[r] >= w.hi[r]) continue;
       const float alpha = w.alpha[r];
@@ -448,26 +228,108 @@ void attend_item(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1,
       w.l[r] = w.l[r] * alpha + w.psum[r];
     }
   }
-  // Rows that saw no position keep l = 0, acc = 0, m = -inf: out 0, lse -inf, mass 0.
+}
+
+template <typename out_t>
+void store_row(const float* acc, float l, int64_t d, void* out, int64_t offset) {
+  out_t* o = static_cast<out_t*>(out) + offset;
+  for (int64_t c = 0; c < d; ++c) o[c] = static_cast<out_t>(acc[c] / l);  // nearest even, as ATen's .to()
+}
+
+// Outputs of the rows of (b, h, queries [i0, i1)) from their final state. Rows that saw no position keep l = 0,
+// acc = 0, m = -inf: out 0, lse -inf, mass 0.
+void finish_rows(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1, const float* m, const float* l,
+                 const float* acc_all, const float* sums, const float* refs) {
+  const int64_t D = p.D, n = i1 - i0, rows = p.G * n, Hq = p.Hkv * p.G;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = (b * Hq + h * p.G + r / n) * p.Q + i0 + r % n;
-    const bool seen = w.l[r] > 0.0f;
-    const float l_safe = seen ? w.l[r] : 1.0f;
-    const float* acc = w.acc.data() + r * D;
+    const bool seen = l[r] > 0.0f;
+    const float l_safe = seen ? l[r] : 1.0f;
+    const float* acc = acc_all + r * D;
     switch (p.dtype) {
       case at::kFloat: store_row<float>(acc, l_safe, D, p.out, o * D); break;
       case at::kHalf: store_row<c10::Half>(acc, l_safe, D, p.out, o * D); break;
       default: store_row<c10::BFloat16>(acc, l_safe, D, p.out, o * D); break;
     }
-    p.lse[o] = seen ? w.m[r] + std::log(l_safe) : kNegInf;
+    p.lse[o] = seen ? m[r] + std::log(l_safe) : kNegInf;
     if (p.mass) {
-      const float m_safe = seen ? w.m[r] : 0.0f;
+      const float m_safe = seen ? m[r] : 0.0f;
       for (int64_t c = 0; c < p.nchunks; ++c) {  // ref_c <= m wherever block c contributed: exponent <= 0
-        const float sc = w.sums[r * p.nchunks + c], ref = w.refs[r * p.nchunks + c];
-        p.mass[o * p.nchunks + c] = sc > 0.0f ? sc * exp_nonpositive(ref - m_safe) / l_safe : 0.0f;
+        const float sc = sums[r * p.nchunks + c], ref = refs[r * p.nchunks + c];
+        p.mass[o * p.nchunks + c] = sc > 0.0f ? sc * exp_le0(*p.K, ref - m_safe) / l_safe : 0.0f;
       }
     }
   }
+}
+
+// Queries [i0, i1) of tile k of (b, h) (tiles in the order 0, last, 1, last - 1, ...).
+void tile_queries(const Problem& p, int64_t k, int64_t* i0, int64_t* i1) {
+  const int64_t tile = k % 2 == 0 ? k / 2 : p.tiles - 1 - k / 2;
+  *i0 = tile * p.tile_q;
+  *i1 = std::min(p.Q, *i0 + p.tile_q);
+}
+
+void run_items(const Problem& p) {
+  const int64_t units = p.B * p.Hkv * p.tiles;  // (b, h, tile)
+  at::parallel_for(0, units * p.splits, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(p, p.rows_max);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t unit = item / p.splits, j = item % p.splits;
+      const int64_t bh = unit / p.tiles, b = bh / p.Hkv, h = bh % p.Hkv;
+      int64_t i0, i1;
+      tile_queries(p, unit % p.tiles, &i0, &i1);
+      if (p.splits == 1) {
+        if (p.mass) {  // blocks the item skips keep sum 0
+          std::fill(w.sums.begin(), w.sums.end(), 0.0f);
+          std::fill(w.refs.begin(), w.refs.end(), 0.0f);
+        }
+        attend_range(p, b, h, i0, i1, 0, p.nchunks, w, p.mass ? w.sums.data() : nullptr, w.refs.data());
+        finish_rows(p, b, h, i0, i1, w.m.data(), w.l.data(), w.acc.data(), w.sums.data(), w.refs.data());
+        continue;
+      }
+      const int64_t c0 = p.nchunks * j / p.splits, c1 = p.nchunks * (j + 1) / p.splits;
+      float* sums = p.mass ? p.part_sums + unit * p.rows_max * p.nchunks : nullptr;
+      float* refs = p.mass ? p.part_refs + unit * p.rows_max * p.nchunks : nullptr;
+      attend_range(p, b, h, i0, i1, c0, c1, w, sums, refs);
+      const int64_t rows = p.G * (i1 - i0);
+      std::copy_n(w.m.begin(), rows, p.part_m + item * p.rows_max);
+      std::copy_n(w.l.begin(), rows, p.part_l + item * p.rows_max);
+      std::copy_n(w.acc.begin(), rows * p.D, p.part_acc + item * p.rows_max * p.D);
+    }
+  });
+  if (p.splits == 1) return;
+  // Merge the split ranges of each (b, h, tile), in range order.
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> m(p.rows_max), l(p.rows_max), acc(p.rows_max * p.D);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t bh = unit / p.tiles;
+      int64_t i0, i1;
+      tile_queries(p, unit % p.tiles, &i0, &i1);
+      const int64_t rows = p.G * (i1 - i0);
+      for (int64_t r = 0; r < rows; ++r) {
+        float mx = kNegInf;
+        for (int64_t j = 0; j < p.splits; ++j) mx = std::max(mx, p.part_m[(unit * p.splits + j) * p.rows_max + r]);
+        const float ref = std::isinf(mx) ? 0.0f : mx;
+        float lr = 0.0f;
+        float* a = acc.data() + r * p.D;
+        std::fill_n(a, p.D, 0.0f);
+        for (int64_t j = 0; j < p.splits; ++j) {
+          const int64_t item = unit * p.splits + j;
+          const float lj = p.part_l[item * p.rows_max + r];
+          if (!(lj > 0.0f)) continue;  // the range saw nothing of this row
+          const float f = exp_le0(*p.K, p.part_m[item * p.rows_max + r] - ref);
+          lr += lj * f;
+          const float* aj = p.part_acc + (item * p.rows_max + r) * p.D;
+          for (int64_t d = 0; d < p.D; ++d) a[d] += aj[d] * f;
+        }
+        m[r] = mx;
+        l[r] = lr;
+      }
+      const float* sums = p.mass ? p.part_sums + unit * p.rows_max * p.nchunks : nullptr;
+      const float* refs = p.mass ? p.part_refs + unit * p.rows_max * p.nchunks : nullptr;
+      finish_rows(p, bh / p.Hkv, bh % p.Hkv, i0, i1, m.data(), l.data(), acc.data(), sums, refs);
+    }
+  });
 }
 
 }  // namespace
@@ -478,7 +340,8 @@ namespace detail {
 AttentionResult attend_cpu(const MixedPrecisionBuffer& buffer, const at::Tensor& q, const at::Tensor& mask,
                            const AttentionOptions& options) {
   const BufferOptions& bo = buffer.options();
-  Problem p;
+  Problem p{};
+  p.K = &cpu::kernels();  // throws the dispatcher's error (an unsupported KVPREC_CPU_ISA) before any work
   p.B = bo.batch;
   p.Hkv = bo.kv_heads;
   p.D = bo.head_dim;
@@ -491,6 +354,9 @@ AttentionResult attend_cpu(const MixedPrecisionBuffer& buffer, const at::Tensor&
   p.sealed = buffer.num_sealed_blocks();
   p.W = options.sliding_window;
   p.tile_q = std::clamp<int64_t>(kTileRows / p.G, 1, p.Q);
+  p.tiles = (p.Q + p.tile_q - 1) / p.tile_q;
+  p.rows_max = p.G * p.tile_q;
+  p.splits = split_count(p.B * p.Hkv * p.tiles, p.nchunks, at::get_num_threads());
   p.scale = static_cast<float>(options.scale > 0.0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(p.D)));
   p.softcap = static_cast<float>(options.softcap);
   p.dtype = bo.dtype;
@@ -541,16 +407,18 @@ AttentionResult attend_cpu(const MixedPrecisionBuffer& buffer, const at::Tensor&
   p.lse = result.lse.data_ptr<float>();
   p.mass = options.block_mass ? result.block_mass.data_ptr<float>() : nullptr;
 
-  const int64_t tiles = (p.Q + p.tile_q - 1) / p.tile_q;
-  at::parallel_for(0, p.B * p.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
-    Scratch w(p, p.G * p.tile_q);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / tiles, k = item % tiles;
-      const int64_t tile = k % 2 == 0 ? k / 2 : tiles - 1 - k / 2;  // 0, last, 1, last - 1, ...
-      const int64_t i0 = tile * p.tile_q;
-      attend_item(p, bh / p.Hkv, bh % p.Hkv, i0, std::min(p.Q, i0 + p.tile_q), w);
-    }
-  });
+  std::vector<float> part;  // split state (only when splitting)
+  if (p.splits > 1) {
+    const int64_t units = p.B * p.Hkv * p.tiles, items = units * p.splits;
+    const int64_t mass = p.mass ? 2 * units * p.rows_max * p.nchunks : 0;
+    part.assign(items * p.rows_max * (2 + p.D) + mass, 0.0f);  // mass: blocks a range skips keep sum 0
+    p.part_m = part.data();
+    p.part_l = p.part_m + items * p.rows_max;
+    p.part_acc = p.part_l + items * p.rows_max;
+    p.part_sums = p.part_acc + items * p.rows_max * p.D;
+    p.part_refs = p.part_sums + (p.mass ? units * p.rows_max * p.nchunks : 0);
+  }
+  run_items(p);
   return result;
 }
 

@@ -3,7 +3,11 @@
 // fused CPU kernel (attention_cpu.cpp) under stress against a dense FP64 computation: every tier, tiers mixed per
 // (row, head, block) with pages out of order, awkward lengths and head_dims, GQA groups wider than a work item,
 // many query tiles, masks that hide whole rows or whole blocks of a row, windows that skip blocks, softcap,
-// FP32 / FP16 / BF16 model dtypes, and results independent of the thread count.
+// FP32 / FP16 / BF16 model dtypes, results the same for a given thread count, and the flash-decoding split (more
+// threads than (b, h, tile) items). Everything runs once per CPU instruction-set path this CPU has (kvprec/cpu_isa.h;
+// the others are skipped with a message). On the SIMD paths integer keys are scored from their codes: the
+// reference then uses the kernel's modelled scores (attention_model.h; same tolerances), and the distance to the
+// dequantized keys' attention is checked against the contract's bound (check_bound).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -12,9 +16,11 @@
 #include <string>
 #include <vector>
 
+#include "attention_model.h"
 #include "buffer_options.h"
 #include "check.h"
 #include "kvprec/buffer.h"
+#include "kvprec/cpu_isa.h"
 
 using namespace kvprec;
 using kvprec_test::opts;
@@ -35,13 +41,14 @@ struct Dense {
 // Dense reference in `dt` (FP32 for the small cases, FP64 for the stress cases): K/V [B, Hkv, L, D] repeated to Hq
 // heads, scores [B, Hq, Q, L] with the same scale, cap and masks, a plain softmax; out [B, Hq, Q, D], lse [B, Hq, Q],
 // block mass [B, Hq, Q, nblocks] = probabilities summed over each block of T positions. Config: Case or Stress.
+// `scores` [B, Hq, Q, L], when given, replaces scale * q k^T (the kernel's modelled scores).
 template <typename Config>
 Dense dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, const Config& c,
-            at::ScalarType dt = at::kFloat) {
+            at::ScalarType dt = at::kFloat, const at::Tensor& scores = at::Tensor()) {
   const int64_t G = c.Hq / c.Hkv;
   const at::Tensor kk = k.to(dt).repeat_interleave(G, 1), vv = v.to(dt).repeat_interleave(G, 1);
   const double scale = c.opt.scale > 0 ? c.opt.scale : 1.0 / std::sqrt(static_cast<double>(c.D));
-  at::Tensor s = at::matmul(q.to(dt), kk.transpose(-1, -2)) * scale;
+  at::Tensor s = scores.defined() ? scores.to(dt) : at::matmul(q.to(dt), kk.transpose(-1, -2)) * scale;
   if (c.opt.softcap > 0) s = c.opt.softcap * at::tanh(s / c.opt.softcap);
   const at::Tensor qpos = at::arange(c.L - c.Q, c.L, at::kLong).unsqueeze(1), kpos = at::arange(c.L, at::kLong).unsqueeze(0);
   at::Tensor allowed = kpos <= qpos;
@@ -59,6 +66,30 @@ Dense dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
 
 double max_abs(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
+template <typename Config>
+double scale_of(const Config& c) {
+  return c.opt.scale > 0 ? c.opt.scale : 1.0 / std::sqrt(static_cast<double>(c.D));
+}
+
+// The contract's bound against the attention of the dequantized keys (`plain`): with e the largest score bound of a
+// row (over the positions it may see), out within (e^2e - 1) max_t |v_t| per channel, lse within e, block mass
+// within e^2e - 1; `tol` is the FP32 tolerance of the comparison on top.
+template <typename Config>
+void check_bound(const AttentionResult& r, const Dense& plain, const kvprec_test::ModelScores& m, const at::Tensor& v,
+                 const at::Tensor& mask, const Config& c, double tol) {
+  at::Tensor visible = at::arange(c.L, at::kLong).unsqueeze(0) <= at::arange(c.L - c.Q, c.L, at::kLong).unsqueeze(1);
+  at::Tensor vis = visible.view({1, 1, c.Q, c.L});
+  if (mask.defined()) vis = vis & mask.unsqueeze(1);
+  const at::Tensor e = at::where(vis, m.bound, at::zeros_like(m.bound)).amax(-1);  // [B, Hq, Q]
+  const at::Tensor grow = at::exp(2 * e) - 1;
+  const at::Tensor vmax = v.to(at::kDouble).abs().amax(2).repeat_interleave(c.Hq / c.Hkv, 1).unsqueeze(2);  // [B, Hq, 1, D]
+  const at::Tensor seen = plain.lse.isfinite();
+  CHECK(((r.out.to(at::kDouble) - plain.out).abs() - grow.unsqueeze(-1) * vmax).max().item<double>() <= tol);
+  const at::Tensor zero = at::zeros_like(plain.lse);
+  CHECK(((at::where(seen, r.lse.to(at::kDouble), zero) - at::where(seen, plain.lse, zero)).abs() - e).max().item<double>() <= tol);
+  CHECK(((r.block_mass.to(at::kDouble) - plain.mass).abs() - grow.unsqueeze(-1)).max().item<double>() <= tol);
+}
+
 void run(const Case& c, const char* name) {
   const int failed_before = kvprec_test::failures();
   MixedPrecisionBuffer buf(opts(c.B, c.Hkv, c.D, c.T, c.tier, at::kFloat, false, 8));
@@ -74,7 +105,9 @@ void run(const Case& c, const char* name) {
   opt.block_mass = true;
   const AttentionResult r = attend(buf, q, mask, opt);
   const auto [k, v] = buf.gather(0, c.L);
-  const Dense d = dense(q, k, v, mask, c);
+  const kvprec_test::ModelScores model = kvprec_test::model_scores(buf, q, k, scale_of(c));
+  const Dense d = dense(q, k, v, mask, c, at::kFloat, model.s);
+  check_bound(r, dense(q, k, v, mask, c, at::kDouble), model, v, mask, c, 1e-5);
 
   const int64_t nb = (c.L + c.T - 1) / c.T;
   CHECK(r.out.sizes() == at::IntArrayRef({c.B, c.Hq, c.Q, c.D}) && r.out.scalar_type() == at::kFloat);
@@ -149,7 +182,7 @@ void test_half_dtype() {
   c.D = 64;
   c.L = 40;
   c.Q = 3;
-  const Dense d = dense(q, k, v, {}, c);
+  const Dense d = dense(q, k, v, {}, c, at::kFloat, kvprec_test::model_scores(buf, q, k, scale_of(c)).s);
   CHECK_NEAR(max_abs(r.out.to(at::kFloat), d.out), 0.0, 4.0 * std::ldexp(1.0, -11));
   CHECK_NEAR(max_abs(r.lse, d.lse), 0.0, 1e-5);
 }
@@ -218,7 +251,8 @@ void stress(const Stress& c) {
   opt.block_mass = true;
   const AttentionResult r = attend(buf, q, mask, opt);
   const auto [k, v] = what_attend_reads(buf);
-  const Dense d = dense(q, k, v, mask, c, at::kDouble);
+  const kvprec_test::ModelScores scores = kvprec_test::model_scores(buf, q, k, scale_of(c));
+  const Dense d = dense(q, k, v, mask, c, at::kDouble, scores.s);
 
   const int64_t nb = (c.L + c.T - 1) / c.T;
   CHECK(r.out.sizes() == at::IntArrayRef({c.B, c.Hq, c.Q, c.D}) && r.out.scalar_type() == c.dtype);
@@ -240,12 +274,26 @@ void stress(const Stress& c) {
   CHECK_NEAR(max_abs(r.block_mass.sum(-1).to(at::kDouble), seen.to(at::kDouble)), 0.0, 1e-5);
   const at::Tensor blind = seen.logical_not().unsqueeze(-1);
   CHECK(at::equal(r.out.to(at::kFloat).masked_select(blind), at::zeros({blind.sum().item<int64_t>() * c.D})));
-  // Work items own their rows from the first block to the last: the same bits with one thread as with several.
+  const double u_out = std::max(u, 1e-6);
+  check_bound(r, dense(q, k, v, mask, c, at::kDouble), scores, v, mask, c, 2e-5 + 8 * u_out);
+  // The same bits again for the same thread count; one thread (one range per item) and, where the blocks are enough
+  // to split (8 or more), 8 threads (more than the (b, h, tile) items: each item's blocks in ranges, merged) agree to
+  // rounding. (8 threads on a 2-core machine are slow: only there.)
+  const AttentionResult again = attend(buf, q, mask, opt);
+  CHECK(at::equal(again.out, r.out) && at::equal(again.lse, r.lse) && at::equal(again.block_mass, r.block_mass));
   const int threads = at::get_num_threads();
-  at::set_num_threads(1);
-  const AttentionResult one = attend(buf, q, mask, opt);
+  for (int n : {1, 8}) {
+    if (n == 8 && (nb < 8 || c.B * c.Hkv >= 8)) continue;
+    at::set_num_threads(n);
+    const AttentionResult other = attend(buf, q, mask, opt);
+    CHECK((other.out.to(at::kDouble) - r.out.to(at::kDouble)).abs().max().item<double>() <= 4e-6 + 2 * u_out);
+    CHECK(at::equal(other.lse.isfinite(), r.lse.isfinite()));
+    CHECK_NEAR(max_abs(at::where(seen, other.lse, at::zeros_like(other.lse)), at::where(seen, r.lse, at::zeros_like(r.lse))),
+               0.0, 4e-6);
+    CHECK_NEAR(max_abs(other.block_mass, r.block_mass), 0.0, 4e-6);
+    CHECK(at::equal(other.block_mass == 0, r.block_mass == 0));
+  }
   at::set_num_threads(threads);
-  CHECK(at::equal(one.out, r.out) && at::equal(one.lse, r.lse) && at::equal(one.block_mass, r.block_mass));
   if (kvprec_test::failures() > failed_before) std::fprintf(stderr, "  (stress case %s)\n", describe(c).c_str());
 }
 
@@ -378,10 +426,7 @@ void test_fused_cpu_kernel() {
   }
 }
 
-}  // namespace
-
-int main() {
-  at::manual_seed(0);
+void run_cases() {
   for (int64_t L : {1, 7, 16, 50, 123}) {
     for (int64_t Q : {1, 5}) {
       if (Q > L) continue;
@@ -420,5 +465,24 @@ int main() {
   test_half_dtype();
   test_fused_cpu_kernel();
   test_clamp_at_fp16_limit();
+}
+
+}  // namespace
+
+int main() {
+  const kvprec::CpuIsa active = kvprec::active_cpu_isa();
+  for (kvprec::CpuIsa isa : kvprec::kAllCpuIsas) {
+    const std::string why = kvprec::cpu_isa_unsupported_reason(isa);
+    if (!why.empty()) {
+      std::printf("SKIPPED CPU path %s: %s\n", kvprec::cpu_isa_name(isa), why.c_str());
+      continue;
+    }
+    kvprec::set_cpu_isa(isa);
+    at::manual_seed(0);
+    const int before = kvprec_test::failures();
+    run_cases();
+    std::printf("CPU path %s: %d failed checks\n", kvprec::cpu_isa_name(isa), kvprec_test::failures() - before);
+  }
+  kvprec::set_cpu_isa(active);
   return kvprec_test::finish("test_attention");
 }

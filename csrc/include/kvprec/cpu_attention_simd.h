@@ -1,0 +1,470 @@
+// Internal: the SIMD paths of the CPU attention kernels (kvprec/cpu_kernels.h), written once over a vector traits
+// class V and included by one translation unit per instruction set (csrc/core/attention_cpu_avx2.cpp,
+// attention_cpu_avx512.cpp), each compiled with its own -m flags. Everything here is in the including file's
+// anonymous namespace: no inline function is shared with another path. The includer defines, before including:
+//   struct V  with  W (floats per vector F), IB (bytes per integer vector I) and the operations used below
+//   (loads / converts / fmadd / horizontal sums / exp, and the integer dot products of dot_u8s8 / dot_s16).
+//
+// What is computed is the contract of kvprec/cpu_kernels.h. How:
+//   keys, integer pages: per page and query row, q'_c = q_c ks_c, zq = sum_c q_c kz_c, qi_c = round(q'_c * QMAX / a);
+//     the codes are unpacked in registers (shift and mask; INT4 / INT2 interleaved back with unpack instructions,
+//     which leaves the channels in natural order up to a permutation of 16-byte blocks that the query copy
+//     follows), and the integer dot product runs as u8 x s8 (INT4 / INT2) or u16 x s16 (INT8) multiply-adds into
+//     int32 lanes; 4 query rows share each unpacked code vector;
+//   values, integer pages: per page w[r, g, t] = p[r, t] vs[t, g] and zs[r, g] = sum_t p[r, t] vz[t, g]; the codes of
+//     2W channels of a position are converted to FP32 once and multiply-added into 4 rows' accumulators;
+//   float pages and the tail: converted in registers (F16C for FP16, a shift for BF16), FMA into 4 rows.
+// Pages whose scale / zero could reach the FP16 clamp, and value groups that are not a multiple of W channels, go
+// through the scalar dequantization (block_to_float) and the float kernels.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kvprec/cpu_kernels.h"
+
+namespace {
+
+using kvprec::cpu::Elem;
+using kvprec::cpu::Rows;
+using kvprec::cpu::Work;
+
+constexpr float kNegInfSimd = -__builtin_inff();
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Whether clamp(code * scale + zero, +-65504) cannot bind for n scale / zero pairs (FP32, converted exactly): the
+// test of kvprec::cpu::clamp_can_bind, |zero| + qmax |scale| < 65504 (1 - 2^-20), on the pairs a call reads.
+bool clamp_cannot_bind(const float* sf, const float* zf, int64_t n, float qmax) {
+  const typename V::F limit = V::set1(65504.0f * (1.0f - 0x1p-20f)), qm = V::set1(qmax);
+  bool bad = false;
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W)
+    bad |= V::any_nlt(V::fmadd(qm, V::abs(V::load(sf + i)), V::abs(V::load(zf + i))), limit);
+  if (i < n) {
+    const int m = static_cast<int>(n - i);
+    bad |= V::any_nlt(V::fmadd(qm, V::abs(V::load_n(sf + i, m)), V::abs(V::load_n(zf + i, m))), limit);
+  }
+  return !bad;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Softmax helpers.
+
+float simd_max(const float* x, int64_t n) {
+  typename V::F m = V::set1(kNegInfSimd);
+  int64_t t = 0;
+  for (; t + V::W <= n; t += V::W) m = V::max(m, V::load(x + t));
+  if (t < n) m = V::max(m, V::load_n_fill(x + t, static_cast<int>(n - t), kNegInfSimd));
+  return V::hmax(m);
+}
+
+float simd_exp_sum(float* x, int64_t n, float ref) {
+  const typename V::F r = V::set1(ref);
+  typename V::F acc = V::zero();
+  int64_t t = 0;
+  for (; t + V::W <= n; t += V::W) {
+    const typename V::F e = V::exp_nonpos(V::sub(V::load(x + t), r));
+    V::store(x + t, e);
+    acc = V::add(acc, e);
+  }
+  if (t < n) {
+    const int m = static_cast<int>(n - t);
+    const typename V::F e = V::exp_nonpos(V::sub(V::load_n_fill(x + t, m, kNegInfSimd), r));  // e^-inf = 0
+    V::store_n(x + t, e, m);
+    acc = V::add(acc, e);
+  }
+  return V::hsum(acc);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Float rows: W (or n < W) channels of row `row` starting at channel c, as FP32.
+
+template <Elem E>
+inline typename V::F load_row(const uint8_t* row, int64_t c) {
+  if constexpr (E == Elem::F32) return V::load(reinterpret_cast<const float*>(row) + c);
+  else if constexpr (E == Elem::F16) return V::load_f16(reinterpret_cast<const uint16_t*>(row) + c);
+  else return V::load_bf16(reinterpret_cast<const uint16_t*>(row) + c);
+}
+
+template <Elem E>
+inline typename V::F load_row_n(const uint8_t* row, int64_t c, int n) {
+  if constexpr (E == Elem::F32) return V::load_n(reinterpret_cast<const float*>(row) + c, n);
+  else if constexpr (E == Elem::F16) return V::load_f16_n(reinterpret_cast<const uint16_t*>(row) + c, n);
+  else return V::load_bf16_n(reinterpret_cast<const uint16_t*>(row) + c, n);
+}
+
+// s[r, t] = scale * q_r . k_t for RB rows, float storage.
+template <Elem E, int RB>
+void scores_float_rows(const float* q, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
+                       int64_t lds) {
+  const int64_t full = D / V::W * V::W;
+  const int rest = static_cast<int>(D - full);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* row = k.data + t * k.ld;
+    typename V::F acc[RB];
+    for (int i = 0; i < RB; ++i) acc[i] = V::zero();
+    for (int64_t c = 0; c < full; c += V::W) {
+      const typename V::F kv = load_row<E>(row, c);
+      for (int i = 0; i < RB; ++i) acc[i] = V::fmadd(V::load(q + i * D + c), kv, acc[i]);
+    }
+    if (rest) {
+      const typename V::F kv = load_row_n<E>(row, full, rest);
+      for (int i = 0; i < RB; ++i) acc[i] = V::fmadd(V::load_n(q + i * D + full, rest), kv, acc[i]);
+    }
+    if constexpr (RB == 4) {
+      float out[4];
+      V::hsum4(acc[0], acc[1], acc[2], acc[3], out);
+      for (int i = 0; i < 4; ++i) s[i * lds + t] = out[i] * scale;
+    } else {
+      for (int i = 0; i < RB; ++i) s[i * lds + t] = V::hsum(acc[i]) * scale;
+    }
+  }
+}
+
+template <Elem E>
+void scores_float(const float* q, int64_t rows, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale,
+                  float* s, int64_t lds) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) scores_float_rows<E, 4>(q + r * D, D, k, t0, t1, scale, s + r * lds, lds);
+  for (; r + 2 <= rows; r += 2) scores_float_rows<E, 2>(q + r * D, D, k, t0, t1, scale, s + r * lds, lds);
+  for (; r < rows; ++r) scores_float_rows<E, 1>(q + r * D, D, k, t0, t1, scale, s + r * lds, lds);
+}
+
+// pv[r, c] = sum_t p[r, t] v_t[c] for RB rows, float storage; channels 2W at a time, then W, then the rest.
+template <Elem E, int RB, int NV>
+void values_float_chunk(const float* p, int64_t ldp, int64_t D, const Rows& v, int64_t t0, int64_t t1, int64_t c,
+                        int rest, float* pv) {
+  typename V::F acc[RB][NV];
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = V::zero();
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* row = v.data + t * v.ld;
+    typename V::F x[NV];
+    if (rest) x[0] = load_row_n<E>(row, c, rest);
+    else
+      for (int j = 0; j < NV; ++j) x[j] = load_row<E>(row, c + j * V::W);
+    for (int i = 0; i < RB; ++i) {
+      const typename V::F b = V::set1(p[i * ldp + t]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = V::fmadd(b, x[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    if (rest) V::store_n(pv + i * D + c, acc[i][0], rest);
+    else
+      for (int j = 0; j < NV; ++j) V::store(pv + i * D + c + j * V::W, acc[i][j]);
+  }
+}
+
+template <Elem E, int RB>
+void values_float_rows(const float* p, int64_t ldp, int64_t D, const Rows& v, int64_t t0, int64_t t1, float* pv) {
+  int64_t c = 0;
+  for (; c + 2 * V::W <= D; c += 2 * V::W) values_float_chunk<E, RB, 2>(p, ldp, D, v, t0, t1, c, 0, pv);
+  for (; c + V::W <= D; c += V::W) values_float_chunk<E, RB, 1>(p, ldp, D, v, t0, t1, c, 0, pv);
+  if (c < D) values_float_chunk<E, RB, 1>(p, ldp, D, v, t0, t1, c, static_cast<int>(D - c), pv);
+}
+
+template <Elem E>
+void values_float(const float* p, int64_t ldp, int64_t rows, int64_t D, const Rows& v, int64_t t0, int64_t t1,
+                  float* pv) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) values_float_rows<E, 4>(p + r * ldp, ldp, D, v, t0, t1, pv + r * D);
+  for (; r + 2 <= rows; r += 2) values_float_rows<E, 2>(p + r * ldp, ldp, D, v, t0, t1, pv + r * D);
+  for (; r < rows; ++r) values_float_rows<E, 1>(p + r * ldp, ldp, D, v, t0, t1, pv + r * D);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Keys from their codes.
+
+// The query of RB rows prepared for one page: qi [RB][qbytes] (int8 in the block order of the unpacked codes, or
+// int16 in natural order), per row qs and zq.
+struct KeyQuery {
+  int8_t* qi;
+  int64_t qbytes;
+  float* qs;
+  float* zq;
+};
+
+// Quantize q' (FP32 [D], natural order) of one row into dst: int8 (PER > 1, the block order of the unpacked codes,
+// zero past D) or int16 (PER == 1, natural order, zero past D); returns qs.
+template <int PER>
+float quantize_query_row(const float* qp, float a, int64_t D, float qmax, float* tmp, int8_t* dst, int64_t qbytes) {
+  const float qs = a / qmax;
+  const float inv = a > 0.0f ? qmax / a : 0.0f;
+  if constexpr (PER == 1) {
+    V::quantize_i16(qp, inv, D, reinterpret_cast<int16_t*>(dst), qbytes / 2);
+  } else {
+    // Natural order into tmp (as bytes), then 16-byte blocks to their place: chunk k of IB bytes unpacks into PER
+    // vectors; vector v's 16-byte lane L holds natural block k * PER * IB / 16 + PER * L + v.
+    auto* nat = reinterpret_cast<int8_t*>(tmp);
+    V::quantize_i8(qp, inv, D, nat, qbytes);
+    constexpr int kLanes = V::IB / 16;
+    const int64_t chunks = qbytes / (PER * V::IB);
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int v = 0; v < PER; ++v)
+        for (int L = 0; L < kLanes; ++L)
+          std::memcpy(dst + (k * PER + v) * V::IB + 16 * L, nat + (k * PER * kLanes + PER * L + v) * 16, 16);
+  }
+  return qs;
+}
+
+// Per row: q' = q ks (into tmp), zq = q . kz, a = max |q'|; then the quantized row.
+template <int PER>
+void prepare_key_query(const float* q, int64_t rows, int64_t D, const float* ks, const float* kz, float qmax,
+                       float* tmp, float* qp, KeyQuery& kq) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* qr = q + r * D;
+    typename V::F amax = V::zero(), z = V::zero();
+    int64_t c = 0;
+    for (; c + V::W <= D; c += V::W) {
+      const typename V::F x = V::load(qr + c), y = V::mul(x, V::load(ks + c));
+      V::store(qp + c, y);
+      amax = V::max(amax, V::abs(y));
+      z = V::fmadd(x, V::load(kz + c), z);
+    }
+    if (c < D) {
+      const int n = static_cast<int>(D - c);
+      const typename V::F x = V::load_n(qr + c, n), y = V::mul(x, V::load_n(ks + c, n));
+      V::store_n(qp + c, y, n);
+      amax = V::max(amax, V::abs(y));
+      z = V::fmadd(x, V::load_n(kz + c, n), z);
+    }
+    kq.zq[r] = V::hsum(z);
+    kq.qs[r] = quantize_query_row<PER>(qp, V::hmax(amax), D, qmax, tmp, kq.qi + r * kq.qbytes, kq.qbytes);
+  }
+}
+
+// IB bytes at p, or the m < IB bytes there and zeros (no read past them).
+inline typename V::I load_bytes(const uint8_t* p, int64_t m) {
+  if (m >= V::IB) return V::load_i(p);
+  alignas(64) uint8_t buf[V::IB] = {};
+  std::memcpy(buf, p, static_cast<size_t>(m));
+  return V::load_i(buf);
+}
+
+template <int PER, int RB>
+void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
+                     int64_t lds) {
+  const int64_t row_bytes = D / PER, end = k.n * k.ld;
+  // PER > 1: chunks of IB code bytes (PER * IB channels); PER == 1: IB / 2 code bytes widened to 16 bits.
+  constexpr int64_t kChunk = PER == 1 ? V::IB / 2 : V::IB;
+  const int64_t chunks = (row_bytes + kChunk - 1) / kChunk;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* row = k.data + t * k.ld;
+    typename V::I acc[RB];
+    for (int i = 0; i < RB; ++i) acc[i] = V::zero_i();
+    for (int64_t j = 0; j < chunks; ++j) {
+      const int64_t off = t * k.ld + j * kChunk;
+      // Bytes past the row belong to the next row (their query bytes are 0): read them, unless past the page.
+      const int64_t avail = end - off;
+      if constexpr (PER == 1) {
+        const typename V::I x = V::widen_u8(row + j * kChunk, avail);
+        for (int i = 0; i < RB; ++i)
+          acc[i] = V::dot_s16(acc[i], x, V::load_i(kq.qi + i * kq.qbytes + j * V::IB));
+      } else {
+        typename V::I u[PER];
+        V::template unpack<PER>(load_bytes(row + j * kChunk, avail), u);
+        for (int i = 0; i < RB; ++i)
+          acc[i] = V::template dot_u8s8<PER>(acc[i], u, kq.qi + i * kq.qbytes + j * PER * V::IB);
+      }
+    }
+    int32_t dots[RB];
+    if constexpr (RB == 4) V::hsum4_i(acc[0], acc[1], acc[2], acc[3], dots);
+    else
+      for (int i = 0; i < RB; ++i) dots[i] = V::hsum_i(acc[i]);
+    for (int i = 0; i < RB; ++i) s[i * lds + t] = scale * (kq.qs[i] * static_cast<float>(dots[i]) + kq.zq[i]);
+  }
+}
+
+// Work layout of the SIMD kernels (within work_floats): fallback block, its scales / zeros (3 [T, D]); then the
+// per-row arrays.
+struct SimdWork {
+  float *block, *sf, *zf, *rest;
+  SimdWork(Work& w, int64_t n, int64_t D) {
+    block = w.f;
+    sf = block + n * D;
+    zf = sf + n * D;
+    rest = zf + n * D;
+  }
+};
+
+// False (nothing written) when the page's scale / zero could reach the clamp.
+template <int PER>
+bool scores_int(const float* q, int64_t rows, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale,
+                float* s, int64_t lds, Work& w) {
+  SimdWork sw(w, k.n, D);
+  V::f16_to_f32(k.scale, sw.sf, D);
+  V::f16_to_f32(k.zero, sw.zf, D);
+  if (!clamp_cannot_bind(sw.sf, sw.zf, D, static_cast<float>((1 << (8 / PER)) - 1))) return false;
+  // QMAX: int8 query for u8 x s8; int16 for INT8 codes, small enough that sum_c |qi_c| 255 fits int32.
+  const float qmax = PER == 1 ? static_cast<float>(imin(32767, 2147483647 / (255 * D))) : 127.0f;
+  constexpr int64_t kChannelsPerChunk = PER == 1 ? V::IB / 2 : PER * V::IB;
+  const int64_t qbytes = round_up(D, kChannelsPerChunk) * (PER == 1 ? 2 : 1);
+  // rest: qp [D] | tmp [qbytes] | 4 rows of qi | qs [4] | zq [4]
+  float* qp = sw.rest;
+  float* tmp = qp + round_up(D, 16);
+  auto* qi = reinterpret_cast<int8_t*>(tmp + round_up(qbytes, 64) / 4);
+  float* qs = reinterpret_cast<float*>(qi + 4 * round_up(qbytes, 64));
+  KeyQuery kq{qi, qbytes, qs, qs + 4};
+  for (int64_t r = 0; r < rows;) {
+    const int64_t rb = rows - r >= 4 ? 4 : rows - r >= 2 ? 2 : 1;
+    prepare_key_query<PER>(q + r * D, rb, D, sw.sf, sw.zf, qmax, tmp, qp, kq);
+    if (rb == 4) scores_int_rows<PER, 4>(kq, D, k, t0, t1, scale, s + r * lds, lds);
+    else if (rb == 2) scores_int_rows<PER, 2>(kq, D, k, t0, t1, scale, s + r * lds, lds);
+    else scores_int_rows<PER, 1>(kq, D, k, t0, t1, scale, s + r * lds, lds);
+    r += rb;
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Values from their codes.
+
+// pv[r, c..c + NV W) for RB rows: sum_t w[r, t] code_t + zs[r] (the channels lie in one group).
+template <int PER, int RB, int NV>
+void values_int_chunk(const float* wg, int64_t ldw, const float* zs, int64_t ldz, int64_t D, const Rows& v,
+                      int64_t t0, int64_t t1, int64_t c, float* pv) {
+  typename V::F acc[RB][NV];
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = V::zero();
+  const uint8_t* base = v.data + c / PER;
+  for (int64_t t = t0; t < t1; ++t) {
+    typename V::F x[NV];
+    V::template codes_to_float<PER, NV>(base + t * v.ld, x);
+    for (int i = 0; i < RB; ++i) {
+      const typename V::F b = V::set1(wg[i * ldw + t]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = V::fmadd(b, x[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    const typename V::F z = V::set1(zs[i * ldz]);
+    for (int j = 0; j < NV; ++j) V::store(pv + i * D + c + j * V::W, V::add(acc[i][j], z));
+  }
+}
+
+template <int PER, int RB>
+void values_int_rows(const float* w, const float* zs, int64_t groups, int64_t T, int64_t D, int64_t VG,
+                     const Rows& v, int64_t t0, int64_t t1, float* pv) {
+  // w [RB][groups][T], zs [RB][groups]
+  const bool two = VG % (2 * V::W) == 0;
+  for (int64_t c = 0; c < D;) {
+    const int64_t g = c / VG;
+    const float* wg = w + g * T;
+    if (two) {
+      values_int_chunk<PER, RB, 2>(wg, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
+      c += 2 * V::W;
+    } else {
+      values_int_chunk<PER, RB, 1>(wg, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
+      c += V::W;
+    }
+  }
+}
+
+// False (nothing written) when the scale / zero of a position read could reach the clamp.
+template <int PER>
+bool values_int(const float* p, int64_t ldp, int64_t rows, int64_t D, int64_t VG, const Rows& v, int64_t t0,
+                int64_t t1, float* pv, Work& work) {
+  SimdWork sw(work, v.n, D);
+  const int64_t groups = D / VG, T = v.n;
+  // Scales / zeros transposed to [groups, T] (sf, zf), then w [4][groups][T] and zs [4][groups] in rest.
+  float* st = sw.rest;
+  float* zt = st + groups * T;
+  float* w = zt + groups * T;
+  float* zs = w + 4 * groups * T;
+  V::f16_to_f32(v.scale + t0 * groups, sw.sf, (t1 - t0) * groups);
+  V::f16_to_f32(v.zero + t0 * groups, sw.zf, (t1 - t0) * groups);
+  if (!clamp_cannot_bind(sw.sf, sw.zf, (t1 - t0) * groups, static_cast<float>((1 << (8 / PER)) - 1))) return false;
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t g = 0; g < groups; ++g) {
+      st[g * T + t] = sw.sf[(t - t0) * groups + g];
+      zt[g * T + t] = sw.zf[(t - t0) * groups + g];
+    }
+  for (int64_t r = 0; r < rows;) {
+    const int64_t rb = rows - r >= 4 ? 4 : rows - r >= 2 ? 2 : 1;
+    for (int64_t i = 0; i < rb; ++i) {
+      const float* pr = p + (r + i) * ldp;
+      for (int64_t g = 0; g < groups; ++g) {
+        float* wr = w + (i * groups + g) * T;
+        const float* sg = st + g * T;
+        const float* zg = zt + g * T;
+        typename V::F z = V::zero();
+        int64_t t = t0;
+        for (; t + V::W <= t1; t += V::W) {
+          const typename V::F pt = V::load(pr + t);
+          V::store(wr + t, V::mul(pt, V::load(sg + t)));
+          z = V::fmadd(pt, V::load(zg + t), z);
+        }
+        if (t < t1) {
+          const int n = static_cast<int>(t1 - t);
+          const typename V::F pt = V::load_n(pr + t, n);
+          V::store_n(wr + t, V::mul(pt, V::load_n(sg + t, n)), n);
+          z = V::fmadd(pt, V::load_n(zg + t, n), z);
+        }
+        zs[i * groups + g] = V::hsum(z);
+      }
+    }
+    if (rb == 4) values_int_rows<PER, 4>(w, zs, groups, T, D, VG, v, t0, t1, pv + r * D);
+    else if (rb == 2) values_int_rows<PER, 2>(w, zs, groups, T, D, VG, v, t0, t1, pv + r * D);
+    else values_int_rows<PER, 1>(w, zs, groups, T, D, VG, v, t0, t1, pv + r * D);
+    r += rb;
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The table.
+
+void simd_scores(const float* q, int64_t rows, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale,
+                 float* s, int64_t lds, Work& w) {
+  switch (k.elem) {
+    case Elem::F32: return scores_float<Elem::F32>(q, rows, D, k, t0, t1, scale, s, lds);
+    case Elem::F16: return scores_float<Elem::F16>(q, rows, D, k, t0, t1, scale, s, lds);
+    case Elem::BF16: return scores_float<Elem::BF16>(q, rows, D, k, t0, t1, scale, s, lds);
+    case Elem::U8:
+      if (scores_int<1>(q, rows, D, k, t0, t1, scale, s, lds, w)) return;
+      break;
+    case Elem::U4:
+      if (scores_int<2>(q, rows, D, k, t0, t1, scale, s, lds, w)) return;
+      break;
+    case Elem::U2:
+      if (scores_int<4>(q, rows, D, k, t0, t1, scale, s, lds, w)) return;
+      break;
+  }
+  // The clamp could bind: dequantized with it (as the scalar path), then as FP32 rows.
+  SimdWork sw(w, k.n, D);
+  const float* f = kvprec::cpu::block_to_float(k, D, 0, true, sw.block, sw.sf, sw.zf);
+  const Rows rf{Elem::F32, reinterpret_cast<const uint8_t*>(f), D * 4, k.n, nullptr, nullptr};
+  scores_float<Elem::F32>(q, rows, D, rf, t0, t1, scale, s, lds);
+}
+
+void simd_values(const float* p, int64_t ldp, int64_t rows, int64_t D, int64_t VG, const Rows& v, int64_t t0,
+                 int64_t t1, float* pv, Work& w) {
+  switch (v.elem) {
+    case Elem::F32: return values_float<Elem::F32>(p, ldp, rows, D, v, t0, t1, pv);
+    case Elem::F16: return values_float<Elem::F16>(p, ldp, rows, D, v, t0, t1, pv);
+    case Elem::BF16: return values_float<Elem::BF16>(p, ldp, rows, D, v, t0, t1, pv);
+    default: break;
+  }
+  if (VG % V::W == 0) {  // else a W-channel chunk could straddle two groups
+    switch (v.elem) {
+      case Elem::U8:
+        if (values_int<1>(p, ldp, rows, D, VG, v, t0, t1, pv, w)) return;
+        break;
+      case Elem::U4:
+        if (values_int<2>(p, ldp, rows, D, VG, v, t0, t1, pv, w)) return;
+        break;
+      default:
+        if (values_int<4>(p, ldp, rows, D, VG, v, t0, t1, pv, w)) return;
+        break;
+    }
+  }
+  SimdWork sw(w, v.n, D);
+  const float* f = kvprec::cpu::block_to_float(v, D, VG, false, sw.block, sw.sf, sw.zf);
+  const Rows rf{Elem::F32, reinterpret_cast<const uint8_t*>(f), D * 4, v.n, nullptr, nullptr};
+  values_float<Elem::F32>(p, ldp, rows, D, rf, t0, t1, pv);
+}
+
+constexpr kvprec::cpu::Kernels kSimdKernels = {&simd_scores, &simd_values, &simd_max, &simd_exp_sum};
+
+}  // namespace

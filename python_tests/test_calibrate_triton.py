@@ -25,7 +25,7 @@ import torch  # noqa: E402
 skip_module_without_triton()
 
 import kvprec  # noqa: E402
-from kvprec.analysis import curvature as C  # noqa: E402
+from kvprec.ops.reference import curvature as C  # noqa: E402
 from kvprec.analysis.analyzer import KVCacheAnalyzer, calibration_backend, visible_count  # noqa: E402
 from kvprec.storage.formats import Tier  # noqa: E402
 from kvprec.hf.policy import Curvature  # noqa: E402

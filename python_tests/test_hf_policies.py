@@ -76,10 +76,10 @@ def test_sink_window_demotes_blocks_leaving_the_window(tiny_model, prompts):
 @native
 def test_rebalance_runs_only_when_the_table_or_the_window_block_moves(tiny_model, prompts, monkeypatch):
     """A decode step that seals nothing and moves no block out of the window costs the policy a lookup
-    (kvprec.policy.base.needs_rebalance), yet after every step the tiers are exactly what the rule says."""
+    (kvprec.hf.policy.base.needs_rebalance), yet after every step the tiers are exactly what the rule says."""
     import sys
 
-    sw = sys.modules["kvprec.policy.sink_window"]  # the package's `sink_window` attribute is the factory
+    sw = sys.modules["kvprec.hf.policy.sink_window"]  # the package's `sink_window` attribute is the factory
     calls = []
     real = sw.demote_to
     monkeypatch.setattr(sw, "demote_to", lambda layer, targets: calls.append(1) or real(layer, targets))

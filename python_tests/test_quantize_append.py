@@ -1,5 +1,5 @@
 """quantize_append: whole blocks quantized straight into the pages of a pool, every backend against the oracle
-(kvprec.storage.quantize_ref.quantize_keys / quantize_values of the live blocks, then index writes into a copy of the pool),
+(kvprec.ops.reference.quantize.quantize_keys / quantize_values of the live blocks, then index writes into a copy of the pool),
 bit for bit; the fused range check (amax); bad arguments; and the buffer's seal path built on it.
 
 Backends: "torch" (the reference, on the test device), "cpp" (CPU kernel), "triton" (Triton's interpreter on CPU,

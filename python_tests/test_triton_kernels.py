@@ -3,7 +3,7 @@
 On a machine without CUDA they run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by triton_device before
 anything imports triton); on a GPU they compile for it. Tolerances by kind (docs/design.md, "Kernels and dispatch"):
 
-* quantize / dequantize: bit for bit against kvprec.storage.formats;
+* quantize / dequantize: bit for bit against kvprec.ops.reference.quantize;
 * attention: err(kernel) <= 2 * err(torch same dtype) + 1e-5 for out, lse and block mass, where err(x) is the max
   abs difference from the FP32 reference (kvprec.ops.reference.decode_attention with FP32 q on the same dequantized
   K/V) and "torch same dtype" is dense attention with products and softmax in q's dtype
@@ -176,7 +176,7 @@ def test_importing_kvprec_does_not_import_triton_and_the_launchers_load_lazily()
         assert "triton" not in sys.modules, "import kvprec imported triton"
         x = torch.randn(2, 7, 16, device={DEVICE!r})
         got = kvprec.ops.quantize_keys(x, "int4", backend="triton")
-        want = kvprec.storage.quantize_ref.quantize_keys(x, "int4")
+        want = kvprec.ops.reference.quantize.quantize_keys(x, "int4")
         assert "triton" in sys.modules and torch.equal(got.codes, want.codes)
         # the kernel bodies load as kvprec.triton_kernels, never as a top-level triton_kernels (OpenAI's name)
         assert "kvprec.triton_kernels.quantize" in sys.modules and "triton_kernels" not in sys.modules

@@ -1,6 +1,7 @@
-"""``kvprec generate --model PATH --policy ... --prompt ...``: generate with an AdaptiveCache and print the text,
-decode tokens/s, the memory report and the precision map. Long prompts are prefilled in chunks with a
-progress bar; generation then continues from the filled cache."""
+"""kvprec generate --model PATH --policy ... --prompt ...: generate with an AdaptiveCache and print the text, decode
+tokens/s, the memory report and the precision map. Long prompts are prefilled in chunks; generation then continues
+from the filled cache. Progress bars (prefill chunks, decoded tokens) and the report go to stderr, the text to
+stdout. Every argument is checked before the model loads."""
 from __future__ import annotations
 
 import argparse
@@ -9,44 +10,85 @@ import time
 
 import torch
 
+from .arguments import (UsageError, check_device, check_input_file, make_policy, policy_help, positive_float,
+                        positive_int, power_of_two)
+from .model_args import (add_model_arguments, check_adaptive_cache, check_model_name, check_positions, head_dim,
+                         load_model, model_config)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="'tiny' (built-in) or a local Hugging Face model directory")
-    p.add_argument("--policy", default="sink_window", help="policy name, e.g. uniform:int4 (see kvprec.policy)")
+    add_model_arguments(p)
+    p.add_argument("--policy", default="sink_window", metavar="SPEC",
+                   help=policy_help(multiple=False) + "\n(default: sink_window)")
+    p.add_argument("--bits-per-element", type=positive_float, default=None, metavar="B",
+                   help="wrap the policy in a budget of this many bits per element of the sealed pages")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--prompt", help="prompt text")
-    g.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=64)
+    g.add_argument("--prompt", metavar="TEXT", help="prompt text")
+    g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
+                   help="tokens to generate (default 64)")
+    p.add_argument("--block-size", type=power_of_two, default=64, metavar="T", help="positions per block (default 64)")
     p.add_argument("--shadow", default="none", choices=["none", "cpu"],
                    help="keep a host copy of every sealed block (exact crop, promotion); its bytes are reported")
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch", "triton"],
-                   help="attention over the cache (see kvprec.AdaptiveCache)")
+                   help="attention over the cache (see kvprec.AdaptiveCache; auto: the C++ kernel on CPU)")
     p.add_argument("--key-rotation", default="none", choices=["none", "hadamard", "orthogonal"],
                    help="store keys rotated (kvprec/storage/rotation.py); recommended below INT4")
-    p.add_argument("--chunk", type=int, default=512, help="prefill chunk size (tokens)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--chunk", type=positive_int, default=512, metavar="N",
+                   help="prefill chunk size in tokens (default 512)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+
+
+def check_backend(backend: str, device: torch.device, config) -> None:
+    """``--backend triton`` where Triton runs (a CUDA device, or TRITON_INTERPRET=1 on CPU) and takes the model's
+    head_dim; the other backends run everywhere the cache does."""
+    if backend != "triton":
+        return
+    from kvprec import ops
+
+    try:
+        ops.resolve_backend("decode_attention", "triton", device)
+    except RuntimeError as exc:
+        raise UsageError(f"--backend triton: {exc}; use --backend auto") from exc
+    if head_dim(config) not in ops.TRITON_DECODE_HEAD_DIMS:
+        raise UsageError(f"--backend triton: the model's head_dim {head_dim(config)} is not one the Triton kernel "
+                         f"takes ({', '.join(map(str, ops.TRITON_DECODE_HEAD_DIMS))}); use --backend auto")
+
+
+def _read_prompt(args) -> str:
+    check_input_file(args.prompt_file, "--prompt-file")
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
+            prompt = f.read()
+    if not prompt:
+        raise UsageError("give a non-empty --prompt TEXT or --prompt-file FILE")
+    return prompt
 
 
 def run(args) -> int:
     import kvprec
-    from kvprec.models.loading import load
-
-    if args.max_new_tokens < 1 or args.chunk < 1:
-        raise SystemExit("kvprec generate: --max-new-tokens and --chunk must be >= 1")
-    prompt = args.prompt if args.prompt is not None else (open(args.prompt_file).read() if args.prompt_file else None)
-    if not prompt:
-        raise SystemExit("kvprec generate: give --prompt TEXT or --prompt-file FILE")
-    loaded = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    model = loaded.model
-    ids = torch.tensor([loaded.encode(prompt)], device=args.device)
-    cache = kvprec.AdaptiveCache(model.config, policy=args.policy, block_size=args.block_size,
-                                 shadow=None if args.shadow == "none" else args.shadow, backend=args.backend,
-                                 key_rotation=None if args.key_rotation == "none" else args.key_rotation)
     from tqdm import tqdm
 
+    check_model_name(args.model)
+    device = check_device(args.device)
+    prompt = _read_prompt(args)
+    rotation = None if args.key_rotation == "none" else args.key_rotation
+    policy = make_policy(args.policy, args.bits_per_element)
+    config, dtype = model_config(args)
+    check_adaptive_cache(config, args.model, args.block_size, None, rotation, args.bits_per_element)
+    check_backend(args.backend, device, config)
+
+    loaded = load_model(args, dtype, device)
+    model = loaded.model
+    ids = torch.tensor([loaded.encode(prompt)], device=device)
+    if ids.shape[1] == 0:
+        raise UsageError("the prompt encodes to no tokens; give a longer --prompt or --prompt-file")
+    check_positions(config, args.model, ids.shape[1] + args.max_new_tokens - 1,
+                    f"the prompt's {ids.shape[1]} tokens + --max-new-tokens {args.max_new_tokens} - 1")
+    cache = kvprec.AdaptiveCache(model.config, policy=policy, block_size=args.block_size,
+                                 shadow=None if args.shadow == "none" else args.shadow, backend=args.backend,
+                                 key_rotation=rotation)
     with kvprec.enabled(model), torch.no_grad():
         t0 = time.perf_counter()
         starts = range(0, ids.shape[1] - 1, args.chunk)
@@ -55,13 +97,40 @@ def run(args) -> int:
             model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True)
         t_prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                             max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             pad_token_id=getattr(model.generation_config, "pad_token_id", None) or 0)
+        with DecodeProgress(args.max_new_tokens) as progress:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                 max_new_tokens=args.max_new_tokens, do_sample=args.sample, streamer=progress,
+                                 pad_token_id=getattr(model.generation_config, "pad_token_id", None) or 0)
         t_decode = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
     print(loaded.decode(new))
-    print(f"\n[{loaded.name}] prompt {ids.shape[1]} tokens prefilled in {t_prefill:.2f} s; {len(new)} new tokens in "
-          f"{t_decode:.2f} s = {len(new) / t_decode:.1f} tokens/s (policy {args.policy})", file=sys.stderr)
+    print(f"\n[{loaded.name}, {str(dtype).removeprefix('torch.')}] prompt {ids.shape[1]} tokens prefilled in "
+          f"{t_prefill:.2f} s; {len(new)} new tokens in {t_decode:.2f} s = {len(new) / t_decode:.1f} tokens/s "
+          f"(policy {args.policy})", file=sys.stderr)
     print(cache.memory_report().format(), file=sys.stderr)
     return 0
+
+
+class DecodeProgress:
+    """A progress bar on stderr over the tokens ``model.generate`` produces, as its ``streamer``: generate puts
+    the prompt first, then each new token (batch 1)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="decode", unit="token", file=sys.stderr)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "DecodeProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 
 @dataclass
@@ -52,11 +54,12 @@ class TeacherForced:
 
 
 @torch.no_grad()
-def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_implementation: Optional[str] = None
-                   ) -> TeacherForced:
+def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_implementation: Optional[str] = None,
+                   on_step: Optional[Callable[[], object]] = None) -> TeacherForced:
     """Run ``tokens`` [B, L] (int64) through ``model`` with ``cache`` as described in the module docstring.
 
     attn_implementation: set on the model for this pass and restored after ("kvprec" for an AdaptiveCache).
+    on_step: called after each model call (the prefill, then each decode step: L - P calls in all), for progress.
     """
     if tokens.dim() != 2 or tokens.shape[0] < 1:
         raise ValueError(f"teacher_forced: tokens must be [B, L] token ids, got {tuple(tokens.shape)}")
@@ -82,6 +85,8 @@ def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_imp
     with restore:
         out = model(input_ids=tokens[:, :prefill], past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
+        if on_step is not None:
+            on_step()
         for i in range(prefill, length):
             logp = torch.log_softmax(logits, -1)
             nll.append(-logp.gather(1, tokens[:, i:i + 1])[:, 0])
@@ -90,6 +95,8 @@ def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_imp
                 break
             out = model(input_ids=tokens[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
             logits = out.logits[:, -1].float()
+            if on_step is not None:
+                on_step()
     seconds = time.perf_counter() - start
     report = cache.memory_report() if hasattr(cache, "memory_report") else None
     bits = report.bits_per_element if report is not None else held_bits_per_element(cache, model, tokens.shape[0])
@@ -189,10 +196,14 @@ class Comparison:
         return "\n".join(lines)
 
 
-def compare(model, tokens: torch.Tensor, prefill: int, caches: Dict[str, Callable[[], object]]) -> Comparison:
+def compare(model, tokens: torch.Tensor, prefill: int, caches: Dict[str, Callable[[], object]], *,
+            progress: bool = False) -> Comparison:
     """Teacher-forced pass with an unquantized ``DynamicCache()`` + sdpa as the reference, then with each
     ``caches[name]()`` (a fresh cache per call): an AdaptiveCache under the "kvprec" attention, any other
-    transformers cache (:func:`hf_cache`) under the reference's attention."""
+    transformers cache (:func:`hf_cache`) under the reference's attention.
+
+    progress: a tqdm bar on stderr over the model calls of all passes ((1 + len(caches)) * (L - P)), named after
+    the pass that runs."""
     from transformers import DynamicCache
 
     from .cache import AdaptiveCache
@@ -200,10 +211,15 @@ def compare(model, tokens: torch.Tensor, prefill: int, caches: Dict[str, Callabl
     # SDPA has no logit softcap (Gemma 2): the reference uses eager attention there, as transformers does.
     softcap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
     stock = "eager" if softcap else "sdpa"
-    ref = teacher_forced(model, tokens, prefill, DynamicCache(), attn_implementation=stock)
-    comparison = Comparison(ref)
-    for name, make in caches.items():
-        cache = make()
-        comparison.results[name] = teacher_forced(
-            model, tokens, prefill, cache, attn_implementation="kvprec" if isinstance(cache, AdaptiveCache) else stock)
+    passes = [("reference", DynamicCache), *caches.items()]
+    with tqdm(total=len(passes) * (tokens.shape[1] - prefill), unit="step", file=sys.stderr,
+              disable=not progress) as bar:
+        results = []
+        for name, make in passes:
+            bar.set_description(name)
+            cache = make()
+            results.append(teacher_forced(model, tokens, prefill, cache, on_step=bar.update,
+                                          attn_implementation="kvprec" if isinstance(cache, AdaptiveCache) else stock))
+    comparison = Comparison(results[0])
+    comparison.results.update(zip(caches, results[1:]))
     return comparison

@@ -29,7 +29,7 @@ _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_input(x: torch.Tensor, what: str) -> None:
-    """The reference's contract (kvprec.storage.quantize_ref._checked_fp32), without its FP32 copy."""
+    """The reference's contract (kvprec.ops.reference.quantize._checked_fp32), without its FP32 copy."""
     if x.dim() != 3:
         raise ValueError(f"{what}: expected a [N, T, D] tensor, got shape {tuple(x.shape)}")
     if x.dtype not in _OUT_DTYPES:
@@ -101,7 +101,7 @@ def _check_device(x: torch.Tensor, what: str) -> None:
 
 
 def quantize_keys(x: torch.Tensor, tier) -> QuantizedBlock:
-    """Keys [N, T, D] -> QuantizedBlock, per-channel scale/zero FP16 [N, D] (kvprec.storage.quantize_ref.quantize_keys)."""
+    """Keys [N, T, D] -> QuantizedBlock, per-channel scale/zero FP16 [N, D] (kvprec.ops.reference.quantize.quantize_keys)."""
     tier = Tier.parse(tier)
     if not tier.is_integer:
         return quantize_ref.quantize_keys(x, tier)
@@ -143,7 +143,7 @@ def _dequantize(q: QuantizedBlock, tier: Tier, head_dim: int, group_size: int, d
 
 
 def dequantize_keys(q: QuantizedBlock, tier, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """QuantizedBlock of keys -> [N, T, D] in ``dtype`` (kvprec.storage.quantize_ref.dequantize_keys, bit for bit)."""
+    """QuantizedBlock of keys -> [N, T, D] in ``dtype`` (kvprec.ops.reference.quantize.dequantize_keys, bit for bit)."""
     tier = Tier.parse(tier)
     if not tier.is_integer:
         return quantize_ref.dequantize_keys(q, tier, head_dim, dtype)
@@ -151,7 +151,7 @@ def dequantize_keys(q: QuantizedBlock, tier, head_dim: int, dtype: torch.dtype) 
 
 
 def dequantize_values(q: QuantizedBlock, tier, head_dim: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """QuantizedBlock of values -> [N, T, D] in ``dtype`` (kvprec.storage.quantize_ref.dequantize_values, bit for bit)."""
+    """QuantizedBlock of values -> [N, T, D] in ``dtype`` (kvprec.ops.reference.quantize.dequantize_values, bit for bit)."""
     tier = Tier.parse(tier)
     if not tier.is_integer:
         return quantize_ref.dequantize_values(q, tier, head_dim, group_size, dtype)

@@ -1,7 +1,7 @@
 """Launcher of the Triton quantize_append kernel (body in triton_kernels/quantize_append.py).
 
 :func:`quantize_append` has the signature kvprec.ops calls for ``backend="triton"`` and writes what the reference
-(kvprec.storage.quantize_ref.quantize_append) writes, bit for bit. The kernel runs as the ``torch.library.triton_op``
+(kvprec.ops.reference.quantize.quantize_append) writes, bit for bit. The kernel runs as the ``torch.library.triton_op``
 ``torch.ops.kvprec_triton.quantize_append`` (in place: codes, scale, zero, amax), launched with
 ``enable_fp_fusion=False`` like the other quantizers (kvprec/ops/triton/quantize.py says why).
 """
@@ -67,7 +67,7 @@ def quantize_append_op(x: torch.Tensor, pages: torch.Tensor, codes: torch.Tensor
 def quantize_append(x: torch.Tensor, tier, pages: torch.Tensor, codes: torch.Tensor,
                     scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
                     amax: Optional[torch.Tensor] = None, *, keys: bool, group_size: int = 32) -> None:
-    """Whole blocks x [..., T, D] at ``tier`` into ``pages`` of a pool, in place (kvprec.storage.quantize_ref.quantize_append,
+    """Whole blocks x [..., T, D] at ``tier`` into ``pages`` of a pool, in place (kvprec.ops.reference.quantize.quantize_append,
     bit for bit; amax raised as there)."""
     tier = Tier.parse(tier)
     quantize_ref.check_append_args(x, tier, pages, codes, scale, zero, amax, keys, group_size)

@@ -81,6 +81,18 @@ def cache_backends() -> list:
     return rows
 
 
+def cpu_isa() -> str:
+    """The instruction-set path the C++ CPU kernels run (kvprec._native.cpu_isa: chosen when the library loaded,
+    or forced by KVPREC_CPU_ISA), or why there is none: KVPREC_CPU_ISA names a path this CPU or build cannot run
+    (then every CPU kernel call fails with that reason)."""
+    from kvprec import _native
+
+    try:
+        return f"{_native.cpu_isa()} (of the C++ CPU kernels; the environment variable KVPREC_CPU_ISA forces one)"
+    except RuntimeError as exc:
+        return f"none, the CPU kernels refuse to run: {exc}"
+
+
 BACKEND_MEANING = {"cpp": "the C++ kernel of the native library, block by block",
                    "cuda": "the CUDA flash-decoding kernel over the packed tiers",
                    "triton": "the Triton flash-decoding kernel",
@@ -96,6 +108,7 @@ def _cmd_info(args) -> int:
     print(f"native library: {native}")
     print(f"CUDA kernels:   {'yes' if kvprec.cuda_kernels_available() else 'no'}")
     if kvprec.native_available():
+        print(f"CPU ISA path:   {cpu_isa()}")
         print('AdaptiveCache attention (backend="auto"), what decoding through the cache runs:')
         for where, backend in cache_backends():
             note = BACKEND_MEANING[backend]

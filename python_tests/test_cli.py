@@ -262,6 +262,7 @@ def test_eval_on_the_tiny_model_defaults_to_float32(tmp_path, capsys):
     out = tmp_path / "rows.json"
     assert main(EVAL + ["--prefill", "32", "--tokens", "4", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["dtype"] == "float32"
+    assert list(tmp_path.iterdir()) == [out]  # written through a temporary file, which is gone
 
 
 # --------------------------------------------------------------------------------------------------------- info
@@ -271,6 +272,24 @@ def test_info_reports_the_cache_backend_apart_from_the_ops(capsys):
     assert re.search(r"^  cpu +cpp \(the C\+\+ kernel of the native library", out, re.M)
     assert re.search(r"^  decode_attention +auto -> cpu: torch", out, re.M)  # the op alone: the reference on CPU
     assert 'kvprec.ops entry points, each called with backend="auto"' in out
+
+
+def test_info_reports_the_cpu_isa_path(capsys, monkeypatch):
+    """The path kvprec._native.cpu_isa() reports, or, where KVPREC_CPU_ISA named one that cannot run (the library
+    then refuses every CPU kernel call), that reason."""
+    from kvprec import _native
+
+    isa = _native.cpu_isa()
+    assert isa in ("scalar", "avx2", "avx512", "avx512_vnni")
+    assert main(["info"]) == 0
+    assert f"CPU ISA path:   {isa} (of the C++ CPU kernels" in capsys.readouterr().out
+
+    def refused_path():
+        raise RuntimeError("KVPREC_CPU_ISA: 'avx1024' is not a CPU path")
+
+    monkeypatch.setattr(_native, "cpu_isa", refused_path)
+    assert main(["info"]) == 0
+    assert "CPU ISA path:   none, the CPU kernels refuse to run: KVPREC_CPU_ISA: 'avx1024'" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------------- help

@@ -12,7 +12,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -112,16 +111,17 @@ def check_output_file(path: Optional[str], flag: str) -> None:
 
 
 def write_json(path: str, data) -> None:
-    """Write ``data`` as JSON to ``path`` whole or not at all: into a temporary file beside it, then renamed."""
+    """Write ``data`` as JSON to ``path`` whole or not at all: into a temporary file beside it (created with the
+    usual permissions), then renamed over ``path``."""
     text = json.dumps(data, indent=1)
     target = Path(path).resolve()
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(temp, "x") as f:
             f.write(text)
         os.replace(temp, target)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
 
 

@@ -171,7 +171,21 @@ def test_real_model_adaptive_fp32_matches_dynamic_cache(smol):
     assert new[0, n:].tolist() == ref[0, n:].tolist(), (tokenizer.decode(ref[0, n:]), tokenizer.decode(new[0, n:]))
 
 
+def test_load_refuses_a_directory_that_is_not_a_model(tmp_path):
+    from kvprec.models import load
+
+    with pytest.raises(ValueError, match=r"--model: .* is a directory without config.json"):
+        load(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"--model: .* is not a Hugging Face model directory with a tokenizer"):
+        load(str(tmp_path))
+
+
 @needs_model
-def test_real_model_loads_in_bfloat16_from_the_checkpoint():
-    model, _ = smollm2.load_smollm2(dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+def test_load_by_name_as_the_command_line_does():
+    from kvprec.models import load
+
+    loaded = load(smollm2.NAME, dtype=torch.bfloat16)
+    assert loaded.name == smollm2.NAME and loaded.tokenizer.chat_template
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert loaded.decode(loaded.encode("Hello, world")) == "Hello, world"

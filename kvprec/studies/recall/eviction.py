@@ -1,0 +1,170 @@
+"""Phase 2 of the recall study, per sample: caches that really evict, and entropy-triggered recall (ETR).
+
+Every row of one batched decode holds K(n) positions per (layer, KV head) on the "device" and attends only to
+those (and the current position): past hidden states, queries and the policy's own attention statistics are those
+of the evicting cache, not of the full one (phase 1's oracle approximation is lifted). All rows share the prompt's
+K/V from the full prefill (a policy compresses the prompt after the prefill) and keep their own K/V of the decoded
+positions; they are teacher-forced on the oracle's tokens, so their NLL of x_{t+1} (the oracle's greedy choice)
+is the quality measure, at equal device memory: every row holds K(n) positions of K and V per (layer, KV head).
+
+Per budget fraction b and base policy (h2o, streaming, tova, snapkv) three rows:
+
+* ``static``: the base policy alone;
+* ``etr`` (entropy-triggered recall): the base policy, and when the row's own previous next-token entropy
+  H_{t-1} exceeds ``threshold`` nats, a recall before the step's attention. From the first trigger on the base
+  policy keeps K(n) - r(n) positions (r(n) = ceil(f K(n)), f = ``recall_fraction``) and r(n) slots hold recalled
+  positions. At a trigger, per layer and KV head, the host scores every position not in the base policy's set
+  with the current query against the host shadow (all K/V ever appended; the full softmax over all positions, as
+  exact scoring of the shadow gives) and the r(n) highest become the recall set until the next trigger. Cost per
+  trigger, per layer and KV head: the query to the host (g D elements), the shadow keys scored
+  ((t - |device set|) D elements) and the K and V of positions that enter the device (2 D each), in the
+  cache dtype; the host time of scoring and selection is measured;
+* ``random``: the same mechanism triggered at random steps, as many per sample as the oracle's entropy crossed the
+  threshold (H_{t-1} of the full cache), at positions drawn with the study's seed: does the entropy's timing matter,
+  or only recalling at that rate?
+
+Recall of a row at step t is against the oracle's needed set of that step (top-K of the full cache's attention).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from .attention import MaskedRows, model_shape, study_attention
+from .oracle import SIMULATED, OracleSample, entropy_nll
+from .policies import PrefillStats, make
+from .recall import budget_size, needed_set
+
+KINDS = ("static", "etr", "random")
+
+
+@dataclass
+class EvictionOptions:
+    fractions: List[float]
+    bases: List[str] = field(default_factory=lambda: list(SIMULATED))
+    threshold: float = 2.5
+    recall_fraction: float = 0.25
+    h2o_recent: float = 0.5
+    sinks: int = 4
+    snapkv_window: int = 32
+    snapkv_kernel: int = 5
+
+
+@dataclass
+class EvictionSample:
+    """Arrays [S, n_b, len(KINDS), n_bases] over the sample's S decode steps."""
+
+    nll: np.ndarray
+    entropy: np.ndarray
+    recall: np.ndarray          # mean over (layer, KV head) rows
+    triggered: np.ndarray       # bool
+    scanned_bytes: np.ndarray   # int64: shadow keys scored + query sent, summed over layers and KV heads
+    moved_bytes: np.ndarray     # int64: K and V of recalled positions that entered the device
+    trigger_seconds: np.ndarray  # FP64 [S]: host time of scoring and selection, all triggered rows of the step
+    step_seconds: np.ndarray     # FP64 [S]: the whole batched step
+    random_triggers: int = 0     # triggers drawn for each random row of the sample
+
+
+def _recall_count(fraction: float, recall_fraction: float, n: int) -> int:
+    return max(1, math.ceil(round(recall_fraction * budget_size(fraction, n), 9)))
+
+
+@torch.no_grad()
+def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> EvictionSample:
+    layers, hq, hkv, d = model_shape(model)
+    rows_n, g = layers * hkv, hq // hkv
+    p, steps = o.prompt_len, len(o.targets)
+    cap = p + steps
+    nb, nk, nbase = len(opts.fractions), len(KINDS), len(opts.bases)
+    spec = [(bi, ki, base) for bi in range(nb) for ki in range(nk) for base in opts.bases]
+    n = len(spec)
+    options = {"h2o": {"recent": opts.h2o_recent}, "streaming": {"sinks": opts.sinks},
+               "snapkv": {"window": opts.snapkv_window, "kernel": opts.snapkv_kernel}, "tova": {}}
+    stats = PrefillStats(o.prefill.colsum[:rows_n], o.prefill.last_rows[:, :rows_n])
+    sims = []
+    for bi, _, base in spec:
+        sim = make(base, rows_n, cap, opts.fractions[bi], **options[base])
+        sim.start(stats)
+        sims.append(sim)
+    recall_set = torch.zeros(n, rows_n, cap, dtype=torch.bool)
+    active = [False] * n
+    elem = o.prefill_kv[0][0].element_size()
+
+    # the oracle's crossings: H_{t-1} > threshold (the prefill's distribution chose the first decoded token)
+    before = np.concatenate([[o.prefill_entropy], o.entropy[:-1]]) if steps else np.zeros(0)
+    count = int((before > opts.threshold).sum())
+    rng = np.random.default_rng(seed)
+    random_steps = set(rng.choice(steps, size=count, replace=False).tolist()) if count else set()
+    prev_entropy = torch.full((n,), o.prefill_entropy, dtype=torch.float64)
+
+    out = {k: np.zeros((steps, nb, nk, nbase)) for k in ("nll", "entropy", "recall")}
+    trig = np.zeros((steps, nb, nk, nbase), dtype=bool)
+    scanned = np.zeros((steps, nb, nk, nbase), dtype=np.int64)
+    moved = np.zeros_like(scanned)
+    trig_sec, step_sec = np.zeros(steps), np.zeros(steps)
+    masked = MaskedRows([kv[0] for kv in o.prefill_kv], [kv[1] for kv in o.prefill_kv], None, own=True)
+    where = lambda i: (spec[i][0], spec[i][1], opts.bases.index(spec[i][2]))  # noqa: E731
+
+    for s in range(steps):
+        t = p + s
+        begin = time.perf_counter()
+        fire = [i for i in range(n) if (KINDS[spec[i][1]] == "etr" and float(prev_entropy[i]) > opts.threshold)
+                or (KINDS[spec[i][1]] == "random" and s in random_steps)]
+        for i in fire:
+            if not active[i]:  # the base policy gives up r(n) of its positions to the recall slots
+                f = opts.fractions[spec[i][0]]
+                sims[i].reserve = lambda m, f=f: _recall_count(f, opts.recall_fraction, m)
+                sims[i].shrink()
+                active[i] = True
+        core = torch.stack([sim.held[:, :t] for sim in sims])  # [N, R, t]
+        spent = [0.0]
+
+        def keep(layer: int, logits: torch.Tensor) -> torch.Tensor:
+            rows = slice(layer * hkv, (layer + 1) * hkv)
+            if fire:
+                tick = time.perf_counter()
+                for i in fire:
+                    c, old = core[i, rows], recall_set[i, rows, :t]
+                    r = _recall_count(opts.fractions[spec[i][0]], opts.recall_fraction, t)
+                    probs = torch.softmax(logits[i], -1).mean(1)[:, :t]  # [H_kv, t], scored over every position
+                    candidates = ~c
+                    r = min(r, int(candidates.sum(-1).min()))
+                    new = torch.zeros_like(c)
+                    if r > 0:
+                        new.scatter_(-1, torch.topk(probs.masked_fill(c, -1.0), r, -1).indices, True)
+                    new &= candidates
+                    bi, ki, bj = where(i)
+                    on_host = int((~(c | old)).sum())
+                    scanned[s, bi, ki, bj] += (on_host * d + hkv * g * d) * elem
+                    moved[s, bi, ki, bj] += int((new & ~old).sum()) * 2 * d * elem
+                    recall_set[i, rows, :t] = new
+                spent[0] += time.perf_counter() - tick
+            held = core[:, rows] | recall_set[:, rows, :t]
+            return torch.cat([held, torch.ones(n, hkv, 1, dtype=torch.bool)], -1)
+
+        masked.keep = keep
+        token = int(o.tokens[t])
+        with study_attention(model, masked):
+            logits = model(input_ids=torch.full((n, 1), token), position_ids=torch.full((n, 1), t),
+                           use_cache=False).logits[:, -1].float()
+        h, nll = entropy_nll(logits, torch.full((n,), int(o.targets[s])))
+        prev_entropy = h.double()
+        used = core | recall_set[:, :, :t]  # [N, R, t]: what each row's query attended (with t)
+        a = o.rows[s][:rows_n, :t]
+        needed = [needed_set(a, budget_size(b, t)) for b in opts.fractions]
+        probs = torch.cat([masked.probs[layer] for layer in range(layers)], 1)  # [N, R, t + 1]
+        for i, sim in enumerate(sims):
+            bi, ki, bj = where(i)
+            k = budget_size(opts.fractions[bi], t)
+            out["recall"][s, bi, ki, bj] = float((needed[bi] & used[i]).sum(-1).float().mean()) / k
+            out["nll"][s, bi, ki, bj], out["entropy"][s, bi, ki, bj] = float(nll[i]), float(h[i])
+            trig[s, bi, ki, bj] = i in fire
+            visible = torch.cat([used[i], torch.ones(rows_n, 1, dtype=torch.bool)], -1)
+            sim.step(probs[i], visible)
+        trig_sec[s], step_sec[s] = spent[0], time.perf_counter() - begin
+    return EvictionSample(out["nll"], out["entropy"], out["recall"], trig, scanned, moved, trig_sec, step_sec, count)

@@ -155,6 +155,19 @@ cpu::Rows block_rows(const Problem& p, int64_t b, int64_t h, int64_t c, int64_t 
   return r;
 }
 
+// Ask for a block's data (and scales / zeros) to be brought into cache while the current block is computed.
+void prefetch(const cpu::Rows& r, int64_t D, int64_t VG, bool keys) {
+  const int64_t bytes = r.n * r.ld;
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r.data + o, 0, 2);
+  if (r.scale) {
+    const int64_t meta = 2 * (keys ? D : r.n * (D / VG));
+    for (int64_t o = 0; o < meta; o += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(r.scale) + o, 0, 2);
+      __builtin_prefetch(reinterpret_cast<const char*>(r.zero) + o, 0, 2);
+    }
+  }
+}
+
 // e^x for x <= 0 with the kernels' exp (the same function as the softmax's).
 float exp_le0(const cpu::Kernels& K, float x) {
   K.exp_sum(&x, 1, 0.0f);
@@ -190,6 +203,10 @@ void attend_range(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1
       }
     }
     if (t_lo >= t_hi) continue;
+    if (c + 1 < c_end && c + 1 < p.sealed) {
+      prefetch(block_rows(p, b, h, c + 1, p.T, true), D, p.VG, true);
+      prefetch(block_rows(p, b, h, c + 1, p.T, false), D, p.VG, false);
+    }
     // Scores of every row over the positions some row sees (a row's own range is applied below).
     K.scores(w.q.data(), rows, D, block_rows(p, b, h, c, len, true), t_lo, t_hi, p.scale, w.s.data(), p.T, w.w);
     // Softmax statistics per row; s becomes p over [t_lo, t_hi) (0 outside the row's range).

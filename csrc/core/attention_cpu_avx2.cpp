@@ -117,6 +117,17 @@ struct V {
     std::memset(dst + c, 0, static_cast<size_t>(count - c) * 2);
   }
 
+  // out[i] = a * float(x[i]) + b for i < n.
+  static void affine_i32(const int32_t* x, int64_t n, float a, float b, float* out) {
+    const F va = set1(a), vb = set1(b);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      store(out + i, fmadd(va, _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), vb));
+    if (i < n) {
+      const int m = static_cast<int>(n - i);
+      store_n(out + i, fmadd(va, _mm256_cvtepi32_ps(_mm256_maskload_epi32(x + i, lanes(m))), vb), m);
+    }
+  }
   static I zero_i() { return _mm256_setzero_si256(); }
   static I load_i(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   // IB / 2 code bytes (or the `avail` < IB / 2 there, then zeros) as u16 lanes.

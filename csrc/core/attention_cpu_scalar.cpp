@@ -236,12 +236,12 @@ constexpr Kernels kScalar = {&scores, &values, &max_of, &exp_sum};
 }  // namespace
 
 int64_t work_floats(int64_t rows, int64_t D, int64_t T, int64_t VG) {
-  // Scalar: 3 [T, D] arrays and the lanes. SIMD (cpu_attention_simd.h): the same fallback arrays, then per row the
-  // quantized query (int16, D rounded up to 512 channels), its scale / zero term, and the value weights per
-  // (row, group, position) and zero terms per (row, group).
+  // Scalar: 3 [T, D] arrays and the lanes. SIMD (cpu_attention_simd.h): the same fallback arrays, then for keys
+  // q' [D], the quantized query of 4 rows (at most 2 * round_up(D, 256) bytes each), qs, zq and the dots [4, T]; for
+  // values the transposed scales / zeros [groups, T], the weights [4, groups, T] and zero terms [4, groups].
   const int64_t groups = D / std::max<int64_t>(VG, 1);
   const int64_t scalar = 3 * T * D + rows * T * kLanes;
-  const int64_t simd = 3 * T * D + rows * ((D + 511) / 512 * 256 + 16) + rows * groups * (T + 1) + 2 * T * groups + 64;
+  const int64_t simd = 3 * T * D + std::max(4 * D + 1024 + 4 * T, 6 * groups * T + 4 * groups) + 64;
   return std::max(scalar, simd);
 }
 

@@ -243,9 +243,11 @@ inline typename V::I load_bytes(const uint8_t* p, int64_t m) {
   return V::load_i(buf);
 }
 
+// dots [RB, T] int32 scratch: the integer dot products are written per position (one horizontal sum for RB rows),
+// then turned into scores a vector of positions at a time.
 template <int PER, int RB>
 void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
-                     int64_t lds) {
+                     int64_t lds, int32_t* dots) {
   const int64_t row_bytes = D / PER, end = k.n * k.ld;
   // PER > 1: chunks of IB code bytes (PER * IB channels); PER == 1: IB / 2 code bytes widened to 16 bits.
   constexpr int64_t kChunk = PER == 1 ? V::IB / 2 : V::IB;
@@ -269,12 +271,16 @@ void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, i
           acc[i] = V::template dot_u8s8<PER>(acc[i], u, kq.qi + i * kq.qbytes + j * PER * V::IB);
       }
     }
-    int32_t dots[RB];
-    if constexpr (RB == 4) V::hsum4_i(acc[0], acc[1], acc[2], acc[3], dots);
-    else
-      for (int i = 0; i < RB; ++i) dots[i] = V::hsum_i(acc[i]);
-    for (int i = 0; i < RB; ++i) s[i * lds + t] = scale * (kq.qs[i] * static_cast<float>(dots[i]) + kq.zq[i]);
+    if constexpr (RB == 4) {
+      int32_t d4[4];
+      V::hsum4_i(acc[0], acc[1], acc[2], acc[3], d4);
+      for (int i = 0; i < 4; ++i) dots[i * k.n + t] = d4[i];
+    } else {
+      for (int i = 0; i < RB; ++i) dots[i * k.n + t] = V::hsum_i(acc[i]);
+    }
   }
+  for (int i = 0; i < RB; ++i)
+    V::affine_i32(dots + i * k.n + t0, t1 - t0, scale * kq.qs[i], scale * kq.zq[i], s + i * lds + t0);
 }
 
 // Work layout of the SIMD kernels (within work_floats): fallback block, its scales / zeros (3 [T, D]); then the
@@ -301,18 +307,19 @@ bool scores_int(const float* q, int64_t rows, int64_t D, const Rows& k, int64_t 
   const float qmax = PER == 1 ? static_cast<float>(imin(32767, 2147483647 / (255 * D))) : 127.0f;
   constexpr int64_t kChannelsPerChunk = PER == 1 ? V::IB / 2 : PER * V::IB;
   const int64_t qbytes = round_up(D, kChannelsPerChunk) * (PER == 1 ? 2 : 1);
-  // rest: qp [D] | tmp [qbytes] | 4 rows of qi | qs [4] | zq [4]
+  // rest: qp [D] | tmp [qbytes] | 4 rows of qi | qs [4] | zq [4] | dots [4, T]
   float* qp = sw.rest;
   float* tmp = qp + round_up(D, 16);
   auto* qi = reinterpret_cast<int8_t*>(tmp + round_up(qbytes, 64) / 4);
   float* qs = reinterpret_cast<float*>(qi + 4 * round_up(qbytes, 64));
   KeyQuery kq{qi, qbytes, qs, qs + 4};
+  auto* dots = reinterpret_cast<int32_t*>(qs + 8);
   for (int64_t r = 0; r < rows;) {
     const int64_t rb = rows - r >= 4 ? 4 : rows - r >= 2 ? 2 : 1;
     prepare_key_query<PER>(q + r * D, rb, D, sw.sf, sw.zf, qmax, tmp, qp, kq);
-    if (rb == 4) scores_int_rows<PER, 4>(kq, D, k, t0, t1, scale, s + r * lds, lds);
-    else if (rb == 2) scores_int_rows<PER, 2>(kq, D, k, t0, t1, scale, s + r * lds, lds);
-    else scores_int_rows<PER, 1>(kq, D, k, t0, t1, scale, s + r * lds, lds);
+    if (rb == 4) scores_int_rows<PER, 4>(kq, D, k, t0, t1, scale, s + r * lds, lds, dots);
+    else if (rb == 2) scores_int_rows<PER, 2>(kq, D, k, t0, t1, scale, s + r * lds, lds, dots);
+    else scores_int_rows<PER, 1>(kq, D, k, t0, t1, scale, s + r * lds, lds, dots);
     r += rb;
   }
   return true;

@@ -102,6 +102,16 @@ struct V {
     std::memset(dst + c, 0, static_cast<size_t>(count - c) * 2);
   }
 
+  // out[i] = a * float(x[i]) + b for i < n.
+  static void affine_i32(const int32_t* x, int64_t n, float a, float b, float* out) {
+    const F va = set1(a), vb = set1(b);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) store(out + i, fmadd(va, _mm512_cvtepi32_ps(_mm512_loadu_si512(x + i)), vb));
+    if (i < n) {
+      const int m = static_cast<int>(n - i);
+      store_n(out + i, fmadd(va, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes(m), x + i)), vb), m);
+    }
+  }
   static I zero_i() { return _mm512_setzero_si512(); }
   static I load_i(const void* p) { return _mm512_loadu_si512(p); }
   static I widen_u8(const uint8_t* p, int64_t avail) {

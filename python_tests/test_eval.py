@@ -242,7 +242,8 @@ def test_demo_runs_end_to_end(capsys):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Int2KeysWarning)
-        assert main(["demo", "--prefill", "64", "--tokens", "16", "--generate", "4", "--block-size", "16"]) == 0
+        assert main(["demo", "--model", "tiny", "--prefill", "64", "--tokens", "16", "--generate", "4",
+                     "--block-size", "16"]) == 0
     out = capsys.readouterr().out
     for row in ("uniform:int8", "uniform:int4", "sink_window", "attention_mass", "uniform:int2 rot:orthogonal",
                 "curvature@"):

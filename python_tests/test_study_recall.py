@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import kvprec
-from kvprec.studies.recall import analysis, data, eviction, oracle, plots, prompt, recall, report, stats, study
+from kvprec.studies.recall import analysis, data, plots, prompt, recall, report, stats, study
 from kvprec.studies.recall.attention import MaskedRows, OracleRecorder, attend_scores, scores, study_attention
 from kvprec.studies.recall.policies import H2O, TOVA, PrefillStats, SnapKV, StreamingLLM, evict_lowest, make
 
@@ -295,7 +295,7 @@ def test_loader_errors_name_the_file_and_line(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match="line 1"):
         data.load_dataset(str(bad))
-    with pytest.raises(FileNotFoundError, match="--dataset"):
+    with pytest.raises(ValueError, match="--dataset"):
         data.load_dataset(str(tmp_path / "missing.jsonl"))
 
 
@@ -434,44 +434,80 @@ def test_per_row_policy_equals_separate_caches(tiny):
 
 @needs_native
 def test_budget_100_percent_gives_recall_1_and_the_full_cache(tiny):
-    settings = study.RecallSettings(max_samples=1, max_new_tokens=4, max_prompt_tokens=500, budgets=[1.0],
+    settings = study.RecallSettings(max_samples=1, max_new_tokens=4, max_prompt_tokens=500, budgets=[1.0], gap_every=1,
                                     etr_threshold=0.0)
     raw = study.collect(settings, tiny, None, Quiet())
     assert np.all(raw["recall"][:, :4] == 1.0)  # the simulated policies (kvprec's tiering keeps blocks, not K)
     assert np.allclose(raw["ev_recall"], 1.0)
-    np.testing.assert_allclose(raw["ev_nll"][:, 0, 0], raw["nll"][:, None].repeat(4, 1), rtol=1e-4, atol=1e-4)
+    static = raw["ev_row_kind"] == "static"
+    assert static.sum() == 4 and raw["ev_row_kind"].tolist().count("etr") == 1
+    np.testing.assert_allclose(raw["ev_nll"][:, static], raw["nll"][:, None].repeat(4, 1), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(raw["gap_nll"][:, :4, 0, 0], raw["nll"][:, None].repeat(4, 1), rtol=1e-4, atol=1e-4)
     assert np.nanmax(raw["gap_check"]) < 1e-3
 
 
+TINY_RUN = ["study", "recall", "--model", "tiny", "--max-samples", "2", "--max-new-tokens", "6",
+            "--max-prompt-tokens", "600", "--bootstrap", "200", "--etr-threshold", "0.5", "--gap-every", "1",
+            "--etr-bases", "best,h2o", "--threads", "1", "--quiet"]
+
+
 @needs_native
-def test_end_to_end_on_the_tiny_model(tiny, tmp_path):
+def test_end_to_end_on_the_tiny_model(tmp_path):
+    """kvprec study recall through the command line: the run directory, its numbers' invariants, and --reanalyze
+    rebuilding analysis.json, report.md and the step logs byte for byte."""
+    from kvprec.cli import main
+    from kvprec.studies.platform.rundir import load_raw
+
     start = time.perf_counter()
-    settings = study.RecallSettings(max_samples=2, max_new_tokens=6, max_prompt_tokens=600, bootstrap=200,
-                                    etr_threshold=0.5)
-    raw = study.collect(settings, tiny, None, Quiet())
-    config = study.settings_dict(settings)
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "config.json", "plots", "raw.npz", "report.md",
+                                                    "steps_b0.1.jsonl", "steps_b0.2.jsonl", "steps_b0.3.jsonl"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "entropy_vs_recall_b0.1.png", "entropy_vs_recall_b0.2.png", "entropy_vs_recall_b0.3.png", "etr_nll.png",
+        "recall_by_entropy_bin.png"]
+    raw = load_raw(out / "raw.npz")
     n = raw["entropy"].size
     assert n == 12 and raw["recall"].shape == (n, 5, 3, 4 * 2 + 1)
     finite = raw["recall"][:, :4]
     assert np.all((finite >= 0) & (finite <= 1)) and np.all(np.isnan(raw["recall"][:, 4, :, -1]))
-    # equal device memory: every evicting row attends K(t) positions per head; ETR rows moved bytes only on triggers
+    # every budget runs the four static caches and the recall rows on the best base and on h2o
+    kinds = raw["ev_row_kind"].tolist()
+    assert kinds.count("static") == 12 and 3 <= kinds.count("etr") <= 6 and kinds.count("etr") == kinds.count("random")
     moved = raw["ev_moved_bytes"]
-    assert np.all(moved[:, :, 0] == 0) and np.all(moved[~raw["ev_triggered"]] == 0)
-    d = int(raw["model_head_dim"])
-    assert np.all(moved % (2 * d * 4) == 0)
-    a = analysis.analyze(raw, config)
+    assert np.all(moved[:, raw["ev_row_kind"] == "static"] == 0) and np.all(moved[~raw["ev_triggered"]] == 0)
+    assert np.all(moved % (2 * int(raw["model_head_dim"]) * int(raw["elem_bytes"])) == 0)
+    a = json.loads((out / "analysis.json").read_text())
     assert set(a["h1"]) == set(raw["policies"].tolist()) and a["steps"] == n
-    assert a["verdicts"]["h1"]["verdict"] in ("holds", "weak", "does not hold", "undefined (constant recall)")
-    text = report.render_report(a, config)
+    assert a["verdicts"]["h1"]["verdict"].split(" (")[0] in ("holds", "weak", "does not hold", "undefined")
+    text = (out / "report.md").read_text()
     assert "**H1**" in text and "**H2**" in text and "Entropy-triggered recall" in text
-    names = plots.make_plots(raw, a, config, tmp_path / "plots")
-    assert all((tmp_path / "plots" / name).stat().st_size > 0 for name in names)
-    logs = report.step_logs(raw, config)
-    assert sorted(logs) == ["steps_b0.1.jsonl", "steps_b0.2.jsonl", "steps_b0.3.jsonl"]
-    first = json.loads(logs["steps_b0.1.jsonl"].splitlines()[0])
+    first = json.loads((out / "steps_b0.1.jsonl").read_text().splitlines()[0])
     assert set(first["recall"]) == set(raw["policies"].tolist()) and first["k"] >= 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["study"] == "recall" and config["budgets"] == [0.1, 0.2, 0.3] and config["model_info"]["name"] == "tiny"
+    files = ("analysis.json", "report.md", "steps_b0.2.jsonl")
+    before = [(out / f).read_bytes() for f in files]
+    assert main(["study", "recall", "--reanalyze", str(out), "--quiet"]) == 0
+    assert [(out / f).read_bytes() for f in files] == before
     assert time.perf_counter() - start < 60
+
+
+def test_command_line_refusals_name_the_argument(tmp_path, capsys):
+    from kvprec.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n")
+    cases = [(["--budgets", "0.1,1.5"], "--budgets"), (["--budgets", "a"], "--budgets"),
+             (["--dataset", str(tmp_path / "missing.jsonl")], "--dataset"), (["--dataset", str(bad)], "line 1"),
+             (["--etr-bases", "lru"], "--etr-bases"), (["--kvprec-policy", "uniform:int4"], "--kvprec-policy"),
+             (["--entropy-bins", "2,1"], "--entropy-bins"), (["--device", "tpu"], "--device")]
+    for i, (extra, message) in enumerate(cases):
+        with pytest.raises(SystemExit) as exc:
+            main(TINY_RUN + extra + ["--out", str(tmp_path / f"run{i}")])
+        assert exc.value.code == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not (tmp_path / f"run{i}").exists()
 
 
 def test_settings_are_checked():

@@ -4,6 +4,7 @@ by ``--reanalyze DIR``.
 
     kvprec study precision [--model NAME|DIR] [--text FILE] [--budget BITS ...] [--eps EPS] [--out DIR] [--force]
     kvprec study structure [--model NAME|DIR] [--focus PART] [--text FILE --sample-index N] [--out DIR] [--force]
+    kvprec study recall [--model NAME|DIR] [--dataset FILE|builtin] [--budgets 0.1,0.2,0.3] [--out DIR] [--force]
     kvprec study <name> --reanalyze DIR
 
 A study is one module kvprec/studies/<name>/command.py (its arguments, settings and collection); adding one is
@@ -16,9 +17,10 @@ import argparse
 from kvprec.studies.platform.command import add_common_arguments, run_study
 from kvprec.studies.platform.rundir import StudyInputError
 from kvprec.studies.precision import command as precision
+from kvprec.studies.recall import command as recall
 from kvprec.studies.structure import command as structure
 
-STUDIES = {module.NAME: module for module in (precision, structure)}
+STUDIES = {module.NAME: module for module in (precision, structure, recall)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

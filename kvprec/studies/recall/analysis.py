@@ -5,17 +5,18 @@ Per decode step the primary recall of a policy is the mean over the (layer, KV h
 (``recall_mean``); the aggregate-row recall (needed and retained sets of the attention averaged over every layer
 and head, ``recall_global``) is reported beside it for the simulated policies.
 
-Hypotheses and how they are decided (cluster-bootstrap intervals over samples, kvprec/studies/recall/stats.py):
+Hypotheses and how they are decided (bootstrap intervals by step and by sample, kvprec/studies/recall/stats.py):
 
 * H1, "high token entropy marks the steps where a static policy has evicted what the model needs": a strong
   negative correlation between H_t and recall_t. Per policy and budget: "holds" when Spearman rho <= -0.5 and
-  the interval lies below 0, "weak" when the interval lies below 0 but rho > -0.5, "does not hold" otherwise.
+  both intervals (by step and by sample) lie below 0, "weak" when they lie below 0 but rho > -0.5, "does not
+  hold (positive correlation)" when both lie above 0, "does not hold" otherwise.
   The headline is H2O's (the policy the hypothesis names); the others are listed.
-* H2, "stronger at smaller budgets": rho is more negative at the smaller of each adjacent pair of budgets, with the
-  paired interval of rho(small) - rho(large) below 0 for every pair ("holds"), for the extreme pair only
+* H2, "stronger at smaller budgets": rho is more negative at the smaller of each adjacent pair of budgets, with
+  both paired intervals of rho(small) - rho(large) below 0 for every pair ("holds"), for the extreme pair only
   ("partly"), or for none ("does not hold").
 * Entropy-triggered recall "beats the best static policy at equal memory" at a budget when the best ETR row's
-  mean NLL is below the best static row's and the interval of the per-step difference lies below 0.
+  mean NLL is below the best static row's and both intervals of the per-step difference lie below 0.
 """
 from __future__ import annotations
 
@@ -48,11 +49,19 @@ def recall_views(raw: Dict[str, np.ndarray]):
     return rec[..., :-1].mean(-1), rec[..., -1]
 
 
-def _h1_verdict(rho, ci) -> str:
-    if rho is None or ci[1] is None:
+def _below_zero(entry: dict) -> bool:
+    """Both bootstrap intervals (by step and by sample) lie below 0: the conservative reading."""
+    return all(entry[k][1] is not None and entry[k][1] < 0 for k in ("ci_step", "ci_sample"))
+
+
+def _h1_verdict(entry: dict) -> str:
+    rho = entry["r"]
+    if rho is None:
         return "undefined (constant recall)"
-    if ci[1] < 0:
+    if _below_zero(entry):
         return "holds" if rho <= STRONG else "weak"
+    if all(entry[k][0] is not None and entry[k][0] > 0 for k in ("ci_step", "ci_sample")):
+        return "does not hold (positive correlation)"
     return "does not hold"
 
 
@@ -109,17 +118,16 @@ def analyze(raw: Dict[str, np.ndarray], config: dict) -> dict:
         h1[p] = {}
         for b in budgets:
             s = corr[f"{p}@{_key(b)}"]["spearman"]
-            h1[p][_key(b)] = {"rho": s["r"], "ci": s["ci_sample"], "verdict": _h1_verdict(s["r"], s["ci_sample"])}
+            h1[p][_key(b)] = {"rho": s["r"], "ci": s["ci_sample"], "ci_step": s["ci_step"], "verdict": _h1_verdict(s)}
         order = sorted(budgets)
         adjacent = [corr[f"{p}@{_key(a)} - {p}@{_key(c)}"]["spearman"] for a, c in zip(order[:-1], order[1:])]
         extreme = (corr[f"{p}@{_key(order[0])} - {p}@{_key(order[-1])}"]["spearman"]
                    if len(order) > 2 else (adjacent[0] if adjacent else None))
-        below = [d["ci_sample"][1] is not None and d["ci_sample"][1] < 0 for d in adjacent]
         if not adjacent:
             verdict = "undefined (one budget)"
-        elif all(below):
+        elif all(_below_zero(d) for d in adjacent):
             verdict = "holds"
-        elif extreme is not None and extreme["ci_sample"][1] is not None and extreme["ci_sample"][1] < 0:
+        elif extreme is not None and _below_zero(extreme):
             verdict = "partly"
         else:
             verdict = "does not hold"
@@ -193,8 +201,8 @@ def analyze(raw: Dict[str, np.ndarray], config: dict) -> dict:
 
 
 def _etr(raw, config, budgets: List[float], groups, n_boot: int, seed: int) -> dict:
-    kinds = [str(k) for k in raw["eviction_kinds"]]
-    bases = [str(b) for b in raw["eviction_bases"]]
+    fractions, kinds, bases = raw["ev_row_fraction"], [str(k) for k in raw["ev_row_kind"]], [
+        str(b) for b in raw["ev_row_base"]]
     nll, rec, trig = raw["ev_nll"], raw["ev_recall"], raw["ev_triggered"]
     full = raw["nll"].astype(np.float64)
     triggers_total = int(trig.sum())
@@ -203,40 +211,32 @@ def _etr(raw, config, budgets: List[float], groups, n_boot: int, seed: int) -> d
                  "oracle_crossings": int(raw["sample_random_triggers"].sum()),
                  "host_seconds_per_trigger": (float(raw["ev_trigger_seconds"].sum()) / triggers_total
                                               if triggers_total else None),
-                 "step_seconds_mean": float(raw["ev_step_seconds"].mean()), "rows": {}}
-    for bi, b in enumerate(budgets):
+                 "step_seconds_mean": float(raw["ev_step_seconds"].mean()), "caches": len(kinds), "rows": {}}
+    for b in budgets:
+        index = {f"{kinds[j]}:{bases[j]}": j for j in range(len(kinds)) if fractions[j] == b}
         rows = {}
-        for ki, kind in enumerate(kinds):
-            for j, base in enumerate(bases):
-                t = trig[:, bi, ki, j]
-                rows[f"{kind}:{base}"] = {
-                    "nll": float(nll[:, bi, ki, j].mean()), "nll_vs_full": float((nll[:, bi, ki, j] - full).mean()),
-                    "recall": float(rec[:, bi, ki, j].mean()),
-                    "recall_on_triggers": float(rec[t, bi, ki, j].mean()) if t.any() else None,
-                    "triggers": int(t.sum()), "trigger_rate": float(t.mean()),
-                    "scanned_bytes": int(raw["ev_scanned_bytes"][:, bi, ki, j].sum()),
-                    "moved_bytes": int(raw["ev_moved_bytes"][:, bi, ki, j].sum())}
-        static = [f"static:{base}" for base in bases]
-        best_static = min(static, key=lambda k: rows[k]["nll"])
+        for name, j in index.items():
+            t = trig[:, j]
+            rows[name] = {"nll": float(nll[:, j].mean()), "nll_vs_full": float((nll[:, j] - full).mean()),
+                          "recall": float(rec[:, j].mean()),
+                          "recall_on_triggers": float(rec[t, j].mean()) if t.any() else None,
+                          "triggers": int(t.sum()), "trigger_rate": float(t.mean()),
+                          "scanned_bytes": int(raw["ev_scanned_bytes"][:, j].sum()),
+                          "moved_bytes": int(raw["ev_moved_bytes"][:, j].sum())}
+        diff = lambda a, c: mean_interval(nll[:, index[a]] - nll[:, index[c]], groups,  # noqa: E731
+                                          n_boot=n_boot, seed=seed)
+        best_static = min((k for k in rows if k.startswith("static:")), key=lambda k: rows[k]["nll"])
         entry = {"rows": rows, "best_static": best_static}
-        if "etr" in kinds:
-            etr = [f"etr:{base}" for base in bases]
+        etr = [k for k in rows if k.startswith("etr:")]
+        if etr:
             best_etr = min(etr, key=lambda k: rows[k]["nll"])
-            ki_e, ki_s = kinds.index("etr"), kinds.index("static")
-            d = (nll[:, bi, ki_e, bases.index(best_etr.split(":")[1])]
-                 - nll[:, bi, ki_s, bases.index(best_static.split(":")[1])])
             entry["best_etr"] = best_etr
-            entry["best_etr_minus_best_static"] = mean_interval(d, groups, n_boot=n_boot, seed=seed)
-            entry["etr_minus_static"] = {base: mean_interval(nll[:, bi, ki_e, j] - nll[:, bi, ki_s, j], groups,
-                                                             n_boot=n_boot, seed=seed) for j, base in enumerate(bases)}
-            if "random" in kinds:
-                ki_r = kinds.index("random")
-                entry["etr_minus_random"] = {base: mean_interval(nll[:, bi, ki_e, j] - nll[:, bi, ki_r, j], groups,
-                                                                 n_boot=n_boot, seed=seed)
-                                             for j, base in enumerate(bases)}
-            ci = entry["best_etr_minus_best_static"]["ci_sample"]
-            entry["beats_best_static"] = bool(entry["best_etr_minus_best_static"]["mean"] < 0 and ci[1] is not None
-                                              and ci[1] < 0)
+            entry["best_etr_minus_best_static"] = d = diff(best_etr, best_static)
+            entry["etr_minus_static"] = {k[4:]: diff(k, "static:" + k[4:]) for k in etr}
+            entry["etr_minus_random"] = {k[4:]: diff(k, "random:" + k[4:]) for k in etr if "random:" + k[4:] in rows}
+            entry["recall_gain_over_static"] = {k[4:]: rows[k]["recall"] - rows["static:" + k[4:]]["recall"]
+                                                for k in etr}
+            entry["beats_best_static"] = bool(d["mean"] < 0 and _below_zero(d))
         res["rows"][_key(b)] = entry
     return res
 

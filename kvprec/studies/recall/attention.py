@@ -111,7 +111,7 @@ class OracleRecorder:
         if q.shape[0] != 1:
             raise ValueError(f"OracleRecorder: batch of {q.shape[0]}; the oracle runs one sequence at a time")
         out, _, weights = attend_dense(q, k, v, None, scale, 0, 0.0, "bottom_right")
-        p = group_mean(weights, self.kv_heads)[0]  # [H_kv, Q, N]
+        p = group_mean(weights, self.kv_heads)[0].cpu()  # [H_kv, Q, N], on the host with the simulations
         n = p.shape[-1]
         if p.shape[1] == 1:
             self.row[layer] = p[:, 0]
@@ -158,9 +158,10 @@ class MaskedRows:
 
     shared_k, shared_v: per layer [H_kv, S, D] (views are fine: e.g. the oracle's cache up to the step);
     keep: ``keep(layer, logits)`` -> bool [R, H_kv, N] over the N = S + m positions of the call (the row's current
-    position last; it must be kept), given the logits FP32 [R, H_kv, g, N] (so a row may pick what to recall);
+    position last; it must be kept), given the logits FP32 [R, H_kv, g, N] on the model's device (so a row may pick
+    what to recall); the mask may be on the host;
     own: True to keep the rows' own K/V across calls (caches that grow), False for one-step variants.
-    After a forward, ``probs[layer]`` holds FP32 [R, H_kv, N], the group-mean attention of each row.
+    After a forward, ``probs[layer]`` holds FP32 [R, H_kv, N] on the host, the group-mean attention of each row.
     """
 
     def __init__(self, shared_k: List[torch.Tensor], shared_v: List[torch.Tensor],
@@ -181,10 +182,10 @@ class MaskedRows:
         if self.own:
             self.own_k[layer], self.own_v[layer] = k_own, v_own
         s = scores(q, self.shared_k[layer], k_own, scale)
-        keep = self.keep(layer, s)
+        keep = self.keep(layer, s).to(s.device)
         if keep.shape != (s.shape[0], s.shape[1], s.shape[-1]) or not bool(keep[..., -1].all()):
             raise ValueError(f"MaskedRows: keep mask of shape {tuple(keep.shape)} for logits {tuple(s.shape)}; it "
                              "must be [R, H_kv, N] and keep each row's current position (the last)")
         out, p = attend_scores(s, keep, self.shared_v[layer], v_own, q.dtype)
-        self.probs[layer] = p.mean(2)
+        self.probs[layer] = p.mean(2).cpu()
         return out

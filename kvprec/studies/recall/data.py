@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from ..platform.rundir import StudyInputError
+
 
 @dataclass
 class MultiHopSample:
@@ -95,13 +97,14 @@ def builtin() -> List[MultiHopSample]:
 
 
 def load_dataset(spec: str, max_samples: Optional[int] = None) -> List[MultiHopSample]:
-    """``"builtin"`` or a path to a .jsonl / .json file of records; the first ``max_samples`` (all if None)."""
+    """``"builtin"`` or a path to a .jsonl / .json file of records; the first ``max_samples`` (all if None).
+    StudyInputError (a ValueError) names ``--dataset``, the file and the line of a bad record."""
     if spec == "builtin":
         samples = builtin()
     else:
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"--dataset: {spec!r} is neither 'builtin' nor a file (a .jsonl of LongBench, "
+            raise StudyInputError(f"--dataset: {spec!r} is neither 'builtin' nor a file (a .jsonl of LongBench, "
                                     "HotpotQA or MuSiQue records, or a .json list of them)")
         text = path.read_text(encoding="utf-8")
         samples = []
@@ -109,12 +112,12 @@ def load_dataset(spec: str, max_samples: Optional[int] = None) -> List[MultiHopS
             try:
                 records = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"--dataset {spec}: not valid JSON ({exc})") from None
+                raise StudyInputError(f"--dataset {spec}: not valid JSON ({exc})") from None
             for i, rec in enumerate(records):
                 try:
                     samples.append(normalize(rec))
                 except ValueError as exc:
-                    raise ValueError(f"--dataset {spec}: record {i}: {exc}") from None
+                    raise StudyInputError(f"--dataset {spec}: record {i}: {exc}") from None
         else:
             for line_no, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
@@ -122,9 +125,9 @@ def load_dataset(spec: str, max_samples: Optional[int] = None) -> List[MultiHopS
                 try:
                     samples.append(normalize(json.loads(line)))
                 except (ValueError, json.JSONDecodeError) as exc:
-                    raise ValueError(f"--dataset {spec}: line {line_no}: {exc}") from None
+                    raise StudyInputError(f"--dataset {spec}: line {line_no}: {exc}") from None
                 if max_samples is not None and len(samples) >= max_samples:
                     break
         if not samples:
-            raise ValueError(f"--dataset {spec}: no records")
+            raise StudyInputError(f"--dataset {spec}: no records")
     return samples[:max_samples] if max_samples is not None else samples

@@ -7,9 +7,11 @@ K/V from the full prefill (a policy compresses the prompt after the prefill) and
 positions; they are teacher-forced on the oracle's tokens, so their NLL of x_{t+1} (the oracle's greedy choice)
 is the quality measure, at equal device memory: every row holds K(n) positions of K and V per (layer, KV head).
 
-Per budget fraction b and base policy (h2o, streaming, tova, snapkv) three rows:
+The rows (:class:`Row`: a budget fraction, a kind, a base policy), by default per budget fraction b every static
+policy and, on the base the study picks (kvprec/studies/recall/study.py: the simulated policy with the highest
+oracle recall at b), the two recall rows:
 
-* ``static``: the base policy alone;
+* ``static``: the base policy alone (h2o, streaming, tova, snapkv);
 * ``etr`` (entropy-triggered recall): the base policy, and when the row's own previous next-token entropy
   H_{t-1} exceeds ``threshold`` nats, a recall before the step's attention. From the first trigger on the base
   policy keeps K(n) - r(n) positions (r(n) = ceil(f K(n)), f = ``recall_fraction``) and r(n) slots hold recalled
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List
 
 import numpy as np
@@ -43,10 +45,26 @@ from .recall import budget_size, needed_set
 KINDS = ("static", "etr", "random")
 
 
+@dataclass(frozen=True)
+class Row:
+    """One evicting cache of the batch: budget fraction ``fraction``, ``kind`` (one of KINDS), ``base`` policy."""
+
+    fraction: float
+    kind: str
+    base: str
+
+
+def default_rows(fractions: List[float], etr_bases: Dict[float, List[str]]) -> List[Row]:
+    """Every static policy at every budget, and the etr and random rows on ``etr_bases[b]`` at budget b."""
+    rows = [Row(b, "static", base) for b in fractions for base in SIMULATED]
+    for b in fractions:
+        rows += [Row(b, kind, base) for base in etr_bases[b] for kind in ("etr", "random")]
+    return rows
+
+
 @dataclass
 class EvictionOptions:
-    fractions: List[float]
-    bases: List[str] = field(default_factory=lambda: list(SIMULATED))
+    rows: List[Row]
     threshold: float = 2.5
     recall_fraction: float = 0.25
     h2o_recent: float = 0.5
@@ -57,7 +75,7 @@ class EvictionOptions:
 
 @dataclass
 class EvictionSample:
-    """Arrays [S, n_b, len(KINDS), n_bases] over the sample's S decode steps."""
+    """Arrays [S, n_rows] over the sample's S decode steps (rows as in EvictionOptions.rows)."""
 
     nll: np.ndarray
     entropy: np.ndarray
@@ -80,15 +98,16 @@ def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> Evic
     rows_n, g = layers * hkv, hq // hkv
     p, steps = o.prompt_len, len(o.targets)
     cap = p + steps
-    nb, nk, nbase = len(opts.fractions), len(KINDS), len(opts.bases)
-    spec = [(bi, ki, base) for bi in range(nb) for ki in range(nk) for base in opts.bases]
+    spec = opts.rows
     n = len(spec)
+    if any(r.kind not in KINDS or r.base not in SIMULATED for r in spec):
+        raise ValueError(f"eviction rows: kinds {KINDS}, bases {SIMULATED}; got {spec}")
     options = {"h2o": {"recent": opts.h2o_recent}, "streaming": {"sinks": opts.sinks},
                "snapkv": {"window": opts.snapkv_window, "kernel": opts.snapkv_kernel}, "tova": {}}
     stats = PrefillStats(o.prefill.colsum[:rows_n], o.prefill.last_rows[:, :rows_n])
     sims = []
-    for bi, _, base in spec:
-        sim = make(base, rows_n, cap, opts.fractions[bi], **options[base])
+    for row in spec:
+        sim = make(row.base, rows_n, cap, row.fraction, **options[row.base])
         sim.start(stats)
         sims.append(sim)
     recall_set = torch.zeros(n, rows_n, cap, dtype=torch.bool)
@@ -102,22 +121,22 @@ def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> Evic
     random_steps = set(rng.choice(steps, size=count, replace=False).tolist()) if count else set()
     prev_entropy = torch.full((n,), o.prefill_entropy, dtype=torch.float64)
 
-    out = {k: np.zeros((steps, nb, nk, nbase)) for k in ("nll", "entropy", "recall")}
-    trig = np.zeros((steps, nb, nk, nbase), dtype=bool)
-    scanned = np.zeros((steps, nb, nk, nbase), dtype=np.int64)
+    out = {k: np.zeros((steps, n)) for k in ("nll", "entropy", "recall")}
+    trig = np.zeros((steps, n), dtype=bool)
+    scanned = np.zeros((steps, n), dtype=np.int64)
     moved = np.zeros_like(scanned)
     trig_sec, step_sec = np.zeros(steps), np.zeros(steps)
     masked = MaskedRows([kv[0] for kv in o.prefill_kv], [kv[1] for kv in o.prefill_kv], None, own=True)
-    where = lambda i: (spec[i][0], spec[i][1], opts.bases.index(spec[i][2]))  # noqa: E731
+    fractions = sorted({row.fraction for row in spec})
 
     for s in range(steps):
         t = p + s
         begin = time.perf_counter()
-        fire = [i for i in range(n) if (KINDS[spec[i][1]] == "etr" and float(prev_entropy[i]) > opts.threshold)
-                or (KINDS[spec[i][1]] == "random" and s in random_steps)]
+        fire = [i for i, row in enumerate(spec) if (row.kind == "etr" and float(prev_entropy[i]) > opts.threshold)
+                or (row.kind == "random" and s in random_steps)]
         for i in fire:
             if not active[i]:  # the base policy gives up r(n) of its positions to the recall slots
-                f = opts.fractions[spec[i][0]]
+                f = spec[i].fraction
                 sims[i].reserve = lambda m, f=f: _recall_count(f, opts.recall_fraction, m)
                 sims[i].shrink()
                 active[i] = True
@@ -130,18 +149,17 @@ def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> Evic
                 tick = time.perf_counter()
                 for i in fire:
                     c, old = core[i, rows], recall_set[i, rows, :t]
-                    r = _recall_count(opts.fractions[spec[i][0]], opts.recall_fraction, t)
-                    probs = torch.softmax(logits[i], -1).mean(1)[:, :t]  # [H_kv, t], scored over every position
+                    r = _recall_count(spec[i].fraction, opts.recall_fraction, t)
+                    probs = torch.softmax(logits[i], -1).mean(1)[:, :t].cpu()  # [H_kv, t]: every position scored
                     candidates = ~c
                     r = min(r, int(candidates.sum(-1).min()))
                     new = torch.zeros_like(c)
                     if r > 0:
                         new.scatter_(-1, torch.topk(probs.masked_fill(c, -1.0), r, -1).indices, True)
                     new &= candidates
-                    bi, ki, bj = where(i)
                     on_host = int((~(c | old)).sum())
-                    scanned[s, bi, ki, bj] += (on_host * d + hkv * g * d) * elem
-                    moved[s, bi, ki, bj] += int((new & ~old).sum()) * 2 * d * elem
+                    scanned[s, i] += (on_host * d + hkv * g * d) * elem
+                    moved[s, i] += int((new & ~old).sum()) * 2 * d * elem
                     recall_set[i, rows, :t] = new
                 spent[0] += time.perf_counter() - tick
             held = core[:, rows] | recall_set[:, rows, :t]
@@ -150,20 +168,20 @@ def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> Evic
         masked.keep = keep
         token = int(o.tokens[t])
         with study_attention(model, masked):
-            logits = model(input_ids=torch.full((n, 1), token), position_ids=torch.full((n, 1), t),
-                           use_cache=False).logits[:, -1].float()
+            logits = model(input_ids=torch.full((n, 1), token, device=model.device),
+                           position_ids=torch.full((n, 1), t, device=model.device),
+                           use_cache=False).logits[:, -1].float().cpu()
         h, nll = entropy_nll(logits, torch.full((n,), int(o.targets[s])))
         prev_entropy = h.double()
         used = core | recall_set[:, :, :t]  # [N, R, t]: what each row's query attended (with t)
         a = o.rows[s][:rows_n, :t]
-        needed = [needed_set(a, budget_size(b, t)) for b in opts.fractions]
+        needed = {b: needed_set(a, budget_size(b, t)) for b in fractions}
         probs = torch.cat([masked.probs[layer] for layer in range(layers)], 1)  # [N, R, t + 1]
         for i, sim in enumerate(sims):
-            bi, ki, bj = where(i)
-            k = budget_size(opts.fractions[bi], t)
-            out["recall"][s, bi, ki, bj] = float((needed[bi] & used[i]).sum(-1).float().mean()) / k
-            out["nll"][s, bi, ki, bj], out["entropy"][s, bi, ki, bj] = float(nll[i]), float(h[i])
-            trig[s, bi, ki, bj] = i in fire
+            k = budget_size(spec[i].fraction, t)
+            out["recall"][s, i] = float((needed[spec[i].fraction] & used[i]).sum(-1).float().mean()) / k
+            out["nll"][s, i], out["entropy"][s, i] = float(nll[i]), float(h[i])
+            trig[s, i] = i in fire
             visible = torch.cat([used[i], torch.ones(rows_n, 1, dtype=torch.bool)], -1)
             sim.step(probs[i], visible)
         trig_sec[s], step_sec[s] = spent[0], time.perf_counter() - begin

@@ -25,7 +25,6 @@ Then every simulated policy observes a_t as its own cache would show it (restric
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -118,11 +117,12 @@ def run_sample(model, prompt, opts: OracleOptions, eos: set, log=None) -> Oracle
     cache = DynamicCache()
     with study_attention(model, recorder):
         for c in range(0, p, opts.prefill_chunk):
-            out = model(input_ids=ids[None, c:c + opts.prefill_chunk], past_key_values=cache, use_cache=True)
-    logits = out.logits[0, -1].float()
+            out = model(input_ids=ids[None, c:c + opts.prefill_chunk].to(model.device), past_key_values=cache,
+                        use_cache=True)
+    logits = out.logits[0, -1].float().cpu()
     stats = PrefillStats(_stack_rows(recorder.colsum), torch.cat(recorder.last_rows, 1))
     stats.last_rows = torch.cat([stats.last_rows, stats.last_rows.mean(1, keepdim=True)], 1)
-    prefill_kv = [(layer.keys[0, :, :p].clone(), layer.values[0, :, :p].clone()) for layer in cache.layers]
+    prefill_kv = [(layer.keys[0, :, :p].clone(), layer.values[0, :, :p].clone()) for layer in cache.layers]  # device
     clock["oracle"] += time.perf_counter() - start
 
     start = time.perf_counter()
@@ -151,8 +151,8 @@ def run_sample(model, prompt, opts: OracleOptions, eos: set, log=None) -> Oracle
         x_t = torch.tensor([x])
         start = time.perf_counter()
         with study_attention(model, recorder):
-            out = model(input_ids=x_t[None], past_key_values=cache, use_cache=True)
-        logits = out.logits[0, -1].float()
+            out = model(input_ids=x_t[None].to(model.device), past_key_values=cache, use_cache=True)
+        logits = out.logits[0, -1].float().cpu()
         a = _stack_rows(recorder.row)  # [R + 1, t + 1]
         target = logits.argmax()[None]
         h, n = entropy_nll(logits[None], target)
@@ -254,8 +254,9 @@ def _rerun(model, cache, t: int, token: int, target: torch.Tensor, keep: torch.T
         masked = MaskedRows(shared_k, shared_v, lambda layer, s, part=part, current=current:
                             torch.cat([part[:, layer], current], -1))
         with study_attention(model, masked):
-            logits = model(input_ids=torch.full((rows, 1), token), position_ids=torch.full((rows, 1), t),
-                           use_cache=False).logits[:, -1].float()
+            logits = model(input_ids=torch.full((rows, 1), token, device=model.device),
+                           position_ids=torch.full((rows, 1), t, device=model.device),
+                           use_cache=False).logits[:, -1].float().cpu()
         h, n = entropy_nll(logits, target.expand(rows))
         ents.append(h)
         nlls.append(n)

@@ -3,8 +3,8 @@
 * ``recall_by_entropy_bin.png``: mean recall per entropy bin, one line per policy (colour) and budget (line style);
 * ``entropy_vs_recall_b<budget>.png``: per budget, one panel per policy, every decode step as a point (token entropy,
   mean recall over layers and KV heads) with the least-squares line and Spearman rho;
-* ``etr_nll.png``: NLL increase over the full cache of the evicting caches (static, entropy-triggered, random
-  trigger) per base policy and budget.
+* ``etr_nll.png``: NLL increase over the full cache of each evicting cache (static, entropy-triggered, random
+  trigger) per budget.
 """
 from __future__ import annotations
 
@@ -71,21 +71,18 @@ def make_plots(raw: Dict[str, np.ndarray], analysis: dict, config: dict, plots_d
         written.append(name)
 
     etr = analysis["etr"]["rows"]
-    kinds = [str(k) for k in raw["eviction_kinds"]]
-    bases = [str(x) for x in raw["eviction_bases"]]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4 * len(budgets), 3.6), sharey=True, squeeze=False)
-    width = 0.8 / len(kinds)
-    for bi, (b, ax) in enumerate(zip(budgets, axes[0])):
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.8), sharey=True, squeeze=False)
+    kind_colors = {"static": "C7", "etr": "C3", "random": "C0"}
+    for b, ax in zip(budgets, axes[0]):
         rows = etr[f"{b:g}"]["rows"]
-        for ki, kind in enumerate(kinds):
-            vals = [rows[f"{kind}:{base}"]["nll_vs_full"] for base in bases]
-            ax.bar(np.arange(len(bases)) + (ki - (len(kinds) - 1) / 2) * width, vals, width, label=kind)
-        ax.set_xticks(range(len(bases)), bases, fontsize=8)
+        names = list(rows)
+        ax.bar(range(len(names)), [rows[k]["nll_vs_full"] for k in names],
+               color=[kind_colors[k.split(":")[0]] for k in names])
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"budget {b:g}", fontsize=9)
     axes[0][0].set_ylabel("mean NLL - full cache NLL (nats)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Evicting caches at equal device memory: static vs entropy-triggered recall vs random trigger",
-                 fontsize=10)
+    fig.suptitle("Evicting caches at equal device memory (grey static, red entropy-triggered recall, blue random "
+                 "trigger)", fontsize=9)
     fig.tight_layout()
     fig.savefig(plots_dir / "etr_nll.png", dpi=120)
     plt.close(fig)

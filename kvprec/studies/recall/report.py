@@ -43,15 +43,19 @@ def render_report(a: dict, config: dict) -> str:
              f"{', '.join(f'{b:g}' for b in budgets)} of the sequence; prompt style `{config.get('prompt_style')}`, "
              f"chat `{config.get('chat')}`. Greedy answers containing a reference answer: {ov['answer_found']} of "
              f"{ov['samples']}.", "",
-             "Intervals are 95% percentile bootstrap intervals; `sample` resamples whole generations (the cluster "
-             "bootstrap, used for the verdicts), `step` resamples decode steps (narrower, ignores the dependence "
-             "between steps of one generation). p-values are scipy's and assume independent steps.", "",
+             "Intervals are 95% percentile bootstrap intervals: `sample` resamples whole generations (the cluster "
+             "bootstrap: honest about the dependence between the steps of one generation, coarse with few samples), "
+             "`step` resamples decode steps (ignores that dependence). A verdict needs both intervals on the same "
+             "side of 0. p-values are scipy's and assume independent steps."
+             + (f" With {ov['samples']} samples the cluster bootstrap has few distinct resamples: read its "
+                "intervals as rough." if ov["samples"] < 10 else ""), "",
              "## Verdicts", ""]
     h1 = v["h1"]
     corr = a["correlations"][f"{h1['policy']}@{h1['budget']}"]
     lines += [f"**H1** (high token entropy marks the steps where {h1['policy'].upper()} has evicted what the model "
               f"needs: a strong negative correlation, rho <= -0.5): **{h1['verdict']}**. At budget {h1['budget']}, "
-              f"Spearman rho = {_f(h1['rho'], sign=True)} (95% CI {_ci(h1['ci'])}, p = {_p(corr['spearman']['p'])}), "
+              f"Spearman rho = {_f(h1['rho'], sign=True)} (95% CI by sample {_ci(h1['ci'])}, by step "
+              f"{_ci(corr['spearman']['ci_step'])}, p = {_p(corr['spearman']['p'])}), "
               f"Pearson r = {_f(corr['pearson']['r'], sign=True)} (CI {_ci(corr['pearson']['ci_sample'])}, "
               f"p = {_p(corr['pearson']['p'])}); n = {h1['n']} steps from {h1['samples']} samples. Budgets where it "
               "holds, per policy: " + ", ".join(f"{p} {n}/{len(budgets)}" for p, n in h1["budgets_holding"].items())
@@ -59,7 +63,8 @@ def render_report(a: dict, config: dict) -> str:
     h2 = a["h2"][v["h2"]["policy"]]
     lines += [f"**H2** (the correlation is stronger at smaller budgets, {v['h2']['policy'].upper()}): "
               f"**{v['h2']['verdict']}**. " + "; ".join(
-                  f"rho({pair}) difference {_f(d['diff'], sign=True)} (CI {_ci(d['ci_sample'])})"
+                  f"rho({pair}) difference {_f(d['diff'], sign=True)} (CI by sample {_ci(d['ci_sample'])}, by step "
+                  f"{_ci(d['ci_step'])})"
                   for pair, d in zip(_pairs(budgets), h2["adjacent"])) + ".", ""]
     etr_lines = []
     for b, entry in a["etr"]["rows"].items():
@@ -67,7 +72,8 @@ def render_report(a: dict, config: dict) -> str:
             continue
         d = entry["best_etr_minus_best_static"]
         etr_lines.append(f"budget {b}: best ETR `{entry['best_etr']}` vs best static `{entry['best_static']}`: "
-                         f"NLL difference {_f(d['mean'], 4, True)} nats/token (CI {_ci(d['ci_sample'], 4)}) -> "
+                         f"NLL difference {_f(d['mean'], 4, True)} nats/token (CI by sample {_ci(d['ci_sample'], 4)}, "
+                         f"by step {_ci(d['ci_step'], 4)}) -> "
                          f"{'**beats it**' if entry['beats_best_static'] else 'does not beat it'}")
     lines += ["**Entropy-triggered recall** at equal device memory (threshold "
               f"{a['etr']['threshold']:g} nats, {100 * a['etr']['recall_fraction']:g}% of the budget recalled): "
@@ -148,13 +154,16 @@ def render_report(a: dict, config: dict) -> str:
               f"{_f(ch['rerun_max_abs_logit_diff'], 6)} (max abs over {ch['rerun_steps']} steps)."]
 
     e = a["etr"]
+    host = e["host_seconds_per_trigger"]
     lines += ["", "## 6. Entropy-triggered recall (caches that really evict, teacher-forced on the oracle's tokens)",
-              "", f"Every row holds K(n) positions per layer and KV head (equal device memory). `etr`: recall when the "
-              f"row's previous entropy exceeds {e['threshold']:g} nats; `random`: the same recall at random steps, "
-              f"as many as the full cache's entropy crossed the threshold ({e['oracle_crossings']} over the run). "
-              f"Host time of scoring and selection: {_f(e['host_seconds_per_trigger'] * 1e3 if e['host_seconds_per_trigger'] is not None else None, 2)}"
-              f" ms per triggered row (all layers), batched step {e['step_seconds_mean']:.2f} s on average "
-              f"(CPU, {config.get('threads') or 'default'} threads).", ""]
+              "", f"{e['caches']} caches decode as one batch. Every one holds K(n) positions per layer and KV head "
+              "(equal device memory); after a full prefill they compress the prompt and evict while decoding. "
+              f"`etr`: recall when the row's previous entropy exceeds {e['threshold']:g} nats; `random`: the same "
+              "recall at random steps, as many as the full cache's entropy crossed the threshold "
+              f"({e['oracle_crossings']} over the run). Host time of scoring and selection: "
+              f"{_f(None if host is None else host * 1e3, 2)} ms per triggered row (all layers); a batched step "
+              f"takes {e['step_seconds_mean']:.2f} s on average (CPU, {config.get('threads') or 'default'} threads).",
+              ""]
     for b, entry in e["rows"].items():
         lines += [f"Budget {b} (best static: `{entry['best_static']}`):", "",
                   "| row | NLL | NLL - full | recall | recall on triggered steps | triggers | bytes moved | bytes "
@@ -168,10 +177,13 @@ def render_report(a: dict, config: dict) -> str:
             lines += ["", "ETR minus its static base, mean NLL per step [CI by sample]: " + "; ".join(
                 f"{base} {_f(d['mean'], 4, True)} {_ci(d['ci_sample'], 4)}"
                 for base, d in entry["etr_minus_static"].items()) + "."]
-        if "etr_minus_random" in entry:
+        if entry.get("etr_minus_random"):
             lines += ["ETR minus random trigger: " + "; ".join(
                 f"{base} {_f(d['mean'], 4, True)} {_ci(d['ci_sample'], 4)}"
                 for base, d in entry["etr_minus_random"].items()) + "."]
+        if "recall_gain_over_static" in entry:
+            lines += ["Recall gain of ETR over its static base (mean over steps): " + "; ".join(
+                f"{base} {g:+.3f}" for base, g in entry["recall_gain_over_static"].items()) + "."]
         lines.append("")
 
     if "kvprec" in a:

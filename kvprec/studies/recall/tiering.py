@@ -128,8 +128,8 @@ class TieringRun:
         from ...hf.attention import enabled
 
         with enabled(self.model):
-            batch = ids[None].expand(len(self.specs), -1)
-            return self.model(input_ids=batch, past_key_values=self.cache, use_cache=True).logits[:, -1].float()
+            batch = ids[None].expand(len(self.specs), -1).to(self.model.device)
+            return self.model(input_ids=batch, past_key_values=self.cache, use_cache=True).logits[:, -1].float().cpu()
 
     def kept(self, length: int) -> torch.Tensor:
         """bool [n_budgets, L * H_kv, length]: what each row held at INT8 or above for the last query."""

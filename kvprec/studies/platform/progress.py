@@ -32,5 +32,17 @@ class Progress:
         return tqdm(iterable, total=total, desc=desc, file=self.stream, leave=False, dynamic_ncols=True,
                     mininterval=0.5 if tty else 10.0)
 
+    def counter(self, total: int, desc: str = ""):
+        """A bar advanced by hand (``.update(n)``, ``.close()``), for loops the study does not own (generate)."""
+        return self.bar(None, total=total, desc=desc) if not self.quiet else _NoCounter()
+
+
+class _NoCounter:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 QUIET = Progress(quiet=True)

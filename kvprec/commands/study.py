@@ -4,6 +4,8 @@ by ``--reanalyze DIR``.
 
     kvprec study precision [--model NAME|DIR] [--text FILE] [--budget BITS ...] [--eps EPS] [--out DIR] [--force]
     kvprec study structure [--model NAME|DIR] [--focus PART] [--text FILE --sample-index N] [--out DIR] [--force]
+    kvprec study novelty [--model NAME|DIR ...] [--prompt-type TYPE | --suite | --text FILE | --dataset FILE]
+                         [--max-tokens N] [--temperature T] [--out DIR] [--force]
     kvprec study recall [--model NAME|DIR] [--dataset FILE|builtin] [--budgets 0.1,0.2,0.3] [--out DIR] [--force]
     kvprec study <name> --reanalyze DIR
 
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 
+from kvprec.commands.arguments import UsageError
+from kvprec.studies.novelty import command as novelty
 from kvprec.studies.platform.command import add_common_arguments, run_study
 from kvprec.studies.platform.rundir import StudyInputError
 from kvprec.studies.precision import command as precision
 from kvprec.studies.recall import command as recall
 from kvprec.studies.structure import command as structure
 
-STUDIES = {module.NAME: module for module in (precision, structure, recall)}
+STUDIES = {module.NAME: module for module in (precision, structure, novelty, recall)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,13 +40,4 @@ def run(args) -> int:
     try:
         return run_study(STUDIES[args.study], args)
     except StudyInputError as exc:  # bad input, found before the study ran: one line, no traceback
-        raise _usage_error(str(exc)) from None
-
-
-def _usage_error(message: str) -> Exception:
-    """The command line's bad-input exception (kvprec/commands/arguments.py) where it exists, else a ValueError."""
-    try:
-        from kvprec.commands.arguments import UsageError
-    except ImportError:
-        return ValueError(message)
-    return UsageError(message)
+        raise UsageError(str(exc)) from None

@@ -21,9 +21,9 @@ oracle recall at b), the two recall rows:
   trigger, per layer and KV head: the query to the host (g D elements), the shadow keys scored
   ((t - |device set|) D elements) and the K and V of positions that enter the device (2 D each), in the
   cache dtype; the host time of scoring and selection is measured;
-* ``random``: the same mechanism triggered at random steps, as many per sample as the oracle's entropy crossed the
-  threshold (H_{t-1} of the full cache), at positions drawn with the study's seed: does the entropy's timing matter,
-  or only recalling at that rate?
+* ``random``: the same mechanism triggered at random steps, exactly as many per sample as the ``etr`` row of the same
+  budget and base fired (a second batched pass after the first, which runs every other row), at steps drawn with
+  the study's seed: does the entropy's timing matter, or only recalling that often?
 
 Recall of a row at step t is against the oracle's needed set of that step (top-K of the full cache's attention).
 """
@@ -83,25 +83,55 @@ class EvictionSample:
     triggered: np.ndarray       # bool
     scanned_bytes: np.ndarray   # int64: shadow keys scored + query sent, summed over layers and KV heads
     moved_bytes: np.ndarray     # int64: K and V of recalled positions that entered the device
-    trigger_seconds: np.ndarray  # FP64 [S]: host time of scoring and selection, all triggered rows of the step
-    step_seconds: np.ndarray     # FP64 [S]: the whole batched step
-    random_triggers: int = 0     # triggers drawn for each random row of the sample
+    trigger_seconds: np.ndarray  # FP64 [S]: host CPU time of scoring and selection, all triggered rows of the step
+    step_seconds: np.ndarray     # FP64 [S]: CPU time of the whole batched step (both passes)
 
 
 def _recall_count(fraction: float, recall_fraction: float, n: int) -> int:
     return max(1, math.ceil(round(recall_fraction * budget_size(fraction, n), 9)))
 
 
-@torch.no_grad()
 def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> EvictionSample:
+    """Every row of ``opts.rows`` on one sample: the random rows in a second pass, firing as often as their etr row
+    fired in the first, at steps drawn from ``seed``."""
+    spec = opts.rows
+    if any(r.kind not in KINDS or r.base not in SIMULATED for r in spec):
+        raise ValueError(f"eviction rows: kinds {KINDS}, bases {SIMULATED}; got {spec}")
+    first = [i for i, r in enumerate(spec) if r.kind != "random"]
+    second = [i for i, r in enumerate(spec) if r.kind == "random"]
+    a = _run_rows(model, o, [spec[i] for i in first], opts, {})
+    steps = len(o.targets)
+    rng = np.random.default_rng(seed)
+    draws = {}
+    for j, i in enumerate(second):
+        twin = [k for k, r in enumerate(spec[x] for x in first) if r == Row(spec[i].fraction, "etr", spec[i].base)]
+        if not twin:
+            raise ValueError(f"eviction rows: the random row {spec[i]} has no etr row of the same budget and base")
+        count = int(a.triggered[:, twin[0]].sum())
+        draws[j] = set(rng.choice(steps, size=count, replace=False).tolist()) if count else set()
+    b = _run_rows(model, o, [spec[i] for i in second], opts, draws) if second else None
+    merged = {}
+    for name in ("nll", "entropy", "recall", "triggered", "scanned_bytes", "moved_bytes"):
+        x = getattr(a, name)
+        full = np.zeros((steps, len(spec)), dtype=x.dtype)
+        full[:, first] = x
+        if b is not None:
+            full[:, second] = getattr(b, name)
+        merged[name] = full
+    extra = (lambda name: getattr(b, name)) if b is not None else (lambda name: 0.0)
+    return EvictionSample(**merged, trigger_seconds=a.trigger_seconds + extra("trigger_seconds"),
+                          step_seconds=a.step_seconds + extra("step_seconds"))
+
+
+@torch.no_grad()
+def _run_rows(model, o: OracleSample, spec: List[Row], opts: EvictionOptions, random_steps: Dict[int, set]
+              ) -> EvictionSample:
+    """One batched teacher-forced pass of the rows ``spec``; a random row i fires at the steps ``random_steps[i]``."""
     layers, hq, hkv, d = model_shape(model)
     rows_n, g = layers * hkv, hq // hkv
     p, steps = o.prompt_len, len(o.targets)
     cap = p + steps
-    spec = opts.rows
     n = len(spec)
-    if any(r.kind not in KINDS or r.base not in SIMULATED for r in spec):
-        raise ValueError(f"eviction rows: kinds {KINDS}, bases {SIMULATED}; got {spec}")
     options = {"h2o": {"recent": opts.h2o_recent}, "streaming": {"sinks": opts.sinks},
                "snapkv": {"window": opts.snapkv_window, "kernel": opts.snapkv_kernel}, "tova": {}}
     stats = PrefillStats(o.prefill.colsum[:rows_n], o.prefill.last_rows[:, :rows_n])
@@ -114,11 +144,6 @@ def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> Evic
     active = [False] * n
     elem = o.prefill_kv[0][0].element_size()
 
-    # the oracle's crossings: H_{t-1} > threshold (the prefill's distribution chose the first decoded token)
-    before = np.concatenate([[o.prefill_entropy], o.entropy[:-1]]) if steps else np.zeros(0)
-    count = int((before > opts.threshold).sum())
-    rng = np.random.default_rng(seed)
-    random_steps = set(rng.choice(steps, size=count, replace=False).tolist()) if count else set()
     prev_entropy = torch.full((n,), o.prefill_entropy, dtype=torch.float64)
 
     out = {k: np.zeros((steps, n)) for k in ("nll", "entropy", "recall")}
@@ -131,9 +156,9 @@ def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> Evic
 
     for s in range(steps):
         t = p + s
-        begin = time.perf_counter()
+        begin = time.process_time()
         fire = [i for i, row in enumerate(spec) if (row.kind == "etr" and float(prev_entropy[i]) > opts.threshold)
-                or (row.kind == "random" and s in random_steps)]
+                or (row.kind == "random" and s in random_steps[i])]
         for i in fire:
             if not active[i]:  # the base policy gives up r(n) of its positions to the recall slots
                 f = spec[i].fraction
@@ -146,7 +171,7 @@ def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> Evic
         def keep(layer: int, logits: torch.Tensor) -> torch.Tensor:
             rows = slice(layer * hkv, (layer + 1) * hkv)
             if fire:
-                tick = time.perf_counter()
+                tick = time.process_time()
                 for i in fire:
                     c, old = core[i, rows], recall_set[i, rows, :t]
                     r = _recall_count(spec[i].fraction, opts.recall_fraction, t)
@@ -161,7 +186,7 @@ def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> Evic
                     scanned[s, i] += (on_host * d + hkv * g * d) * elem
                     moved[s, i] += int((new & ~old).sum()) * 2 * d * elem
                     recall_set[i, rows, :t] = new
-                spent[0] += time.perf_counter() - tick
+                spent[0] += time.process_time() - tick
             held = core[:, rows] | recall_set[:, rows, :t]
             return torch.cat([held, torch.ones(n, hkv, 1, dtype=torch.bool)], -1)
 
@@ -184,5 +209,5 @@ def run_sample(model, o: OracleSample, opts: EvictionOptions, seed: int) -> Evic
             trig[s, i] = i in fire
             visible = torch.cat([used[i], torch.ones(rows_n, 1, dtype=torch.bool)], -1)
             sim.step(probs[i], visible)
-        trig_sec[s], step_sec[s] = spent[0], time.perf_counter() - begin
-    return EvictionSample(out["nll"], out["entropy"], out["recall"], trig, scanned, moved, trig_sec, step_sec, count)
+        trig_sec[s], step_sec[s] = spent[0], time.process_time() - begin
+    return EvictionSample(out["nll"], out["entropy"], out["recall"], trig, scanned, moved, trig_sec, step_sec)

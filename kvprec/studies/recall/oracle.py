@@ -83,7 +83,7 @@ class OracleSample:
     kvprec_bytes: np.ndarray     # int64 [n_b]: the tiered caches' resident bytes at the end
     needed_in_sf: np.ndarray     # FP32 [S, n_b]: share of needed positions inside supporting facts (NaN: none)
     retained_sf: np.ndarray      # FP32 [S, n_pol, n_b]: share of supporting-fact positions retained
-    seconds: Dict[str, float] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=dict)  # CPU seconds per part
     # kept in memory for phase 2 (kvprec/studies/recall/eviction.py), not saved
     prefill: Optional[PrefillStats] = None
     prefill_kv: Optional[list] = None     # per layer (K, V) [H_kv, P, D]
@@ -112,7 +112,7 @@ def run_sample(model, prompt, opts: OracleOptions, eos: set, log=None) -> Oracle
     nb = len(opts.fractions)
     clock = {"oracle": 0.0, "kvprec": 0.0, "gap": 0.0, "simulate": 0.0}
 
-    start = time.perf_counter()
+    start = time.process_time()
     recorder = OracleRecorder(layers, hkv, max(opts.snapkv_window, 1))
     cache = DynamicCache()
     with study_attention(model, recorder):
@@ -123,12 +123,12 @@ def run_sample(model, prompt, opts: OracleOptions, eos: set, log=None) -> Oracle
     stats = PrefillStats(_stack_rows(recorder.colsum), torch.cat(recorder.last_rows, 1))
     stats.last_rows = torch.cat([stats.last_rows, stats.last_rows.mean(1, keepdim=True)], 1)
     prefill_kv = [(layer.keys[0, :, :p].clone(), layer.values[0, :, :p].clone()) for layer in cache.layers]  # device
-    clock["oracle"] += time.perf_counter() - start
+    clock["oracle"] += time.process_time() - start
 
-    start = time.perf_counter()
+    start = time.process_time()
     tiering = TieringRun(model, opts.kvprec_policy, opts.fractions, opts.block_size)
     tiering.feed(ids)
-    clock["kvprec"] += time.perf_counter() - start
+    clock["kvprec"] += time.process_time() - start
 
     options = {"h2o": {"recent": opts.h2o_recent}, "streaming": {"sinks": opts.sinks},
                "snapkv": {"window": opts.snapkv_window, "kernel": opts.snapkv_kernel}, "tova": {}}
@@ -149,21 +149,21 @@ def run_sample(model, prompt, opts: OracleOptions, eos: set, log=None) -> Oracle
         t = len(tokens)
         tokens.append(x)
         x_t = torch.tensor([x])
-        start = time.perf_counter()
+        start = time.process_time()
         with study_attention(model, recorder):
             out = model(input_ids=x_t[None].to(model.device), past_key_values=cache, use_cache=True)
         logits = out.logits[0, -1].float().cpu()
         a = _stack_rows(recorder.row)  # [R + 1, t + 1]
         target = logits.argmax()[None]
         h, n = entropy_nll(logits[None], target)
-        clock["oracle"] += time.perf_counter() - start
-        start = time.perf_counter()
+        clock["oracle"] += time.process_time() - start
+        start = time.process_time()
         kv_logits = tiering.feed(x_t)
         kept = tiering.kept(t)  # [n_b, R, t]
         kh, kn = entropy_nll(kv_logits, target.expand(nb))
-        clock["kvprec"] += time.perf_counter() - start
+        clock["kvprec"] += time.process_time() - start
 
-        start = time.perf_counter()
+        start = time.process_time()
         ks = [budget_size(b, t) for b in opts.fractions]
         needed = [needed_set(a[:, :t], k) for k in ks]
         retained = {}
@@ -188,9 +188,9 @@ def run_sample(model, prompt, opts: OracleOptions, eos: set, log=None) -> Oracle
         need_sf.append(torch.tensor([float((needed[bi][:rows_n] & sf[:t]).sum(-1).float().mean()) / k
                                      if has_sf else float("nan") for bi, k in enumerate(ks)]))
         ret_sf.append(s_step)
-        clock["simulate"] += time.perf_counter() - start
+        clock["simulate"] += time.process_time() - start
 
-        start = time.perf_counter()
+        start = time.process_time()
         gh = torch.full((len(POLICY_NAMES), nb, 2), float("nan"), dtype=torch.float64)
         gn = gh.clone()
         diff = float("nan")
@@ -208,12 +208,12 @@ def run_sample(model, prompt, opts: OracleOptions, eos: set, log=None) -> Oracle
         gap_h.append(gh)
         gap_n.append(gn)
         check.append(diff)
-        clock["gap"] += time.perf_counter() - start
+        clock["gap"] += time.process_time() - start
 
-        start = time.perf_counter()
+        start = time.process_time()
         for sim in sims.values():
             sim.step(a)
-        clock["simulate"] += time.perf_counter() - start
+        clock["simulate"] += time.process_time() - start
         rows_kept.append(a)
         targets.append(int(target))
         ent.append(float(h))

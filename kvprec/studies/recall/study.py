@@ -22,8 +22,8 @@ Raw arrays (raw.npz), N decode steps over all samples, M samples, n_pol policies
     ev_nll, ev_entropy, ev_recall, ev_triggered, ev_scanned_bytes, ev_moved_bytes [N, n_rows]
     ev_trigger_seconds, ev_step_seconds [N]
     sample_id, sample_source, sample_answers, sample_generated (str) [M]; sample_prompt_len, sample_steps,
-    sample_truncated, sample_supporting_found, sample_supporting_missing, sample_random_triggers [M];
-    sample_prefill_entropy [M]; sample_kvprec_bytes [M, n_b]; sample_full_cache_bytes [M]; seconds_<phase> [M]
+    sample_truncated, sample_supporting_found, sample_supporting_missing [M];
+    sample_prefill_entropy [M]; sample_kvprec_bytes [M, n_b]; sample_full_cache_bytes [M]; seconds_<phase> [M] (CPU seconds)
 """
 from __future__ import annotations
 
@@ -201,12 +201,12 @@ def collect(settings: RecallSettings, loaded, tokenizer, progress) -> Dict[str, 
     progress.log(f"eviction runs: {len(rows)} caches per step; recall rows on " + ", ".join(
         f"{'/'.join(v)} at {b:g}" for b, v in bases.items()))
     for i, o in enumerate(progress.bar(runs, total=len(runs), desc="eviction")):
-        start = time.perf_counter()
+        start = time.process_time()
         e = evict_sample(model, o, eopts, seed=settings.seed * 100003 + i)
         add(steps, ev_nll=e.nll, ev_entropy=e.entropy, ev_recall=e.recall, ev_triggered=e.triggered,
             ev_scanned_bytes=e.scanned_bytes, ev_moved_bytes=e.moved_bytes, ev_trigger_seconds=e.trigger_seconds,
             ev_step_seconds=e.step_seconds)
-        add(per_sample, sample_random_triggers=e.random_triggers, seconds_eviction=time.perf_counter() - start)
+        add(per_sample, seconds_eviction=time.process_time() - start)
         o.rows = o.prefill_kv = o.prefill = None  # phase 2 was their last use
     raw = {k: np.concatenate(v) for k, v in steps.items()}
     raw.update({k: np.array(v) for k, v in per_sample.items()})

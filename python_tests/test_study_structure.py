@@ -132,6 +132,32 @@ def test_prune_bytes_and_bad_indices():
         cp.prune(kv, heads=[(0, 3)])
 
 
+def test_kl_and_top1_against_the_reference():
+    from kvprec.studies.structure.scoring import Scored
+
+    ref_lp = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64), -1)
+    ref = Scored(np.zeros(2), ref_lp)
+    kl, top1 = ref.against(ref)
+    np.testing.assert_array_equal(kl, [0.0, 0.0])
+    assert top1.all()
+    other_lp = torch.log_softmax(torch.tensor([[0.0, 2.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64), -1)
+    kl, top1 = Scored(np.zeros(2), other_lp).against(ref)
+    p = ref_lp[0].exp()
+    assert kl[0] == pytest.approx(float((p * (ref_lp[0] - other_lp[0])).sum()), rel=1e-12) and kl[0] > 0
+    assert kl[1] == 0.0 and top1.tolist() == [False, True]
+
+
+def test_budget_mix_tiers_from_page_bits():
+    from kvprec.studies.structure.effects import budget_tiers
+
+    # block 64, head_dim 64, group 64: pages hold INT8 8.5, INT4 4.5, INT2 2.5 bits per element
+    assert budget_tiers(8.0, 64, 64) == (Tier.INT8, Tier.INT4)
+    assert budget_tiers(4.0, 64, 64) == (Tier.INT4, Tier.INT2)
+    assert budget_tiers(2.5, 64, 64) == (Tier.INT4, Tier.INT2)
+    assert budget_tiers(2.0, 64, 64) is None   # below INT2: no mix stores this little
+    assert budget_tiers(9.0, 64, 64) is None   # INT8 alone fits
+
+
 # ---- statistics ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("r", [1, 3, 7])
@@ -260,6 +286,29 @@ def test_capture_is_what_the_model_computes(tiny_capture):
 
 
 @needs_native
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])  # plain; a sliding layer; softcap and scalar
+def test_attention_parameters_reproduce_the_kernel_and_a_wrong_one_is_caught(tiny_model, family):
+    from kvprec.hf.cache import AdaptiveCache
+    from kvprec.studies.platform.capture import Capture, CaptureSpec
+    from kvprec.studies.structure.capture import (LayerCall, _per_layer, attention_parameters,
+                                                  check_parameters)
+
+    model = tiny_model(family)
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    cap = Capture(CaptureSpec(queries=True, block_mass=True))
+    cache = AdaptiveCache(model.config, policy="uniform:fp32", block_size=8, evict_sliding=False)
+    rec = cap.teacher_force(model, ids, cache)
+    q, k = _per_layer(rec.queries, 2), _per_layer(rec.keys, 2)
+    calls = attention_parameters(model)
+    if family != "llama":
+        assert any(c.sliding_window for c in calls)
+    check_parameters(calls, q, k, rec, 40, 8)
+    wrong = [LayerCall(c.scale * 1.5, c.sliding_window, c.softcap) for c in calls]
+    with pytest.raises(ValueError, match="cannot reproduce layer 0"):
+        check_parameters(wrong, q, k, rec, 40, 8)
+
+
+@needs_native
 def test_continuation_nll_equals_a_full_forward(tiny_capture):
     m, cap, ids = tiny_capture
     from kvprec.studies.structure.scoring import ContinuationScorer
@@ -351,7 +400,8 @@ def test_command_line_refusals_name_the_argument(tmp_path, capsys):
     run.mkdir()
     (run / "config.json").write_text("{}")
     (run / "raw.npz").write_bytes(b"")
-    cases = [(["--out", str(run)], "--force"), (["--sample-index", "9", "--out", str(tmp_path / "a")], "--sample-index"),
+    cases = [(["--out", str(run)], "--force"),
+             (["--sample-index", "9", "--out", str(tmp_path / "a")], "--sample-index"),
              (["--focus", "token", "--out", str(tmp_path / "b")], "--focus"),
              (["--prune-heads", "3", "--out", str(tmp_path / "c")], "--prune-heads"),
              (["--prune-heads", "9:0", "--out", str(tmp_path / "d")], "--prune-heads"),

@@ -2,13 +2,14 @@
 
 Compressions: for variant j with per-prediction NLL n_ij and the reference n_i (kvprec/studies/structure/
 scoring.py), dNLL_j = mean_i (n_ij - n_i) with paired standard error se_j = std_i(n_ij - n_i) / sqrt(n); the
-perplexity change exp(dNLL_j) - 1; the compression ratio dense FP16 bytes / stored bytes; bytes saved = dense -
-stored; and the ranking key, dNLL per MiB saved (every variant compresses the same cache, so this orders them as
-dNLL per fraction of the cache saved does). The equal-bytes table lists, per target ratio, each compression's
-variant asked for that ratio beside kvprec's budget mixes at that ratio (keys as given, rotated) and the best kvprec
-uniform tier storing at most that many bytes; its verdict compares the best K-and-V compression with the best of
-kvprec's entries by the paired difference of their per-prediction NLL (a winner only beyond 2 standard
-errors).
+perplexity change exp(dNLL_j) - 1; the mean KL divergence from the exact cache's next-token distribution and the
+top-1 agreement (kvprec/studies/structure/scoring.py); the compression ratio dense FP16 bytes / stored bytes; bytes
+saved = dense - stored; and the ranking key, dNLL per MiB saved (every variant compresses the same cache, so this
+orders them as dNLL per fraction of the cache saved does), beside the same with KL. The equal-bytes table lists,
+per target ratio, each compression's variant asked for that ratio beside kvprec's budget mixes at that ratio (keys as
+given, rotated) and the best kvprec uniform tier storing at most that many bytes; its verdicts compare the best
+K-and-V compression with the best of kvprec's entries by the paired difference of their per-prediction NLL and of
+their KL (a winner only beyond 2 standard errors).
 """
 from __future__ import annotations
 
@@ -235,22 +236,28 @@ def similarity(raw, config) -> dict:
 
 # ---- compressions --------------------------------------------------------------------------------------------
 
+def _mean_se(x: np.ndarray):
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.mean()), (float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None)
+
+
 def variants(raw) -> List[dict]:
     ref = raw["ref_nll"]
     dense = int(raw["dense_bytes"])
-    n = ref.shape[0]
     rows = []
     for j, name in enumerate(raw["var_name"]):
-        diff = raw["var_nll"][j] - ref
+        d, se = _mean_se(raw["var_nll"][j] - ref)
+        kl, kl_se = _mean_se(raw["var_kl"][j])
         stored = int(raw["var_bytes"][j])
         saved = dense - stored
-        d = float(diff.mean())
         rows.append({
             "name": str(name), "family": str(raw["var_family"][j]), "which": str(raw["var_which"][j]),
             "target": _f(raw["var_target"][j]), "layer": int(raw["var_layer"][j]),
             "bytes": stored, "ratio": dense / stored if stored else None, "saved_fraction": saved / dense,
-            "dnll": d, "se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
-            "ppl_change": math.exp(d) - 1.0, "dnll_per_mib_saved": d / (saved / MIB) if saved > 0 else None,
+            "dnll": d, "se": se, "ppl_change": math.exp(d) - 1.0, "kl": kl, "kl_se": kl_se,
+            "top1": float(raw["var_top1"][j].mean()),
+            "dnll_per_mib_saved": d / (saved / MIB) if saved > 0 else None,
+            "kl_per_mib_saved": kl / (saved / MIB) if saved > 0 else None,
             "error_k": float(raw["var_error_k"][j]), "error_v": float(raw["var_error_v"][j]),
             "resident_bytes": int(raw["var_resident_bytes"][j]) if raw["var_resident_bytes"][j] >= 0 else None,
             "params": json.loads(str(raw["var_params"][j])),
@@ -258,14 +265,32 @@ def variants(raw) -> List[dict]:
     return rows
 
 
-def ranking(rows: List[dict]) -> List[dict]:
-    """Whole-cache compressions (no single-layer sweep rows, no single-head prunes) that save bytes, by dNLL per
-    MiB saved, lowest first."""
-    keep = [r for r in rows if r["layer"] == -1 and r["family"] != "prune_head" and r["dnll_per_mib_saved"] is not None]
-    return sorted(keep, key=lambda r: (r["dnll_per_mib_saved"], r["name"]))
+def ranking(rows: List[dict], key: str = "dnll_per_mib_saved") -> List[dict]:
+    """Whole-cache compressions (no single-layer sweep rows, no single-head prunes) that save bytes, by ``key``
+    (NLL or KL change per MiB saved), lowest first."""
+    keep = [r for r in rows if r["layer"] == -1 and r["family"] != "prune_head" and r[key] is not None]
+    return sorted(keep, key=lambda r: (r[key], r["name"]))
+
+
+def _verdict(raw, index, a: Optional[dict], b: Optional[dict], array: str) -> dict:
+    """Paired comparison of variants a (structure) and b (kvprec) on ``array`` (var_nll or var_kl): the mean
+    difference a - b, its standard error, and who is lower beyond 2 standard errors."""
+    if a is None or b is None:
+        winner = ("structure (kvprec stores no fewer bytes than its smallest tier)" if a else
+                  ("low precision (no compression asked for this ratio)" if b else None))
+        return {"margin": None, "se": None, "winner": winner}
+    margin, se = _mean_se(raw[array][index[a["name"]]] - raw[array][index[b["name"]]])
+    if se is not None and abs(margin) <= 2 * se:
+        winner = "neither (within 2 standard errors)"
+    else:
+        winner = "low precision" if margin > 0 else "structure"
+    return {"margin": margin, "se": se, "winner": winner}
 
 
 def equal_bytes(rows: List[dict], ratios, raw) -> List[dict]:
+    """Per target ratio: the compressions asked for it, kvprec's budget mixes at it, the best kvprec uniform tier
+    storing at most those bytes, and two verdicts (NLL change and KL) between the best K-and-V compression and the
+    best kvprec entry, each entry chosen by its mean KL (the lower-variance measure)."""
     index = {str(n): j for j, n in enumerate(raw["var_name"])}
     table = []
     whole = [r for r in rows if r["layer"] == -1]
@@ -281,46 +306,38 @@ def equal_bytes(rows: List[dict], ratios, raw) -> List[dict]:
         entry["kvprec_budgets"] = [r for r in whole if r["family"] == "budget" and r["target"] is not None
                                    and abs(r["target"] - target) < 1e-9]
         fits = [r for r in uniform if r["ratio"] is not None and r["ratio"] >= target * (1 - 1e-9)]
-        entry["kvprec_best_tier"] = min(fits, key=lambda r: r["dnll"]) if fits else None
+        entry["kvprec_best_tier"] = min(fits, key=lambda r: r["kl"]) if fits else None
         entry["kvprec_largest_tier_ratio"] = max((r["ratio"] for r in uniform), default=None)
         kv = [entry["compressions"][f"{f}:kv"] for f in COMPRESSION_FAMILIES if f"{f}:kv" in entry["compressions"]]
-        best_structure = min(kv, key=lambda r: r["dnll"]) if kv else None
+        best_structure = min(kv, key=lambda r: r["kl"]) if kv else None
         kvprec = entry["kvprec_budgets"] + ([entry["kvprec_best_tier"]] if entry["kvprec_best_tier"] else [])
-        best_kvprec = min(kvprec, key=lambda r: r["dnll"]) if kvprec else None
+        best_kvprec = min(kvprec, key=lambda r: r["kl"]) if kvprec else None
         entry["best_structure"] = best_structure["name"] if best_structure else None
         entry["best_kvprec"] = best_kvprec["name"] if best_kvprec else None
-        entry["margin_dnll"] = entry["margin_se"] = None
-        if best_structure and best_kvprec:
-            diff = raw["var_nll"][index[best_structure["name"]]] - raw["var_nll"][index[best_kvprec["name"]]]
-            entry["margin_dnll"] = float(diff.mean())  # > 0: kvprec's entry has the lower NLL
-            entry["margin_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None
-            if entry["margin_se"] is not None and abs(entry["margin_dnll"]) <= 2 * entry["margin_se"]:
-                entry["winner"] = "neither (within 2 standard errors)"
-            else:
-                entry["winner"] = "low precision" if entry["margin_dnll"] > 0 else "structure"
-        else:
-            entry["winner"] = "structure" if best_structure else ("low precision" if best_kvprec else None)
+        entry["by_nll"] = _verdict(raw, index, best_structure, best_kvprec, "var_nll")
+        entry["by_kl"] = _verdict(raw, index, best_structure, best_kvprec, "var_kl")
         table.append(entry)
     return table
 
 
 def sensitivity(rows: List[dict], n_layers: int) -> dict:
-    """Per-layer dNLL of each single-layer sweep (families with one row per layer)."""
-    sweeps: Dict[str, List[Optional[float]]] = {}
+    """Per-layer NLL change and KL of each single-layer sweep (families with one row per layer)."""
+    sweeps: Dict[str, Dict[str, List[Optional[float]]]] = {}
     for r in rows:
         if r["layer"] >= 0 and r["family"] in ("tucker", "tier", "prune_layer"):
             label = r["name"].rsplit(" layer ", 1)[0]
-            sweeps.setdefault(label, [None] * n_layers)[r["layer"]] = r["dnll"]
+            entry = sweeps.setdefault(label, {"dnll": [None] * n_layers, "kl": [None] * n_layers})
+            entry["dnll"][r["layer"]], entry["kl"][r["layer"]] = r["dnll"], r["kl"]
     out = {"sweeps": sweeps, "most_sensitive": {}, "rank_correlation": {}}
     for label, values in sweeps.items():
-        order = sorted((v, i) for i, v in enumerate(values) if v is not None)
+        order = sorted((v, i) for i, v in enumerate(values["kl"]) if v is not None)
         out["most_sensitive"][label] = [i for _, i in order[::-1][:3]]
     labels = sorted(sweeps)
     for a in range(len(labels)):
         for b in range(a + 1, len(labels)):
             out["rank_correlation"][f"{labels[a]} | {labels[b]}"] = _spearman(
-                [np.nan if v is None else v for v in sweeps[labels[a]]],
-                [np.nan if v is None else v for v in sweeps[labels[b]]])
+                [np.nan if v is None else v for v in sweeps[labels[a]]["kl"]],
+                [np.nan if v is None else v for v in sweeps[labels[b]]["kl"]])
     return out
 
 
@@ -330,13 +347,14 @@ def pruning(rows: List[dict], raw) -> dict:
     single = [r for r in rows if r["family"] == "prune_head"]
     if single and "head_output_norm" in raw:
         scores = raw["head_output_norm"]
-        measured = np.full(scores.shape, np.nan)
+        measured, kl = np.full(scores.shape, np.nan), np.full(scores.shape, np.nan)
         for r in single:
             layer, head = (int(x) for x in r["name"].rsplit(" ", 1)[1].split(":"))
-            measured[layer, head] = r["dnll"]
+            measured[layer, head], kl[layer, head] = r["dnll"], r["kl"]
         out["head_dnll"] = [[_f(x) for x in row] for row in measured]
-        out["score_vs_measured_spearman"] = _spearman(scores, measured)
-        out["harmless_heads"] = int((measured <= 0.001).sum())
+        out["head_kl"] = [[_f(x) for x in row] for row in kl]
+        out["score_vs_measured_spearman"] = _spearman(scores, kl)
+        out["harmless_heads"] = int((kl <= 0.001).sum())
     return out
 
 
@@ -361,7 +379,8 @@ def tucker(raw, rows: List[dict]) -> dict:
         if r["family"] == "tucker" and r["layer"] == -1:
             out["chosen"].append({"name": r["name"], "which": r["which"], "target": r["target"], "ratio": r["ratio"],
                                   "ranks_k": r["params"].get("ranks_k"), "ranks_v": r["params"].get("ranks_v"),
-                                  "error_k": r["error_k"], "error_v": r["error_v"], "dnll": r["dnll"], "se": r["se"]})
+                                  "error_k": r["error_k"], "error_v": r["error_v"], "dnll": r["dnll"], "se": r["se"],
+                                  "kl": r["kl"]})
     return out
 
 
@@ -387,6 +406,9 @@ def analyze(raw: Dict[str, np.ndarray], config: dict) -> dict:
         out["dense_bytes"] = int(raw["dense_bytes"])
         out["variants"] = rows
         out["ranking"] = [r["name"] for r in ranking(rows)]
+        out["ranking_by_kl"] = [r["name"] for r in ranking(rows, "kl_per_mib_saved")]
+        rotation = [r["params"]["rotation_bytes"] for r in rows if r["params"].get("rotation_bytes")]
+        out["rotation_share"] = rotation[0] / out["dense_bytes"] if rotation else None
         out["equal_bytes"] = equal_bytes(rows, config["ratios"], raw)
         n_layers = int(config.get("model_info", {}).get("layers", 0))
         out["sensitivity"] = sensitivity(rows, n_layers)

@@ -1,23 +1,32 @@
-"""What the structure study reads from one run of the model: the context's K/V and queries, and a greedy
-generation after it.
+"""What the structure study reads from one run of the model, through the platform's capture layer
+(kvprec/studies/platform/capture.py): the context's K/V and queries, and a greedy generation after it.
 
 The model runs its "kvprec" attention over a throw-away FP32 ``AdaptiveCache`` (uniform FP32 tier: the stored K/V
-are the model's, bit for bit) whose layers record the queries each attention call receives — post-RoPE, with
-the call's scale, sliding window and logit softcap, exactly what the attention computes with — the way the
-precision study captures them (kvprec/studies/precision/measure.py). K/V are read back from the cache
-(``gather()``), so they are what the cache received.
+are the model's, bit for bit) to which a ``Capture`` is attached: K/V exactly as the cache receives them (post-RoPE)
+and the queries the attention hands each layer. Without decode steps the context x[0..P) is teacher-forced in one
+forward. With N decode steps, x[0..P-1) is teacher-forced and ``generate`` continues on the same cache from x[0..P):
+its first call feeds x[P-1], then greedy tokens g_0, g_1, ...; N + 1 tokens are generated so that N decode queries
+(positions P .. P+N-1, fed g_0 .. g_{N-1}) exist. Per decode step i: the query at P + i, and the log-probability and
+entropy of the distribution g_i was chosen from (at position P + i - 1).
 
-Recorded: the prefill of the context x[0..P) (per layer q [Hq, P, D], k, v [H, P, D]; per position the
-log-probability of the next context token and the entropy of the next-token distribution), then N greedy decode
-steps (per layer the step queries q [Hq, N, D] and the K/V of all P + N positions; per step the chosen token, its
-log-probability and the entropy).
+The capture does not record the scale, sliding window and logit softcap each attention call used; they are read
+from the model (each attention module's ``scaling`` and ``attn_logit_softcapping``, the sliding windows
+``DynamicCache(config=...)`` would use) and checked against the attention kernel's own per-block mass of the last
+context queries (``block_mass`` of the capture): the recomputed softmax must put the same mass on every block, else
+the run stops rather than report attention the model did not compute.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import List, Optional
 
+import numpy as np
 import torch
+
+#: |recomputed block mass - kernel block mass| allowed (FP32 softmax of the same scores: ~1e-6; a wrong scale or
+#: window moves mass by far more than this).
+MASS_TOLERANCE = 1e-3
+CHECKED_QUERIES = 8
 
 
 @dataclass
@@ -30,14 +39,14 @@ class LayerCall:
 
 
 @dataclass
-class Capture:
+class Recorded:
     context: torch.Tensor                 # int64 [P]
     q: List[torch.Tensor]                 # per layer FP32 [Hq, P, D]
     k: List[torch.Tensor]                 # per layer FP32 [H, P, D]
     v: List[torch.Tensor]
     calls: List[LayerCall]
-    context_logprob: torch.Tensor         # FP64 [P - 1]: log p(x[t+1] | x[..t])
-    context_entropy: torch.Tensor         # FP64 [P - 1]: entropy of the distribution at t
+    context_logprob: torch.Tensor         # FP64: log p(x[t+1] | x[..t]) for the teacher-forced positions
+    context_entropy: torch.Tensor         # FP64: entropy of the next-token distribution there
     generated: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # int64 [N]
     step_logprob: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     step_entropy: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
@@ -50,66 +59,94 @@ class Capture:
         return list(zip(self.k, self.v))
 
 
-def _logprob_entropy(logits: torch.Tensor, targets: torch.Tensor):
-    logp = torch.log_softmax(logits.double(), -1)
-    return logp.gather(-1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+def attention_parameters(model) -> List[LayerCall]:
+    """Per decoder layer, the scale, sliding window and softcap of its attention (module docstring)."""
+    from ...hf.cache import sliding_windows, text_config
+
+    config = text_config(model.config)
+    windows = sliding_windows(config)
+    found = {}
+    for module in model.modules():
+        idx, scale = getattr(module, "layer_idx", None), getattr(module, "scaling", None)
+        if isinstance(idx, int) and isinstance(scale, (int, float)) and idx not in found:
+            found[idx] = (float(scale), float(getattr(module, "attn_logit_softcapping", None) or 0.0))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return [LayerCall(*(found.get(i, (head_dim ** -0.5, 0.0))[:1]), int(w), found.get(i, (0.0, 0.0))[1])
+            for i, w in enumerate(windows)]
+
+
+def _per_layer(series: dict, n_layers: int) -> List[torch.Tensor]:
+    """Time-major capture arrays [T, 1, H, D] -> per layer torch FP32 [H, T, D]."""
+    return [torch.from_numpy(np.asarray(series[i][:, 0], dtype=np.float32)).transpose(0, 1).contiguous()
+            for i in range(n_layers)]
+
+
+def check_parameters(calls: List[LayerCall], q, k, record, p: int, block_size: int) -> None:
+    """The recomputed softmax of the last context queries puts the kernel's mass on every block (module docstring)."""
+    from .stats import attention_weights
+
+    for i, call in enumerate(calls):
+        mass = record.block_mass(i)  # [Tq, 1, Hq, n_blocks]: NaN past the blocks of the query's call
+        rows = np.nonzero(record.query_positions[i] < p)[0][-CHECKED_QUERIES:]
+        first = int(record.query_positions[i][rows[0]])
+        w, _ = attention_weights(q[i][:, first:first + len(rows)], k[i], k[i], first, call.scale, call.sliding_window,
+                                 call.softcap)
+        for r, row in enumerate(rows):
+            kernel = mass[row, 0]
+            blocks = int((~np.isnan(kernel[0])).sum())
+            ours = w[:, r, :blocks * block_size]  # positions after the query's own carry no weight
+            ours = torch.nn.functional.pad(ours, (0, blocks * block_size - ours.shape[-1]))
+            ours = ours.reshape(w.shape[0], blocks, block_size).sum(-1).numpy()
+            if np.abs(ours - kernel[:, :blocks]).max() > MASS_TOLERANCE:
+                raise ValueError(f"structure study: cannot reproduce layer {i}'s attention from its queries and keys "
+                                 f"(scale {call.scale}, sliding window {call.sliding_window}, softcap {call.softcap} "
+                                 "read from the model); its attention statistics would be wrong")
+
+
+def _ticking(on_step):
+    """A LogitsProcessor calling ``on_step()`` at every generated token (progress), changing nothing."""
+    from transformers import LogitsProcessor
+
+    class Ticking(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            on_step()
+            return scores
+    return Ticking()
 
 
 @torch.no_grad()
-def capture(model, context: torch.Tensor, generate: int = 0, block_size: int = 64, progress=None) -> Capture:
-    """Prefill ``context`` [P] (int64) and decode ``generate`` greedy tokens, recording as the module docstring
-    says. ``progress``: optional callable(steps_done) after every decode step."""
-    from ...hf.attention import enabled
+def capture(model, context: torch.Tensor, generate: int = 0, block_size: int = 64, on_step=None) -> Recorded:
+    """Teacher-force ``context`` [P] (int64) and decode ``generate`` greedy tokens after it (module docstring);
+    ``on_step()`` is called at every generated token."""
     from ...hf.cache import AdaptiveCache
     from ...hf.policy.uniform import Uniform
+    from ..platform.capture import Capture, CaptureSpec
 
-    if context.dim() != 1 or context.numel() < 2:
+    p = context.numel()
+    if context.dim() != 1 or p < 2:
         raise ValueError(f"capture: the context must be [P] token ids with P >= 2, got {tuple(context.shape)}")
     cache = AdaptiveCache(model.config, policy=Uniform("fp32"), block_size=block_size, evict_sliding=False)
-    queries: Dict[int, List[torch.Tensor]] = {}
-    calls: Dict[int, LayerCall] = {}
-
-    for layer in cache.layers:
-        attend = layer.attend
-
-        def recording(q, mask, scale, sliding_window, softcap, block_mass, _layer=layer, _attend=attend):
-            d = q.shape[-1]
-            queries.setdefault(_layer.layer_idx, []).append(q[0].detach().float().cpu())
-            calls[_layer.layer_idx] = LayerCall(float(scale or d ** -0.5), int(sliding_window or 0),
-                                                float(softcap or 0.0))
-            return _attend(q, mask, scale, sliding_window, softcap, block_mass)
-        layer.attend = recording
-
-    device = model.device
-    with enabled(model):
-        out = model(input_ids=context[None].to(device), past_key_values=cache, use_cache=True)
-        if not queries:
-            raise ValueError("capture: the model never called the 'kvprec' attention; is it a supported decoder "
-                             "(kvprec.hf.cache.SUPPORTED_MODEL_TYPES)?")
-        lp, ent = _logprob_entropy(out.logits[0, :-1].cpu(), context[1:].cpu())
-        n_layers = len(queries)
-        kv = [layer.gather() for layer in cache.layers[:n_layers]]
-        result = Capture(context.cpu(), [queries[i][0] for i in range(n_layers)],
-                         [k[0].float().cpu() for k, _ in kv], [v[0].float().cpu() for _, v in kv],
-                         [calls[i] for i in range(n_layers)], lp, ent)
-        logits = out.logits[0, -1]
-        tokens, step_lp, step_ent = [], [], []
-        for step in range(generate):
-            token = logits.argmax()
-            lp, ent = _logprob_entropy(logits[None].cpu(), token[None].cpu())
-            tokens.append(int(token))
-            step_lp.append(float(lp[0]))
-            step_ent.append(float(ent[0]))
-            out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
-            logits = out.logits[0, -1]
-            if progress is not None:
-                progress(step + 1)
+    cap = Capture(CaptureSpec(queries=True, block_mass=True))
+    ids = context[None].to(torch.long)
+    first = cap.teacher_force(model, ids[:, :p - 1] if generate else ids, cache)
+    record = first
     if generate:
-        result.generated = torch.tensor(tokens, dtype=torch.long)
-        result.step_logprob = torch.tensor(step_lp, dtype=torch.float64)
-        result.step_entropy = torch.tensor(step_ent, dtype=torch.float64)
-        result.step_q = [torch.cat(queries[i][1:], dim=1) for i in range(n_layers)]
-        kv = [layer.gather() for layer in cache.layers[:n_layers]]
-        result.all_k = [k[0].float().cpu() for k, _ in kv]
-        result.all_v = [v[0].float().cpu() for _, v in kv]
-    return result
+        kwargs = dict(max_new_tokens=generate + 1, min_new_tokens=generate + 1, do_sample=False,
+                      logits_processor=[_ticking(on_step)] if on_step else None)
+        if getattr(model.generation_config, "pad_token_id", None) is None:
+            kwargs["pad_token_id"] = getattr(model.generation_config, "eos_token_id", None) or 0
+        record = cap.generate(model, ids, cache, **kwargs)
+    n_layers = len(record.layers)
+    q, k, v = _per_layer(record.queries, n_layers), _per_layer(record.keys, n_layers), _per_layer(record.values,
+                                                                                                  n_layers)
+    calls = attention_parameters(model)[:n_layers]
+    check_parameters(calls, q, k, record, p, block_size)
+    out = Recorded(context.cpu(), [x[:, :p] for x in q], [x[:, :p] for x in k], [x[:, :p] for x in v], calls,
+                   torch.from_numpy(first.logprob[0]).double(), torch.from_numpy(first.entropy[0]).double())
+    if generate:
+        out.generated = torch.from_numpy(record.tokens[0, p:p + generate]).long()
+        out.step_logprob = torch.from_numpy(record.logprob[0, :generate]).double()
+        out.step_entropy = torch.from_numpy(record.entropy[0, :generate]).double()
+        out.step_q = [x[:, p:p + generate] for x in q]
+        out.all_k, out.all_v = [x[:, :p + generate] for x in k], [x[:, :p + generate] for x in v]
+    return out

@@ -5,12 +5,13 @@ One row per variant: var_name, var_family, var_which ("kv", "k" or "v": the tens
 (the compression ratio asked for; NaN when the variant has none), var_layer (the one layer it touches; -1: all),
 var_bytes (stored bytes of the whole context cache: compressed tensors plus the untouched ones at FP16),
 var_resident_bytes (kvprec tiers: the cache's resident bytes, which add the allocated unsealed tail; -1
-otherwise), var_error_k / var_error_v (||x' - x|| / ||x|| over all layers), var_params (JSON), var_nll
-[n_variants, C - 1]; and ref_nll [C - 1], dense_bytes.
+otherwise), var_error_k / var_error_v (||x' - x|| / ||x|| over all layers), var_params (JSON), var_nll /
+var_kl [n_variants, C - 1] (per-prediction NLL, KL from the exact cache's distribution), var_top1 uint8
+[n_variants, C - 1] (argmax agrees with the exact cache's); and ref_nll [C - 1], dense_bytes.
 
 Families: tucker, lowrank, drop (kvprec/studies/structure/compress.py); tier (kvprec's uniform tiers, keys as
-given or rotated), budget (kvprec's budget policy over uniform INT8 at 16 / ratio bits per element, rotated keys:
-the tier mix at a target's bytes); prune_layer, prune_head, prune (user's or chosen sets).
+given or rotated), budget (kvprec's budget policy at a target's bytes: a mix of two adjacent tiers, keys as given or
+rotated, :func:`budget_cache`); prune_layer, prune_head, prune (user's or chosen sets).
 
 kvprec bytes (families tier and budget) are the cache's own accounting (``AdaptiveCache.memory_report()``):
 pages (codes, FP16 scales and zeros) + block table + key rotation matrices (FP32 D x D per layer). The unsealed
@@ -28,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ...storage.formats import BlockGeometry, Tier
 from . import compress as cp
 from .observe import rotation_kind
 from .scoring import ContinuationScorer, through_adaptive_cache
@@ -44,6 +46,8 @@ class Variant:
     layer: int
     kv_bytes: int
     nll: np.ndarray
+    kl: np.ndarray
+    top1: np.ndarray
     error_k: float
     error_v: float
     resident_bytes: int = -1
@@ -62,14 +66,16 @@ class Effects:
     def __init__(self, model, kv, continuation: torch.Tensor, progress: Optional[Callable[[], None]] = None):
         self.model, self.kv = model, kv
         self.scorer = ContinuationScorer(model, continuation)
-        self.ref_nll = self.scorer.nll(kv)
+        self.ref = self.scorer.score(kv)
+        self.ref_nll = self.ref.nll
         self.dense = cp.dense_bytes(kv)
         self.rows: List[Variant] = []
         self.progress = progress
 
     def add(self, name, family, which, kv, kv_bytes, target=math.nan, layer=-1, resident=-1, params=None):
-        nll = self.scorer.nll(kv)
-        self.rows.append(Variant(name, family, which, float(target), int(layer), int(kv_bytes), nll,
+        scored = self.scorer.score(kv)
+        kl, top1 = scored.against(self.ref)
+        self.rows.append(Variant(name, family, which, float(target), int(layer), int(kv_bytes), scored.nll, kl, top1,
                                  relative_error(kv, self.kv, 0), relative_error(kv, self.kv, 1), int(resident),
                                  dict(params or {})))
         if self.progress:
@@ -78,6 +84,9 @@ class Effects:
 
     def add_compressed(self, name, family, which, c: cp.Compressed, target=math.nan, layer=-1):
         return self.add(name, family, which, c.kv, c.kv_bytes, target, layer, params=c.params)
+
+    def _stack(self, values, dtype) -> np.ndarray:
+        return np.stack(values).astype(dtype) if values else np.zeros((0, self.ref_nll.shape[0]), dtype=dtype)
 
     def arrays(self) -> Dict[str, np.ndarray]:
         rows = self.rows
@@ -93,8 +102,9 @@ class Effects:
             "var_error_k": np.array([r.error_k for r in rows], dtype=np.float64),
             "var_error_v": np.array([r.error_v for r in rows], dtype=np.float64),
             "var_params": np.array([json.dumps(r.params, sort_keys=True) for r in rows], dtype=str),
-            "var_nll": (np.stack([r.nll for r in rows]) if rows
-                        else np.zeros((0, self.ref_nll.shape[0]))),
+            "var_nll": self._stack([r.nll for r in rows], np.float64),
+            "var_kl": self._stack([r.kl for r in rows], np.float64),
+            "var_top1": self._stack([r.top1 for r in rows], np.uint8),
         }
 
 
@@ -162,7 +172,7 @@ def _tier_row(fx: Effects, name, family, policy, block_size, rotation, target=ma
               sweep=False, tc=None):
     tc = tc or through_adaptive_cache(fx.model, fx.kv, policy, block_size, rotation, rotation_seed)
     params = {"policy": policy.describe(), "key_rotation": rotation, "page_bits_per_element": tc.page_bits,
-              "block_size": block_size}
+              "block_size": block_size, "rotation_bytes": tc.rotation_bytes, "table_bytes": tc.table_bytes}
     fx.add(name, family, "kv", tc.kv, tier_bytes(tc), target, resident=tc.resident_bytes, params=params)
     if sweep:  # every layer alone at this tier, the others exact
         for layer in range(len(fx.kv)):
@@ -177,24 +187,43 @@ def tier_bytes(tc) -> int:
     return tc.page_bytes + tc.table_bytes + tc.rotation_bytes
 
 
+def budget_tiers(bits: float, block_size: int, head_dim: int):
+    """(hi, lo): the two adjacent integer tiers whose mix stores ``bits`` per element in pages — hi the lowest that
+    does not fit alone, lo the one below it, which does; None when INT8 fits alone or INT2 does not."""
+    geometry = BlockGeometry(block_size, head_dim)
+    ladder = [Tier.INT8, Tier.INT4, Tier.INT2]
+    page_bits = [8.0 * geometry.page_bytes(t) / (2 * block_size * head_dim) for t in ladder]
+    for hi, lo, hi_bits, lo_bits in zip(ladder, ladder[1:], page_bits, page_bits[1:]):
+        if hi_bits > bits >= lo_bits:
+            return hi, lo
+    return None
+
+
 def budget_cache(fx: Effects, target: float, block_size: int, rotation, rotation_seed: int):
-    """kvprec's budget policy (uniform INT8 demoted block by block) storing the context in at most dense / target
-    bytes, block tables and rotation matrices included: the page budget is 8 (dense / target - overhead) / elements
-    bits per element, the overhead measured by a first pass. None when kvprec cannot store that few bytes."""
-    from ...hf.policy import BudgetError, budget
-    from ...hf.policy.uniform import Uniform
+    """kvprec's budget policy storing the context in at most dense / target bytes (block tables and rotation
+    matrices included: the page budget is 8 (dense / target - overhead) / elements bits per element, the overhead
+    measured by a first pass), as a mix of two adjacent tiers (:func:`budget_tiers`): every block starts at hi and
+    the budget demotes the least important to lo, the importance of a sink-and-window policy (the block holding
+    positions 0..3 and the newest block last, then newer before older). (policy, TierCache, "hi/lo"), or None when
+    kvprec cannot store that few bytes or INT8 fits alone."""
+    from ...hf.policy import BudgetError, SinkWindow, budget
 
     elements = fx.dense // cp.FP16_BYTES
+    head_dim = fx.kv[0][0].shape[-1]
     bits = 16.0 / target
     for _ in range(2):
+        tiers = budget_tiers(bits, block_size, head_dim)
+        if tiers is None:
+            return None
+        hi, lo = tiers
         try:
-            policy = budget(Uniform("int8"), bits_per_element=bits)
+            policy = budget(SinkWindow(sinks=4, window=block_size, rest=hi, recent=hi), bits_per_element=bits,
+                            floor=lo)
             tc = through_adaptive_cache(fx.model, fx.kv, policy, block_size, rotation, rotation_seed)
         except BudgetError:
             return None
-        overhead = tc.table_bytes + tc.rotation_bytes
-        bits = 8.0 * (fx.dense / target - overhead) / elements
-    return (policy, tc) if tier_bytes(tc) * target <= fx.dense * (1 + 1e-9) else None
+        bits = 8.0 * (fx.dense / target - tc.table_bytes - tc.rotation_bytes) / elements
+    return (policy, tc, f"{hi}/{lo}") if tier_bytes(tc) * target <= fx.dense * (1 + 1e-9) else None
 
 
 def tier_variants(fx: Effects, block_size: int, ratios, rotation_seed: int, sweep: bool) -> None:
@@ -211,8 +240,8 @@ def tier_variants(fx: Effects, block_size: int, ratios, rotation_seed: int, swee
         for rot, suffix in ((None, ""), (rotation, " rotated")):
             found = budget_cache(fx, target, block_size, rot, rotation_seed)
             if found is not None:
-                _tier_row(fx, f"kvprec budget {target:g}x{suffix}", "budget", found[0], block_size, rot, target,
-                          rotation_seed, tc=found[1])
+                _tier_row(fx, f"kvprec {found[2]} mix {target:g}x{suffix}", "budget", found[0], block_size, rot,
+                          target, rotation_seed, tc=found[1])
 
 
 def tier_calls(n_layers: int, sweep: bool, n_ratios: int) -> int:
@@ -233,7 +262,7 @@ def prune_variants(fx: Effects, head_scores: Optional[np.ndarray], layers_spec, 
             for head in range(h):
                 row = fx.add_compressed(f"prune head {layer}:{head}", "prune_head", "kv",
                                         cp.prune(fx.kv, heads=[(layer, head)]), layer=layer)
-                single[(layer, head)] = float(np.mean(row.nll - fx.ref_nll))
+                single[(layer, head)] = float(np.mean(row.kl))
     count = cp.prune_count(fraction, n * h)
     sets = []
     if head_scores is not None:

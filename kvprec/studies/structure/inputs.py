@@ -77,8 +77,8 @@ def samples(path=None) -> List[Sample]:
 
 def pick(all_samples: List[Sample], index: int) -> Sample:
     if not 0 <= index < len(all_samples):
-        raise StudyInputError(f"--sample-index: {index} is not accepted; the text has samples 0..{len(all_samples) - 1} "
-                         "(list them with --list-samples)")
+        raise StudyInputError(f"--sample-index: {index} is not accepted; the text has samples "
+                              f"0..{len(all_samples) - 1} (list them with --list-samples)")
     return all_samples[index]
 
 

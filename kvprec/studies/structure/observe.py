@@ -29,7 +29,7 @@ from ...storage.formats import Tier
 from ...storage.rotation import rotate, rotation_matrix
 from . import similarity as sim
 from . import stats
-from .capture import Capture
+from .capture import Recorded
 
 STAGES = ("prefill", "early", "middle", "late")
 ATTN_METRICS = ("entropy", "mass90", "sink_mass", "recent_mass")
@@ -45,7 +45,7 @@ def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def layer_arrays(cap: Capture) -> Dict[str, np.ndarray]:
+def layer_arrays(cap: Recorded) -> Dict[str, np.ndarray]:
     per = {name: [[], []] for name in ("sparsity", "top10_share", "erank", "rank90", "norm_mean", "norm_std",
                                        "norm_max_over_median")}
     for k, v in cap.kv:
@@ -66,7 +66,7 @@ def first_query(context: int) -> int:
     return min(32, context // 4)
 
 
-def attention_arrays(cap: Capture, window: int) -> Dict[str, np.ndarray]:
+def attention_arrays(cap: Recorded, window: int) -> Dict[str, np.ndarray]:
     """Prefill attention per layer (module docstring); ``window``: the last queries of the prompt (ThinK's
     observation window) for head output norms and query channel norms."""
     p = cap.context.numel()
@@ -90,7 +90,7 @@ def attention_arrays(cap: Capture, window: int) -> Dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in out.items()}
 
 
-def channel_arrays(cap: Capture, block_size: int, rotation_seed: int) -> Dict[str, np.ndarray]:
+def channel_arrays(cap: Recorded, block_size: int, rotation_seed: int) -> Dict[str, np.ndarray]:
     d = cap.k[0].shape[-1]
     kind = rotation_kind(d)
     top = stats.top_k_channels(d)
@@ -110,7 +110,7 @@ def channel_arrays(cap: Capture, block_size: int, rotation_seed: int) -> Dict[st
             "quant_err": qerr, "rotation_kind": np.array(kind)}
 
 
-def similarity_arrays(cap: Capture, thresholds) -> Dict[str, np.ndarray]:
+def similarity_arrays(cap: Recorded, thresholds) -> Dict[str, np.ndarray]:
     n, h = len(cap.k), cap.k[0].shape[0]
     out = {"sim_adjacent": np.zeros((2, n, h)), "sim_pairs": np.zeros((2, n, h)),
            "sim_head_cos": np.zeros((2, n, h, h)), "sim_head_cka": np.zeros((2, n, h, h)),
@@ -135,7 +135,7 @@ def similarity_arrays(cap: Capture, thresholds) -> Dict[str, np.ndarray]:
     return out
 
 
-def stage_arrays(cap: Capture) -> Dict[str, np.ndarray]:
+def stage_arrays(cap: Recorded) -> Dict[str, np.ndarray]:
     """Needs a capture with N >= 3 decode steps."""
     p, steps = cap.context.numel(), cap.generated.numel()
     if steps < 3:
@@ -169,7 +169,7 @@ def stage_arrays(cap: Capture) -> Dict[str, np.ndarray]:
             "stage_kv": stage_kv}
 
 
-def observe(cap: Capture, parts, *, window: int, block_size: int, rotation_seed: int, thresholds,
+def observe(cap: Recorded, parts, *, window: int, block_size: int, rotation_seed: int, thresholds,
             progress: Optional[Callable[[str], None]] = None) -> Dict[str, np.ndarray]:
     """The arrays of ``parts`` (a subset of "layers", "attention", "channels", "similarity", "stages")."""
     makers = {"layers": lambda: layer_arrays(cap), "attention": lambda: attention_arrays(cap, window),

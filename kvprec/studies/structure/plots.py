@@ -208,7 +208,7 @@ def tucker_tradeoff(raw, analysis, path: Path) -> str:
     rows = [r for r in analysis["variants"] if r["layer"] == -1 and r["family"] in FAMILY_STYLE]
     for family, (color, marker) in FAMILY_STYLE.items():
         for which, fill in (("kv", color), ("k", "none"), ("v", "none")):
-            pts = sorted((r["ratio"], r["dnll"], r["se"] or 0.0) for r in rows
+            pts = sorted((r["ratio"], r["kl"], r["kl_se"] or 0.0) for r in rows
                          if r["family"] == family and r["which"] == which)
             if not pts:
                 continue
@@ -217,9 +217,10 @@ def tucker_tradeoff(raw, analysis, path: Path) -> str:
             axes[1].errorbar(x, y, yerr=e, ls=style, marker=marker, color=color, mfc=fill, ms=5, capsize=2,
                              label=f"{family}" + ("" if which == "kv" else f" ({which.upper()} only)"))
     axes[1].set_xscale("log")
-    axes[1].set_yscale("symlog", linthresh=1e-3)
-    axes[1].set(title="measured NLL change vs bytes (continuation, teacher forced)", xlabel="compression ratio (FP16)",
-                ylabel="NLL change (nats / token)")
+    axes[1].set_yscale("log")
+    axes[1].set(title="measured KL from the exact cache's next-token distribution vs bytes\n(continuation, teacher "
+                      "forced; the NLL changes are in the report)", xlabel="compression ratio (FP16)",
+                ylabel="mean KL (nats / token)")
     axes[1].grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=7)
     return _save(fig, path)
@@ -228,19 +229,20 @@ def tucker_tradeoff(raw, analysis, path: Path) -> str:
 def layer_sensitivity(raw, analysis, path: Path) -> str:
     plt = _plt()
     sweeps = analysis["sensitivity"]["sweeps"]
-    head = analysis.get("pruning", {}).get("head_dnll")
+    head = analysis.get("pruning", {}).get("head_kl")
     fig, axes = plt.subplots(1, 2 if head else 1, figsize=(14 if head else 8, 5), squeeze=False)
     for label, values in sorted(sweeps.items()):
-        y = np.array([np.nan if v is None else v for v in values])
+        y = np.array([np.nan if v is None else v for v in values["kl"]])
         axes[0, 0].plot(np.arange(len(y)), y, "-o", ms=3, label=label)
-    axes[0, 0].set_yscale("symlog", linthresh=1e-3)
-    axes[0, 0].set(title="one layer compressed, the others exact", xlabel="layer", ylabel="NLL change (nats / token)")
+    axes[0, 0].set_yscale("log")
+    axes[0, 0].set(title="one layer compressed, the others exact", xlabel="layer",
+                   ylabel="mean KL from the exact cache (nats / token)")
     axes[0, 0].grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=7)
     if head:
         m = np.array([[np.nan if v is None else v for v in row] for row in head])
         im = axes[0, 1].imshow(m, aspect="auto", cmap="magma", interpolation="nearest")
-        axes[0, 1].set(title="NLL change when one KV head's cache is pruned", xlabel="KV head", ylabel="layer")
+        axes[0, 1].set(title="KL when one KV head's cache is pruned", xlabel="KV head", ylabel="layer")
         fig.colorbar(im, ax=axes[0, 1], fraction=0.046)
     return _save(fig, path)
 

@@ -25,6 +25,10 @@ def _ratio(r: Optional[dict]) -> str:
     return "—" if r is None or r.get("ratio") is None else f"{r['ratio']:.2f}x"
 
 
+def _cells(r: dict) -> List[str]:
+    return [_ratio(r), _dnll(r), f"{100 * r['ppl_change']:+.2f}%", f"{r['kl']:.4f}", f"{100 * r['top1']:.1f}%", ""]
+
+
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -44,7 +48,8 @@ def _header(a: dict, config: dict) -> List[str]:
               f"({a['continuation_tokens'] - 1} scored predictions)"
               + (f", {data.get('generated_tokens')} greedy decode steps for the stages" if data.get("generated_tokens")
                  else "") + f". Focus: {', '.join(a['focus'])}.",
-              f"Threads: {config.get('threads')}; wall time of the measurements {_n(timings.get('measure_s'), '{:.1f}')} s"
+              f"Threads: {config.get('threads')}; wall time of the measurements "
+              f"{_n(timings.get('measure_s'), '{:.1f}')} s"
               f" (capture {_n(timings.get('capture_s'), '{:.1f}')} s, statistics "
               f"{_n(timings.get('statistics_s'), '{:.1f}')} s, {timings.get('scoring_calls', 0)} scored passes "
               f"{_n(timings.get('scoring_s'), '{:.1f}')} s).", ""]
@@ -53,30 +58,38 @@ def _header(a: dict, config: dict) -> List[str]:
 
 def _compressions(a: dict) -> List[str]:
     rows = {r["name"]: r for r in a["variants"]}
+    kl_rank = {name: i for i, name in enumerate(a["ranking_by_kl"], 1)}
     lines = ["## Compressions ranked by NLL change per byte saved", "",
              f"Reference: mean NLL {a['reference_nll']:.4f} nats/token with the exact cache; the cache is "
              f"{a['dense_bytes']} bytes at FP16. NLL change = mean over the scored predictions of (NLL with the "
-             "compressed context cache - NLL with the exact one), ± its paired standard error; ranked by NLL change "
-             "per MiB saved (lower is better; whole-cache compressions only — single-layer sweeps and single-head "
-             "prunes are in their own sections).", ""]
+             "compressed context cache - NLL with the exact one), ± its paired standard error; KL = mean divergence "
+             "of the next-token distribution from the exact cache's (nats); top-1 = share of predictions whose most "
+             "likely token is unchanged. Ranked by NLL change per MiB saved (lower is better); the last column is the "
+             "rank by KL per MiB saved, the lower-variance order. Whole-cache compressions only (single-layer sweeps "
+             "and single-head prunes have their own sections).", ""]
     table = []
     for i, name in enumerate(a["ranking"], 1):
         r = rows[name]
-        table.append([i, name, _ratio(r), f"{100 * r['saved_fraction']:.1f}%", _dnll(r), f"{100 * r['ppl_change']:+.2f}%",
-                      _n(r["dnll_per_mib_saved"], "{:+.4f}"), _n(r["error_k"], "{:.3f}"), _n(r["error_v"], "{:.3f}")])
-    lines += _table(["#", "compression", "ratio", "saved", "NLL change", "ppl change", "per MiB saved",
-                     "K rel. error", "V rel. error"], table)
+        table.append([i, name, _ratio(r), f"{100 * r['saved_fraction']:.1f}%", _dnll(r),
+                      f"{100 * r['ppl_change']:+.2f}%", _n(r["dnll_per_mib_saved"], "{:+.4f}"), f"{r['kl']:.4f}",
+                      f"{100 * r['top1']:.1f}%", _n(r["error_k"], "{:.3f}"), _n(r["error_v"], "{:.3f}"),
+                      kl_rank.get(name, "")])
+    lines += _table(["#", "compression", "ratio", "saved", "NLL change", "ppl change", "per MiB saved", "KL",
+                     "top-1", "K rel. error", "V rel. error", "# by KL"], table)
     return lines + [""]
 
 
 def _equal_bytes(a: dict) -> List[str]:
     lines = ["## Equal bytes: structure against kvprec's quantized tiers", "",
-             "For each target ratio (FP16 bytes / stored bytes), the compressions asked for that ratio (K and V both "
-             "compressed; K-only and V-only beside) and kvprec at the same bytes: its budget policy at 16 / ratio bits "
-             "per element (uniform INT8 demoted block by block; keys as given and rotated; the page budget lowered by "
-             "the block tables and rotation matrices so the total fits) where kvprec can store that few bytes, "
-             "and the best uniform tier (keys as given or rotated) that stores at most those bytes. kvprec bytes are "
-             "its memory report's pages (codes, FP16 scales and zeros), block table and key rotation matrices.", ""]
+             "For each target ratio (FP16 bytes / stored bytes): the compressions asked for that ratio, K and V both "
+             "compressed (beside them K only and V only: that tensor at the target, the other at FP16, so their "
+             "ratio, always the whole cache's, is lower); kvprec at the same bytes: its budget policy mixing two "
+             "adjacent tiers (the block of the sink tokens and the newest block kept at the higher one; keys as given "
+             "and rotated; the page budget lowered by the block tables and rotation matrices so the total fits) "
+             "where kvprec can store that few bytes, and the best uniform tier (by KL) that stores at most those "
+             "bytes. kvprec bytes are its memory report's pages (codes, FP16 scales and zeros), block tables and key "
+             "rotation matrices (FP32 D x D per layer, fixed per model: at this context they are "
+             f"{_n(a.get('rotation_share'), '{:.1%}')} of the dense cache).", ""]
     table = []
     for e in a["equal_bytes"]:
         t = f"{e['target']:g}x"
@@ -85,25 +98,33 @@ def _equal_bytes(a: dict) -> List[str]:
                 r = e["compressions"].get(f"{family}:{which}")
                 if r is not None:
                     label = FAMILY_TITLE[family] + ("" if which == "kv" else f", {which.upper()} only")
-                    table.append([t, label, _ratio(r), _dnll(r), f"{100 * r['ppl_change']:+.2f}%"])
+                    table.append([t, label] + _cells(r))
         for b in e["kvprec_budgets"]:
-            table.append([t, f"kvprec budget mix ({b['name']})", _ratio(b), _dnll(b), f"{100 * b['ppl_change']:+.2f}%"])
+            table.append([t, f"kvprec budget mix ({b['name']})"] + _cells(b))
         if not e["kvprec_budgets"]:
-            table.append([t, "kvprec budget mix", "—", "—", "not reachable: fewer bytes than kvprec's smallest tier"])
+            table.append([t, "kvprec budget mix", "—", "—", "—", "—", "—",
+                          "not reachable: fewer bytes than kvprec's smallest tier"])
         u = e["kvprec_best_tier"]
         largest = e.get("kvprec_largest_tier_ratio")
-        table.append([t, "kvprec best uniform tier" + (f" ({u['name']})" if u else ""), _ratio(u), _dnll(u),
-                      f"{100 * u['ppl_change']:+.2f}%" if u else
-                      f"none stores this few bytes (smallest: {_n(largest, '{:.2f}')}x)"])
-    lines += _table(["target", "compression", "ratio", "NLL change", "ppl change"], table)
-    lines.append("")
+        if u:
+            table.append([t, f"kvprec best uniform tier ({u['name']})"] + _cells(u))
+        else:
+            table.append([t, "kvprec best uniform tier", "—", "—", "—", "—", "—",
+                          f"none stores this few bytes (smallest: {_n(largest, '{:.2f}')}x)"])
+    lines += _table(["target", "compression", "ratio", "NLL change", "ppl change", "KL", "top-1", "note"], table)
+    lines += ["", "Verdicts (best K-and-V compression against the best kvprec entry at the same bytes, each the one "
+              "of lowest KL; paired over the scored predictions, a winner only beyond 2 standard errors):", ""]
     for e in a["equal_bytes"]:
-        if e["winner"] is None:
+        if e["best_structure"] is None and e["best_kvprec"] is None:
             continue
-        margin = (f": NLL(structure) - NLL(kvprec) = {e['margin_dnll']:+.4f} ± {e['margin_se']:.4f} nats/token"
-                  if e["margin_dnll"] is not None and e["margin_se"] is not None else "")
-        lines.append(f"- {e['target']:g}x, better use of the bytes: {e['winner']}{margin} (best structure: "
-                     f"{e['best_structure'] or 'none'}; best kvprec: {e['best_kvprec'] or 'none at these bytes'}).")
+        parts = []
+        for key, what, unit in (("by_nll", "NLL", "nats/token"), ("by_kl", "KL", "nats")):
+            v = e[key]
+            diff = (f" ({what}(structure) - {what}(kvprec) = {v['margin']:+.4f} ± {v['se']:.4f} {unit})"
+                    if v["margin"] is not None and v["se"] is not None else "")
+            parts.append(f"by {what}: {v['winner']}{diff}")
+        lines.append(f"- {e['target']:g}x — {'; '.join(parts)}. Best structure: {e['best_structure'] or 'none'}; "
+                     f"best kvprec: {e['best_kvprec'] or 'none at these bytes'}.")
     return lines + [""]
 
 
@@ -114,10 +135,9 @@ def _tucker(a: dict) -> List[str]:
              "deterministic; the ranks for a target are the pair (r_t, r_d), the same for every layer, with the least "
              "mean reconstruction error among all pairs that compress at least that much (head mode whole).", ""]
     rows = [[c["name"], _n(c["ratio"], "{:.2f}x"), str(c["ranks_k"] or "—"), str(c["ranks_v"] or "—"),
-             _n(c["error_k"], "{:.3f}"),
-             _n(c["error_v"], "{:.3f}"), _dnll(c)] for c in t["chosen"]]
+             _n(c["error_k"], "{:.3f}"), _n(c["error_v"], "{:.3f}"), _dnll(c), f"{c['kl']:.4f}"] for c in t["chosen"]]
     lines += _table(["variant", "ratio", "ranks K (H, r_t, r_d)", "ranks V", "K rel. error", "V rel. error",
-                     "NLL change"], rows)
+                     "NLL change", "KL"], rows)
     return lines + [""]
 
 
@@ -127,9 +147,10 @@ def _sensitivity(a: dict) -> List[str]:
         return []
     lines = ["## Layer sensitivity (one layer compressed, the others exact)", ""]
     for label, values in sorted(s["sweeps"].items()):
-        vals = [v for v in values if v is not None]
-        lines.append(f"- {label}: NLL change {min(vals):+.4f} .. {max(vals):+.4f}; most sensitive layers "
-                     f"{s['most_sensitive'][label]}")
+        d = [v for v in values["dnll"] if v is not None]
+        k = [v for v in values["kl"] if v is not None]
+        lines.append(f"- {label}: NLL change {min(d):+.4f} .. {max(d):+.4f}, KL {min(k):.4f} .. {max(k):.4f}; "
+                     f"most sensitive layers by KL {s['most_sensitive'][label]}")
     for pair, rho in sorted(s["rank_correlation"].items()):
         lines.append(f"- Spearman rank correlation across layers, {pair}: {_n(rho, '{:+.2f}')}")
     return lines + [""]
@@ -144,17 +165,16 @@ def _pruning(a: dict) -> List[str]:
         lines.append("- One layer pruned: most harmful " + ", ".join(f"{r['name']} ({_dnll(r)})" for r in worst)
                      + "; least harmful " + ", ".join(f"{r['name']} ({_dnll(r)})" for r in best) + ".")
     if "score_vs_measured_spearman" in p:
-        lines.append(f"- One KV head pruned: {p['harmless_heads']} of {sum(len(r) for r in p['head_dnll'])} heads "
-                     f"change the NLL by at most 0.001 nats; Spearman(mean attention output norm, measured change) = "
-                     f"{_n(p['score_vs_measured_spearman'], '{:+.2f}')}.")
-    rows = [[r["name"], _ratio(r), f"{100 * r['saved_fraction']:.1f}%", _dnll(r), f"{100 * r['ppl_change']:+.2f}%"]
-            for r in p["sets"]]
+        lines.append(f"- One KV head pruned: {p['harmless_heads']} of {sum(len(r) for r in p['head_kl'])} heads "
+                     f"move the next-token distribution by a KL of at most 0.001 nats; Spearman(mean attention output "
+                     f"norm, measured KL) = {_n(p['score_vs_measured_spearman'], '{:+.2f}')}.")
+    rows = [[r["name"], f"{100 * r['saved_fraction']:.1f}%"] + _cells(r)[:-1] for r in p["sets"]]
     if rows:
-        lines += [""] + _table(["pruned set", "ratio", "saved", "NLL change", "ppl change"], rows)
+        lines += [""] + _table(["pruned set", "saved", "ratio", "NLL change", "ppl change", "KL", "top-1"], rows)
         lines.append("")
         lines.append("(structure: the KV heads with the smallest attention output on the last prompt queries; "
-                     "measured: those with the smallest single-head change — an oracle; random: as many heads drawn "
-                     "with the run's seed.)")
+                     "measured: those whose single-head prune moved the distribution least (KL) — an oracle; random: "
+                     "as many heads drawn with the run's seed.)")
     return lines + [""]
 
 

@@ -7,10 +7,13 @@ is fed in one forward pass, whose logits at x[P+i] predict x[P+i+1]. Per predict
     nll_i = -log softmax(logits_i)[x[P+i+1]],
 
 and a compression's NLL change is mean_i (nll_i - nll_i^ref) against the untransformed cache, with the paired
-standard error std_i(nll_i - nll_i^ref) / sqrt(C - 1). Every prediction reads the whole context cache through the
-model's own attention; the continuation's own K/V are computed exactly, so the change measures the context cache
-alone. (The first continuation token is predicted by the prefill, which never reads the stored cache: it is left
-out.) One forward pass of C tokens is exactly what C teacher-forced decode steps compute, in one call.
+standard error std_i(nll_i - nll_i^ref) / sqrt(C - 1). Two lower-variance measures of the same predictions come
+with it: KL_i = sum_v p_i^ref(v) (log p_i^ref(v) - log p_i(v)), the divergence of the next-token distribution
+from the exact cache's (>= 0, and 0 only when nothing changed), and top-1 agreement [argmax p_i = argmax p_i^ref].
+Every prediction reads the whole context cache through the model's own attention; the continuation's own K/V are
+computed exactly, so the change measures the context cache alone. (The first continuation token is predicted by
+the prefill, which never reads the stored cache: it is left out.) One forward pass of C tokens is exactly what C
+teacher-forced decode steps compute, in one call.
 
 kvprec's quantized tiers enter the same way: the context K/V are appended to an ``AdaptiveCache`` whose policy
 seals every context block at the tier under comparison (a context of whole blocks, so nothing stays in the
@@ -31,6 +34,19 @@ import torch
 KV = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class Scored:
+    """One scored pass: nll FP64 [C - 1]; log_probs FP64 [C - 1, V] (kept only for the reference)."""
+
+    nll: np.ndarray
+    log_probs: torch.Tensor
+
+    def against(self, ref: "Scored"):
+        """(KL(p_ref || p) FP64 [C - 1], top-1 agreement bool [C - 1]) of this pass against ``ref``."""
+        kl = (ref.log_probs.exp() * (ref.log_probs - self.log_probs)).sum(-1).clamp_min(0.0)
+        return kl.numpy(), (self.log_probs.argmax(-1) == ref.log_probs.argmax(-1)).numpy()
+
+
 class ContinuationScorer:
     """nll(kv) of ``continuation`` [C] token ids over a context cache ``kv`` (module docstring)."""
 
@@ -41,9 +57,13 @@ class ContinuationScorer:
         self.ids = continuation.to(torch.long)[None].to(model.device)
         self.calls = 0
 
-    @torch.no_grad()
     def nll(self, kv: KV) -> np.ndarray:
         """FP64 [C - 1]: per-prediction NLL with the context cache ``kv`` (list of (k, v) [H, P, D])."""
+        return self.score(kv).nll
+
+    @torch.no_grad()
+    def score(self, kv: KV) -> Scored:
+        """NLL and next-token log-probabilities with the context cache ``kv``."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
@@ -51,9 +71,9 @@ class ContinuationScorer:
         for i, (k, v) in enumerate(kv):
             cache.update(k[None].to(self.model.device, dtype), v[None].to(self.model.device, dtype), i)
         out = self.model(input_ids=self.ids, past_key_values=cache, use_cache=True)
-        logp = torch.log_softmax(out.logits[0, :-1].double(), -1)
+        logp = torch.log_softmax(out.logits[0, :-1].double(), -1).cpu()
         self.calls += 1
-        return (-logp.gather(1, self.ids[0, 1:, None])[:, 0]).cpu().numpy()
+        return Scored((-logp.gather(1, self.ids[0, 1:, None].cpu())[:, 0]).numpy(), logp)
 
 
 @dataclass

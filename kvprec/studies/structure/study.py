@@ -80,7 +80,8 @@ def parse_layers(text: str) -> List[int]:
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise StudyInputError(f"--prune-layers: {text!r} is not a comma-separated list of layer indices, e.g. 0,1,2") from None
+        raise StudyInputError(f"--prune-layers: {text!r} is not a comma-separated list of layer indices, "
+                              "e.g. 0,1,2") from None
     if not out:
         raise StudyInputError("--prune-layers: give at least one layer index, e.g. 0,1,2")
     return out
@@ -139,7 +140,8 @@ def check_model_fit(cfg: StructureConfig, n_layers: int, n_heads: int) -> None:
     """The prune sets name layers and KV heads the model has."""
     for layer in cfg.prune_layers:
         if not 0 <= layer < n_layers:
-            raise StudyInputError(f"--prune-layers: layer {layer} is not in 0..{n_layers - 1} (the model has {n_layers})")
+            raise StudyInputError(f"--prune-layers: layer {layer} is not in 0..{n_layers - 1} "
+                                  f"(the model has {n_layers})")
     for layer, head in cfg.prune_heads:
         if not 0 <= layer < n_layers or not 0 <= head < n_heads:
             raise StudyInputError(f"--prune-heads: {layer}:{head} is not a layer in 0..{n_layers - 1} and KV head in "
@@ -160,20 +162,6 @@ def observe_parts(focus: Sequence[str]) -> List[str]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Collection
-
-class _Ticks:
-    """A progress bar advanced by callbacks: ``tick()`` once per unit of work."""
-
-    def __init__(self, progress: Progress, total: int, desc: str):
-        self.it = iter(progress.bar(range(total), total=total, desc=desc))
-
-    def tick(self, *_):
-        next(self.it, None)
-
-    def close(self):
-        for _ in self.it:
-            pass
-
 
 def measure(cfg: StructureConfig, loaded, sample, progress: Progress = QUIET):
     """(raw arrays, facts) of one run (module docstring)."""
@@ -200,9 +188,11 @@ def measure(cfg: StructureConfig, loaded, sample, progress: Progress = QUIET):
     timings: Dict[str, float] = {}
     start = time.perf_counter()
     progress.log(f"capture: prefill of {p} tokens" + (f", {steps} greedy decode steps" if steps else ""))
-    ticks = _Ticks(progress, steps, "decode steps")
-    cap = capture(model, context, generate=steps, block_size=cfg.block_size, progress=ticks.tick)
-    ticks.close()
+    bar = progress.counter(steps + 1, "decode steps") if steps else None
+    cap = capture(model, context, generate=steps, block_size=cfg.block_size,
+                  on_step=(lambda: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
     timings["capture_s"] = time.perf_counter() - start
     n_layers, n_heads = len(cap.k), cap.k[0].shape[0]
     check_model_fit(cfg, n_layers, n_heads)
@@ -210,10 +200,10 @@ def measure(cfg: StructureConfig, loaded, sample, progress: Progress = QUIET):
     start = time.perf_counter()
     parts = observe_parts(cfg.focus)
     progress.log(f"statistics: {', '.join(parts)}")
-    ticks = _Ticks(progress, len(parts), "statistics")
+    bar = progress.counter(len(parts), "statistics")
     raw = observe(cap, parts, window=cfg.window, block_size=cfg.block_size, rotation_seed=cfg.rotation_seed,
-                  thresholds=cfg.cluster_thresholds, progress=ticks.tick)
-    ticks.close()
+                  thresholds=cfg.cluster_thresholds, progress=lambda part: bar.update(1))
+    bar.close()
     timings["statistics_s"] = time.perf_counter() - start
 
     if {"tucker", "channels", "prune"} & set(cfg.focus):
@@ -226,9 +216,9 @@ def measure(cfg: StructureConfig, loaded, sample, progress: Progress = QUIET):
                                  int(bool(cfg.prune_layers)) + int(bool(cfg.prune_heads)))
                   if "prune" in cfg.focus else 0)
         progress.log(f"scoring: about {total} teacher-forced passes of {continuation.numel()} tokens")
-        ticks = _Ticks(progress, total, "scored compressions")
-        fx = ef.Effects(model, cap.kv, continuation, progress=ticks.tick)
-        ticks.tick()
+        bar = progress.counter(total, "scored compressions")
+        fx = ef.Effects(model, cap.kv, continuation, progress=lambda: bar.update(1))
+        bar.update(1)
         if "tucker" in cfg.focus:
             raw.update(ef.tucker_variants(fx, TuckerCache(cap.kv), cfg.ratios, cfg.curve_ratios, cfg.sweep_ratio))
         if "channels" in cfg.focus:
@@ -238,7 +228,7 @@ def measure(cfg: StructureConfig, loaded, sample, progress: Progress = QUIET):
         if "prune" in cfg.focus:
             ef.prune_variants(fx, raw["head_output_norm"], cfg.prune_layers, cfg.prune_heads, cfg.prune_fraction,
                               cfg.seed, cfg.sweep_heads)
-        ticks.close()
+        bar.close()
         raw.update(fx.arrays())
         timings["scoring_s"] = time.perf_counter() - start
         timings["scoring_calls"] = fx.scorer.calls

@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command relaunches itself with (generate --tp)
     try:
         return args.fn(args)
     except args.bad_input as exc:  # the message names the argument; exit status 2 as for argparse's own errors

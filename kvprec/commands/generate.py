@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=positive_int, default=512, metavar="N",
                    help="prefill chunk size in tokens (default 512)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                   help="tensor parallel over N processes on this machine: relaunches itself under torchrun (gloo on "
+                        "CPU); each rank caches its share of the KV heads, rank 0 prints the text and the memory "
+                        "report of all ranks (default 1). Under torchrun already, the launch's ranks are used.")
 
 
 def check_backend(backend: str, device: torch.device, config) -> None:
@@ -66,10 +70,54 @@ def _read_prompt(args) -> str:
     return prompt
 
 
+def check_tensor_parallel(config, ranks: int, model: str) -> None:
+    """``--tp N``: a Hugging Face checkpoint (transformers shards it at load), whose attention and KV heads split
+    evenly over the ranks."""
+    from kvprec.hf.cache import text_config
+
+    if model == "tiny" or model.endswith(".safetensors"):
+        raise UsageError(f"--tp {ranks}: --model {model} is not a Hugging Face checkpoint, which tensor parallelism "
+                         "loads sharded; use smollm2-135m or a local Hugging Face model directory")
+
+    text = text_config(config)
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if heads % ranks or kv_heads % ranks:
+        fits = [n for n in range(2, kv_heads + 1) if heads % n == 0 and kv_heads % n == 0]
+        raise UsageError(f"--tp {ranks}: the model's {heads} attention heads and {kv_heads} KV heads do not split "
+                         f"evenly over {ranks} ranks; accepted: {', '.join(map(str, fits)) or 'none (1 only)'}")
+
+
+def launch_tensor_parallel(args) -> int:
+    """Run this same command under ``torchrun --nproc-per-node N`` (without --tp) and return its exit code."""
+    import subprocess
+
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    keep, skip = [], False
+    for a in argv:  # drop "--tp N" / "--tp=N": the ranks come from torchrun now
+        if skip:
+            skip = False
+        elif a == "--tp":
+            skip = True
+        elif not a.startswith("--tp="):
+            keep.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.tp), "-m", "kvprec.cli", *keep]
+    return subprocess.run(cmd).returncode
+
+
 def run(args) -> int:
+    import os
+
     import kvprec
     from tqdm import tqdm
 
+    from kvprec.hf.distributed import global_memory_report
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp > 1 and world == 1:
+        check_model_name(args.model)
+        check_tensor_parallel(model_config(args)[0], args.tp, args.model)
+        return launch_tensor_parallel(args)
+    rank = int(os.environ.get("RANK", "0"))
     check_model_name(args.model)
     device = check_device(args.device)
     prompt = _read_prompt(args)
@@ -79,7 +127,7 @@ def run(args) -> int:
     check_adaptive_cache(config, args.model, args.block_size, None, rotation, args.bits_per_element)
     check_backend(args.backend, device, config)
 
-    loaded = load_model(args, dtype, device)
+    loaded = load_model(args, dtype, device, tp_plan="auto" if world > 1 else None)
     model = loaded.model
     ids = torch.tensor([loaded.encode(prompt)], device=device)
     if ids.shape[1] == 0:
@@ -92,22 +140,28 @@ def run(args) -> int:
     with kvprec.enabled(model), torch.no_grad():
         t0 = time.perf_counter()
         starts = range(0, ids.shape[1] - 1, args.chunk)
-        for s in tqdm(starts, desc="prefill", unit="chunk", disable=len(starts) < 2, file=sys.stderr):
+        for s in tqdm(starts, desc="prefill", unit="chunk", disable=len(starts) < 2 or rank > 0, file=sys.stderr):
             e = min(s + args.chunk, ids.shape[1] - 1)
             model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True)
         t_prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with DecodeProgress(args.max_new_tokens) as progress:
+        with DecodeProgress(args.max_new_tokens, disable=rank > 0) as progress:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                                  max_new_tokens=args.max_new_tokens, do_sample=args.sample, streamer=progress,
                                  pad_token_id=getattr(model.generation_config, "pad_token_id", None) or 0)
         t_decode = time.perf_counter() - t0
+    report = global_memory_report(cache)  # every rank takes part; the same as the cache's own on one process
+    if rank > 0:
+        return 0
     new = out[0, ids.shape[1]:].tolist()
     print(loaded.decode(new))
     print(f"\n[{loaded.name}, {str(dtype).removeprefix('torch.')}] prompt {ids.shape[1]} tokens prefilled in "
           f"{t_prefill:.2f} s; {len(new)} new tokens in {t_decode:.2f} s = {len(new) / t_decode:.1f} tokens/s "
           f"(policy {args.policy})", file=sys.stderr)
-    print(cache.memory_report().format(), file=sys.stderr)
+    if world > 1:
+        print(f"tensor parallel over {world} ranks: rank 0 holds {cache.memory_report().resident_bytes} of the "
+              f"{report.resident_bytes} resident bytes below (all ranks)", file=sys.stderr)
+    print(report.format(), file=sys.stderr)
     return 0
 
 
@@ -115,10 +169,10 @@ class DecodeProgress:
     """A progress bar on stderr over the tokens ``model.generate`` produces, as its ``streamer``: generate puts
     the prompt first, then each new token (batch 1)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, disable: bool = False):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc="decode", unit="token", file=sys.stderr)
+        self.bar = tqdm(total=total, desc="decode", unit="token", file=sys.stderr, disable=disable)
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:

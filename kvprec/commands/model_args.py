@@ -75,13 +75,13 @@ def read_config(model: str):
         raise UsageError(f"--model {model}: not a Hugging Face model directory ({exc})") from exc
 
 
-def load_model(args, dtype: torch.dtype, device: torch.device):
-    """kvprec.models.load(--model) in ``dtype`` on ``device``; the ValueError it raises for a directory it cannot
-    load (its documented refusal, naming --model) is bad input."""
+def load_model(args, dtype: torch.dtype, device: torch.device, tp_plan=None):
+    """kvprec.models.load(--model) in ``dtype`` on ``device`` (sharded by ``tp_plan`` under torchrun); the ValueError
+    it raises for a directory it cannot load (its documented refusal, naming --model) is bad input."""
     from kvprec.models.loading import load
 
     try:
-        return load(args.model, dtype=dtype, device=str(device))
+        return load(args.model, dtype=dtype, device=str(device), tp_plan=tp_plan)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 

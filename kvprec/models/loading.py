@@ -37,10 +37,19 @@ def _hf(model, tokenizer, name: str) -> LoadedModel:
     return LoadedModel(model, lambda s: tokenizer(s)["input_ids"], lambda ids: tokenizer.decode(ids), name, tokenizer)
 
 
-def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+         tp_plan: Optional[str] = None) -> LoadedModel:
     """The model ``path`` names (see the module docstring). Raises FileNotFoundError (a missing path, or SmolLM2's
     package not installed: the message says what to install) or ValueError (a directory that is not a loadable
-    Hugging Face model), each naming --model."""
+    Hugging Face model), each naming --model.
+
+    tp_plan: transformers' tensor-parallel plan ("auto"), for a process of a ``torchrun`` launch: the weights are
+    sharded over the ranks (Hugging Face models only; the tiny model is not a Hugging Face checkpoint)."""
+    if tp_plan is not None and (path == "tiny" or path.endswith(".safetensors")):
+        raise ValueError(f"--model: {path!r} cannot be loaded tensor-parallel (it is not a Hugging Face checkpoint); "
+                         "use smollm2-135m or a local Hugging Face model directory")
+    if tp_plan is not None and path == smollm2.NAME:
+        path = str(smollm2.checkpoint())  # the converted checkpoint, loaded like any model directory
     if path == "tiny" or path.endswith(".safetensors"):
         from .tiny import load_tiny_llama
 
@@ -61,7 +70,10 @@ def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> 
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype).to(device).eval()
+        if tp_plan is not None:
+            model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype, tp_plan=tp_plan).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype).to(device).eval()
     except (OSError, ValueError, KeyError) as exc:  # what transformers raises for a folder it cannot read
         raise ValueError(f"--model: {path!r} is not a Hugging Face model directory with a tokenizer that "
                          f"transformers can load offline ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc

@@ -383,3 +383,18 @@ def test_bad_arguments_fail_in_one_line_before_anything_runs(tmp_path, capsys, a
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_default_layers_and_a_layer_the_model_lacks(tmp_path, capsys):
+    from kvprec.cli import main
+    from kvprec.studies.novelty.study import DEFAULT_LAYERS, default_layers
+
+    assert default_layers(4) == [0, 1, 2, 3]
+    thirty = default_layers(30)
+    assert len(thirty) == DEFAULT_LAYERS == 12 and thirty[0] == 0 and thirty[-1] == 29
+    assert all(0 < b - a <= 3 for a, b in zip(thirty, thirty[1:]))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["study", "novelty", "--model", "tiny", "--layer", "9", "--out", str(out), "--quiet"])
+    assert e.value.code == 2 and "--layer 9: model tiny has layers 0-3" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

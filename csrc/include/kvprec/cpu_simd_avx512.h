@@ -1,10 +1,13 @@
 // Internal: the vector traits of kvprec/cpu_attention_simd.h for 512-bit registers (AVX-512 F/BW/VL/DQ), included
 // by csrc/core/attention_cpu_avx512.cpp and attention_cpu_avx512_vnni.cpp. With KVPREC_AVX512_VNNI defined (the
 // latter, compiled with -mavx512vnni) the integer dot products are single VNNI instructions (vpdpbusd, vpdpwssd);
-// without it, vpmaddubsw / vpmaddwd and an add.
+// without it, vpmaddubsw / vpmaddwd and an add. A test that emulates the instructions (csrc/tests/
+// cpu_avx512_emulated.h) supplies the intrinsics itself and defines KVPREC_NO_IMMINTRIN.
 #pragma once
 
+#ifndef KVPREC_NO_IMMINTRIN
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>

@@ -22,6 +22,7 @@ Hypotheses and how they are decided (bootstrap intervals by step and by sample, 
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List
 
 import numpy as np
@@ -43,6 +44,12 @@ def _mean(x) -> float | None:
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
     return float(x.mean()) if x.size else None
+
+
+def _normal(text: str) -> str:
+    """Lower case, articles and punctuation dropped, spaces collapsed (SQuAD-style answer matching)."""
+    words = re.sub(r"[^\w\s]", " ", str(text).lower()).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
 
 
 def recall_views(raw: Dict[str, np.ndarray]):
@@ -85,8 +92,8 @@ def analyze(raw: Dict[str, np.ndarray], config: dict) -> dict:
 
     # ---- overview -----------------------------------------------------------------------------------------
     steps = raw["sample_steps"]
-    answers = [str(a).lower().split(" | ") for a in raw["sample_answers"]]
-    found = [any(x and x in str(g).lower() for x in ans) for ans, g in zip(answers, raw["sample_generated"])]
+    answers = [[_normal(x) for x in str(a).split(" | ")] for a in raw["sample_answers"]]
+    found = [any(x and x in _normal(g) for x in ans) for ans, g in zip(answers, raw["sample_generated"])]
     out["overview"] = {
         "samples": int(steps.size), "steps_per_sample": {"min": int(steps.min()), "mean": float(steps.mean()),
                                                         "max": int(steps.max())},

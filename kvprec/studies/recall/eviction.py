@@ -39,7 +39,7 @@ import torch
 
 from .attention import MaskedRows, model_shape, study_attention
 from .oracle import SIMULATED, OracleSample, entropy_nll
-from .policies import PrefillStats, make
+from .policies import PolicyOptions, PrefillStats
 from .recall import budget_size, needed_set
 
 KINDS = ("static", "etr", "random")
@@ -67,10 +67,7 @@ class EvictionOptions:
     rows: List[Row]
     threshold: float = 2.5
     recall_fraction: float = 0.25
-    h2o_recent: float = 0.5
-    sinks: int = 4
-    snapkv_window: int = 32
-    snapkv_kernel: int = 5
+    policy: PolicyOptions = PolicyOptions()
 
 
 @dataclass
@@ -132,12 +129,10 @@ def _run_rows(model, o: OracleSample, spec: List[Row], opts: EvictionOptions, ra
     p, steps = o.prompt_len, len(o.targets)
     cap = p + steps
     n = len(spec)
-    options = {"h2o": {"recent": opts.h2o_recent}, "streaming": {"sinks": opts.sinks},
-               "snapkv": {"window": opts.snapkv_window, "kernel": opts.snapkv_kernel}, "tova": {}}
     stats = PrefillStats(o.prefill.colsum[:rows_n], o.prefill.last_rows[:, :rows_n])
     sims = []
     for row in spec:
-        sim = make(row.base, rows_n, cap, row.fraction, **options[row.base])
+        sim = opts.policy.make(row.base, rows_n, cap, row.fraction)
         sim.start(stats)
         sims.append(sim)
     recall_set = torch.zeros(n, rows_n, cap, dtype=torch.bool)

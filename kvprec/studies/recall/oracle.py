@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .attention import MaskedRows, OracleRecorder, model_shape, study_attention
-from .policies import PrefillStats, make
+from .policies import PolicyOptions, PrefillStats
 from .recall import budget_size, needed_set, recall
 
 SIMULATED = ("h2o", "streaming", "tova", "snapkv")
@@ -55,10 +55,7 @@ class OracleOptions:
     gap_batch: int = 64                # variants per rerun forward
     kvprec_policy: str = "attention_mass:keep={budget},high=int8,low=int4,every=1"
     block_size: int = 16
-    h2o_recent: float = 0.5
-    sinks: int = 4
-    snapkv_window: int = 32
-    snapkv_kernel: int = 5
+    policy: PolicyOptions = PolicyOptions()
 
 
 @dataclass
@@ -113,7 +110,7 @@ def run_sample(model, prompt, opts: OracleOptions, eos: set, log=None) -> Oracle
     clock = {"oracle": 0.0, "kvprec": 0.0, "gap": 0.0, "simulate": 0.0}
 
     start = time.process_time()
-    recorder = OracleRecorder(layers, hkv, max(opts.snapkv_window, 1))
+    recorder = OracleRecorder(layers, hkv, max(opts.policy.snapkv_window, 1))
     cache = DynamicCache()
     with study_attention(model, recorder):
         for c in range(0, p, opts.prefill_chunk):
@@ -130,9 +127,7 @@ def run_sample(model, prompt, opts: OracleOptions, eos: set, log=None) -> Oracle
     tiering.feed(ids)
     clock["kvprec"] += time.process_time() - start
 
-    options = {"h2o": {"recent": opts.h2o_recent}, "streaming": {"sinks": opts.sinks},
-               "snapkv": {"window": opts.snapkv_window, "kernel": opts.snapkv_kernel}, "tova": {}}
-    sims = {(name, bi): make(name, rows_n + 1, cap, b, **options[name])
+    sims = {(name, bi): opts.policy.make(name, rows_n + 1, cap, b)
             for name in SIMULATED for bi, b in enumerate(opts.fractions)}
     for sim in sims.values():
         sim.start(stats)

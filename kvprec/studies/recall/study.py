@@ -38,6 +38,7 @@ import torch
 from ..platform.rundir import StudyInputError
 from .eviction import EvictionOptions, default_rows, run_sample as evict_sample
 from .oracle import POLICY_NAMES, SIMULATED, OracleOptions, run_sample as oracle_sample
+from .policies import PolicyOptions
 
 NAME = "recall"
 
@@ -149,8 +150,8 @@ def collect(settings: RecallSettings, loaded, tokenizer, progress) -> Dict[str, 
         raise StudyInputError(f"--max-prompt-tokens / --max-new-tokens: a sample needs {longest} positions, the model "
                          f"has {limit}")
     eos = eos_ids(loaded, tokenizer)
-    common = dict(h2o_recent=settings.h2o_recent, sinks=settings.sinks, snapkv_window=settings.snapkv_window,
-                  snapkv_kernel=settings.snapkv_kernel)
+    common = dict(policy=PolicyOptions(settings.h2o_recent, settings.sinks, settings.snapkv_window,
+                                       settings.snapkv_kernel))
     oopts = OracleOptions(fractions=list(settings.budgets), max_new_tokens=settings.max_new_tokens,
                           gap_every=settings.gap_every, kvprec_policy=settings.kvprec_policy,
                           block_size=settings.block_size, **common)

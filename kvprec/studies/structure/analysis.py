@@ -276,7 +276,7 @@ def _verdict(raw, index, a: Optional[dict], b: Optional[dict], array: str) -> di
     """Paired comparison of variants a (structure) and b (kvprec) on ``array`` (var_nll or var_kl): the mean
     difference a - b, its standard error, and who is lower beyond 2 standard errors."""
     if a is None or b is None:
-        winner = ("structure (kvprec stores no fewer bytes than its smallest tier)" if a else
+        winner = ("structure (kvprec cannot store this few bytes)" if a else
                   ("low precision (no compression asked for this ratio)" if b else None))
         return {"margin": None, "se": None, "winner": winner}
     margin, se = _mean_se(raw[array][index[a["name"]]] - raw[array][index[b["name"]]])

@@ -26,7 +26,7 @@ def _ratio(r: Optional[dict]) -> str:
 
 
 def _cells(r: dict) -> List[str]:
-    return [_ratio(r), _dnll(r), f"{100 * r['ppl_change']:+.2f}%", f"{r['kl']:.4f}", f"{100 * r['top1']:.1f}%", ""]
+    return [_ratio(r), _dnll(r), f"{100 * r['ppl_change']:+.2f}%", f"{r['kl']:.4f}", f"{100 * r['top1']:.1f}%"]
 
 
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:
@@ -101,17 +101,15 @@ def _equal_bytes(a: dict) -> List[str]:
                     table.append([t, label] + _cells(r))
         for b in e["kvprec_budgets"]:
             table.append([t, f"kvprec budget mix ({b['name']})"] + _cells(b))
+        largest = _n(e.get("kvprec_largest_tier_ratio"), "{:.2f}x")
         if not e["kvprec_budgets"]:
-            table.append([t, "kvprec budget mix", "—", "—", "—", "—", "—",
-                          "not reachable: fewer bytes than kvprec's smallest tier"])
+            table.append([t, f"kvprec budget mix: none (kvprec's smallest tier stores {largest})"] + ["—"] * 5)
         u = e["kvprec_best_tier"]
-        largest = e.get("kvprec_largest_tier_ratio")
         if u:
             table.append([t, f"kvprec best uniform tier ({u['name']})"] + _cells(u))
         else:
-            table.append([t, "kvprec best uniform tier", "—", "—", "—", "—", "—",
-                          f"none stores this few bytes (smallest: {_n(largest, '{:.2f}')}x)"])
-    lines += _table(["target", "compression", "ratio", "NLL change", "ppl change", "KL", "top-1", "note"], table)
+            table.append([t, f"kvprec uniform tier: none (the smallest stores {largest})"] + ["—"] * 5)
+    lines += _table(["target", "compression", "ratio", "NLL change", "ppl change", "KL", "top-1"], table)
     lines += ["", "Verdicts (best K-and-V compression against the best kvprec entry at the same bytes, each the one "
               "of lowest KL; paired over the scored predictions, a winner only beyond 2 standard errors):", ""]
     for e in a["equal_bytes"]:
@@ -160,10 +158,13 @@ def _pruning(a: dict) -> List[str]:
     p = a["pruning"]
     lines = ["## Pruning (the cache of chosen layers or KV heads set to zero, stored in 0 bytes)", ""]
     if p["layers"]:
-        worst = sorted(p["layers"], key=lambda r: -r["dnll"])[:3]
-        best = sorted(p["layers"], key=lambda r: r["dnll"])[:3]
-        lines.append("- One layer pruned: most harmful " + ", ".join(f"{r['name']} ({_dnll(r)})" for r in worst)
-                     + "; least harmful " + ", ".join(f"{r['name']} ({_dnll(r)})" for r in best) + ".")
+        worst = sorted(p["layers"], key=lambda r: -r["kl"])[:3]
+        best = sorted(p["layers"], key=lambda r: r["kl"])[:3]
+
+        def item(r):
+            return f"{r['name']} (KL {r['kl']:.4f}, NLL {_dnll(r)})"
+        lines.append("- One layer pruned, by KL: most harmful " + ", ".join(map(item, worst)) + "; least harmful "
+                     + ", ".join(map(item, best)) + ".")
     if "score_vs_measured_spearman" in p:
         lines.append(f"- One KV head pruned: {p['harmless_heads']} of {sum(len(r) for r in p['head_kl'])} heads "
                      f"move the next-token distribution by a KL of at most 0.001 nats; Spearman(mean attention output "
@@ -292,9 +293,54 @@ def _similarity(a: dict) -> List[str]:
     return lines + [""]
 
 
+def _summary(a: dict) -> List[str]:
+    """The main findings, each with its numbers (all from analysis.json)."""
+    out = []
+    for e in a.get("equal_bytes", []):
+        s = e["compressions"].get(f"{e['best_structure'].split()[0]}:kv") if e["best_structure"] else None
+        rows = {r["name"]: r for r in a["variants"]}
+        k = rows.get(e["best_kvprec"]) if e["best_kvprec"] else None
+        if s and k:
+            out.append(f"At {e['target']:g}x fewer bytes the best structural compression ({s['name']}, {_ratio(s)}) "
+                       f"moves the next-token distribution by KL {s['kl']:.4f} (NLL {_dnll(s)}), kvprec's best "
+                       f"({k['name']}, {_ratio(k)}) by KL {k['kl']:.4f} (NLL {_dnll(k)}): by KL "
+                       f"{e['by_kl']['winner']}, by NLL {e['by_nll']['winner']}.")
+        elif s:
+            out.append(f"At {e['target']:g}x only structure reaches the bytes: {s['name']} ({_ratio(s)}), KL "
+                       f"{s['kl']:.4f}, NLL {_dnll(s)}; kvprec's smallest tier stores "
+                       f"{_n(e.get('kvprec_largest_tier_ratio'), '{:.2f}x')}.")
+    if "tucker" in a and a["tucker"]["chosen"]:
+        shape = a["tucker"]["shape"]
+        full = [c for c in a["tucker"]["chosen"] if c["which"] == "kv" and c["ranks_k"] and c["ranks_k"][2] == shape[2]]
+        out.append(f"Tucker: {len(full)} of {sum(c['which'] == 'kv' for c in a['tucker']['chosen'])} target ratios "
+                   f"keep all {shape[2]} channels and cut only the token rank: at equal bytes, truncating the token "
+                   "mode loses less than truncating channels.")
+    if "channels" in a:
+        c = a["channels"]["per_kind"]
+        out.append(f"Keys have outlier channels (max/median channel magnitude {c['keys']['outlier_ratio_mean']:.1f}, "
+                   f"top-channel consistency {c['keys']['consistency_mean']:.2f}) where values have "
+                   f"{c['values']['outlier_ratio_mean']:.1f} / {c['values']['consistency_mean']:.2f}; after the key "
+                   f"rotation {c['keys_rotated']['outlier_ratio_mean']:.1f} / "
+                   f"{c['keys_rotated']['consistency_mean']:.2f}. Per-token INT2 error of keys "
+                   f"{c['keys']['quant_error']['per_token_int2']:.3f} -> per channel "
+                   f"{c['keys']['quant_error']['per_channel_int2']:.3f}.")
+    if "heads" in a:
+        h = a["heads"]
+        out.append(f"Attention: {h['sink_heads']} of {h['query_heads']} query heads put most of their weight on "
+                   f"positions 0-3 (mean sink mass {h['mean']['sink_mass']:.2f}); 90% of a query's weight sits on "
+                   f"{100 * h['mean']['mass90']:.1f}% of the positions it sees.")
+    if "pruning" in a:
+        sets = {r["name"].split("(")[-1].rstrip(")"): r for r in a["pruning"]["sets"] if "(" in r["name"]}
+        if "structure" in sets and "random" in sets:
+            out.append(f"Pruning the {sets['structure']['name'].split()[1]} KV heads with the smallest attention "
+                       f"output costs KL {sets['structure']['kl']:.4f} (NLL {_dnll(sets['structure'])}), as many "
+                       f"random heads KL {sets['random']['kl']:.4f} (NLL {_dnll(sets['random'])}).")
+    return (["## Summary", ""] + [f"- {x}" for x in out] + [""]) if out else []
+
+
 def render_report(analysis: dict, config: dict) -> str:
     a = analysis
-    lines = _header(a, config)
+    lines = _header(a, config) + _summary(a)
     if "variants" in a:
         lines += _equal_bytes(a) + _compressions(a)
         if "tucker" in a:

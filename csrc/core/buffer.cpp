@@ -445,6 +445,13 @@ std::pair<at::Tensor, at::Tensor> MixedPrecisionBuffer::block(int64_t index, at:
   return {k.view({B, H, T, D}), v.view({B, H, T, D})};
 }
 
+std::pair<at::Tensor, at::Tensor> MixedPrecisionBuffer::shadow_block(int64_t index) const {
+  TORCH_CHECK_VALUE(opts_.shadow, "shadow_block: this buffer keeps no host shadow (built with shadow=false)");
+  TORCH_CHECK_VALUE(index >= evicted_ && index < num_blocks_, "shadow_block: index ", index, " is not accepted; held "
+                    "sealed blocks are ", evicted_, "..", num_blocks_ - 1);
+  return {state_->shadow_k[index].clone(), state_->shadow_v[index].clone()};
+}
+
 std::pair<at::Tensor, at::Tensor> MixedPrecisionBuffer::gather(int64_t start, int64_t end) const {
   TORCH_CHECK_VALUE(0 <= start && start <= end && end <= seq_len_, "gather: range [", start, ", ", end,
                     ") is not accepted; expected 0 <= start <= end <= seq_len = ", seq_len_);

@@ -99,6 +99,11 @@ TORCH_LIBRARY_FRAGMENT(kvprec, m) {
              auto [k, v] = s->buffer.gather(start, end);
              return std::make_tuple(k, v);
            })
+      .def("shadow_block",
+           [](const Self& s, int64_t index) {
+             auto [k, v] = s->buffer.shadow_block(index);
+             return std::make_tuple(k, v);
+           })
       // Mutation.
       .def("append", [](const Self& s, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& seal_tiers) { s->buffer.append(k, v, seal_tiers.value_or(at::Tensor())); })

@@ -314,6 +314,61 @@ class MixedPrecisionBuffer:
     def memory(self) -> MemoryReport:
         return MemoryReport._from_native(dict(self._impl.memory()))
 
+    # -- copying and pickling -------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """The buffer as options and CPU tensors, for ``pickle``, ``torch.save`` and ``copy.deepcopy``.
+
+        Kept exactly: the block table's tiers, every held page (codes, scales, zeros), the tail, the host shadow,
+        the evicted prefix. Not kept: page numbers and spare pool capacity (a restored buffer holds its live pages
+        and nothing more: same ``memory()`` but ``reserved_bytes``). The buffer comes back on the device it was on.
+        State: ``pages[tier]`` holds that tier's pool tensors ([n, ...] each, None where the tier has no such part),
+        one entry per table entry at that tier in row-major (b, h, block) order.
+        """
+        tiers, pages = self.tiers(), self.pages()
+        state = {"options": dict(batch=self.batch, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                                 block_size=self.block_size, group_size=self.group_size, dtype=self.dtype,
+                                 device=str(self.device), default_tier=int(self.default_tier), shadow=self.has_shadow),
+                 "tiers": tiers, "evicted": self.evicted_blocks, "pages": {},
+                 "tail": (self.tail_keys().cpu().clone(), self.tail_values().cpu().clone()), "shadow": []}
+        for tier in Tier:
+            at_tier = tiers == int(tier)
+            if bool(at_tier.any()):
+                idx = pages[at_tier].to(torch.int64)
+                state["pages"][int(tier)] = [None if part is None else part.index_select(0, idx.to(part.device)).cpu()
+                                             for part in self.pool(tier)]
+        if self.has_shadow:
+            state["shadow"] = [self._impl.shadow_block(j) for j in range(self.evicted_blocks, self.num_sealed_blocks)]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Rebuild from :meth:`__getstate__`: seal the same blocks at the same tiers (from the shadow when kept, else
+        placeholders), evict the same prefix, then write the saved pages over the new ones and append the tail."""
+        o = state["options"]
+        self.__init__(**o)
+        tiers, evicted = state["tiers"], int(state["evicted"])
+        T, n = self.block_size, tiers.shape[-1]
+        shape = (self.batch, self.kv_heads, T, self.head_dim)
+        placeholder = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        blocks = [(placeholder, placeholder)] * evicted + [(k.to(self.device), v.to(self.device)) for k, v in
+                                                            state["shadow"]]
+        blocks += [(placeholder, placeholder)] * (n - len(blocks))  # no shadow: pages are overwritten below
+        seal = torch.where(tiers < 0, int(Tier.INT2), tiers).to(torch.int8)  # evicted: any tier, released below
+        for start in range(0, n, 16):  # a few blocks per append bounds the temporary copy
+            chunk = blocks[start:start + 16]
+            self.append(torch.cat([k for k, _ in chunk], 2), torch.cat([v for _, v in chunk], 2),
+                        seal[..., start:start + len(chunk)].contiguous())
+        if evicted:
+            self.evict_blocks(evicted)
+        new_pages = self.pages()
+        for tier, parts in state["pages"].items():
+            idx = new_pages[tiers == tier].to(torch.int64)
+            for live, saved in zip(self.pool(tier), parts):
+                if saved is not None:
+                    live.index_copy_(0, idx.to(live.device), saved.to(live.device))
+        tail_k, tail_v = state["tail"]
+        if tail_k.shape[2]:
+            self.append(tail_k.to(self.device), tail_v.to(self.device))
+
     def __repr__(self) -> str:
         return (f"MixedPrecisionBuffer(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
                 f"block_size={self.block_size}, group_size={self.group_size}, dtype={self.dtype}, "

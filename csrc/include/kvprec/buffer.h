@@ -107,6 +107,10 @@ class MixedPrecisionBuffer {
   // Positions [start, end) back in the model dtype, [B, H, end - start, D] each. Dequantizes one block at a time;
   // a range that reaches an evicted block throws.
   std::pair<at::Tensor, at::Tensor> gather(int64_t start, int64_t end) const;
+  // The host shadow of sealed block `index` (copies): K, V [B, H, T, D] in the model dtype on the CPU, the values
+  // the block was sealed from. For exporting the buffer's state (Python pickling). Throws without a shadow
+  // (BufferOptions::shadow) or for an evicted block.
+  std::pair<at::Tensor, at::Tensor> shadow_block(int64_t index) const;
 
   // Re-tier sealed block `index`: tiers int8 [B, H], -1 = leave as is. Lower tiers re-quantize from the
   // highest copy held; a higher tier needs the shadow, else it throws (lost bits are not restored). An evicted

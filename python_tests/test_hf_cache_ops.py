@@ -161,9 +161,11 @@ def test_refusals_are_clear(tiny_model):
 
 def test_group_size_must_divide_head_dim(tiny_model, prompts):
     model = tiny_model("llama")
-    cache = AdaptiveCache(model.config, block_size=8, group_size=24)
-    with kvprec.enabled(model), pytest.raises(ValueError, match="layer 0 .*group_size: 24 must divide head_dim 32"):
-        model(input_ids=prompts["single"]["input_ids"], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"AdaptiveCache \(head_dim 32\): group_size: 24 must divide head_dim 32"):
+        AdaptiveCache(model.config, block_size=8, group_size=24)  # refused when built, from the config's head_dim
+    cache = AdaptiveCache(model.config, block_size=8, group_size=16)
+    with pytest.raises(ValueError, match="layer 0 .*group_size: 16 must divide head_dim 12"):
+        cache.update(torch.randn(1, 2, 3, 12), torch.randn(1, 2, 3, 12), 0)  # and at the first update, from the K/V
 
 
 def test_policy_returning_bad_tiers_is_named(tiny_model, prompts):
@@ -224,7 +226,7 @@ def test_paged_view_is_reused_and_follows_every_table_change(monkeypatch):
 
 @pytest.mark.parametrize("batch,context", [(1, 4096), (1, 16384), (2, 8192)])
 def test_uniform_int4_resident_bytes_meet_the_target(batch, context):
-    """Issue 4's memory target, exact on any device: uniform INT4 at the default block and value group keeps
+    """The memory target, exact on any device: uniform INT4 at the default block and value group keeps
     <= 0.30x the FP16 bytes, tail and block table included, at bench_generate's Llama-3.2-1B KV shape (8 KV heads
     of head_dim 64; per layer, so one layer suffices) after its prefill and 34 more tokens."""
     from transformers import LlamaConfig

@@ -31,7 +31,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..ops.reference.attention import attend_dense
-from .cache import ATTENTION_NAME, KVHandle, check_supported
+from .cache import ATTENTION_NAME, AdaptiveCache, KVHandle, check_supported, is_kvprec_attention
 
 NAME = ATTENTION_NAME
 
@@ -108,8 +108,9 @@ def _collecting_attentions() -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 def is_registered() -> bool:
-    """Whether "kvprec" names this module's attention function and the SDPA mask in transformers."""
-    return (ALL_ATTENTION_FUNCTIONS.get(NAME) is kvprec_attention_forward
+    """Whether "kvprec" names this module's attention function (or a wrapper of it that keeps ``__wrapped__``, e.g.
+    a profiler's: :func:`register` leaves it in place) and the SDPA mask in transformers."""
+    return (is_kvprec_attention(ALL_ATTENTION_FUNCTIONS.get(NAME))
             and ALL_MASK_ATTENTION_FUNCTIONS.get(NAME) is sdpa_mask)
 
 
@@ -118,10 +119,11 @@ kvprec_attention_forward.__kvprec_attention__ = True
 
 
 def register() -> None:
-    """Register the "kvprec" attention and mask functions (idempotent). Needed before
-    ``from_pretrained(..., attn_implementation="kvprec")``; :func:`enable` calls it."""
-    if not is_registered():
+    """Register the "kvprec" attention and mask functions (idempotent; a registered wrapper of the attention function
+    is kept). Needed before ``from_pretrained(..., attn_implementation="kvprec")``; :func:`enable` calls it."""
+    if not is_kvprec_attention(ALL_ATTENTION_FUNCTIONS.get(NAME)):
         AttentionInterface.register(NAME, kvprec_attention_forward)
+    if ALL_MASK_ATTENTION_FUNCTIONS.get(NAME) is not sdpa_mask:
         AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
@@ -136,9 +138,18 @@ def _configs(model) -> list:
     return configs
 
 
+def _bind_cache(model, args, kwargs) -> None:
+    """Forward pre-hook of an enabled model: an AdaptiveCache passed as ``past_key_values`` is bound to the model's
+    config (built as ``AdaptiveCache()``, or unpickled with a copy of the config); a no-op once bound."""
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, AdaptiveCache):
+        cache.bind(model.config)
+
+
 class Enabled:
     """The result of :func:`enable`: ``disable()`` (or leaving the ``with`` block) restores the attention
-    implementation every config of the model had before. Restoring twice is harmless."""
+    implementation every config of the model had before and removes the hook that binds caches to the model.
+    Restoring twice is harmless."""
 
     def __init__(self, model):
         check_supported(model.config)
@@ -146,12 +157,14 @@ class Enabled:
         self.model = model
         self._saved = [(config, config._attn_implementation_internal) for config in _configs(model)]
         model.set_attn_implementation(NAME)
+        self._hook = model.register_forward_pre_hook(_bind_cache, with_kwargs=True)
         self.active = True
 
     def disable(self) -> None:
         if not self.active:
             return
         self.active = False
+        self._hook.remove()
         if self._saved[0][1] is not None:
             self.model.set_attn_implementation(self._saved[0][1])
         for config, implementation in self._saved:  # sub-models may have had their own implementation

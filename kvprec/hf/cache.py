@@ -2,7 +2,7 @@
 
 Use::
 
-    cache = kvprec.AdaptiveCache(model.config, policy="sink_window:window=256")
+    cache = kvprec.AdaptiveCache(model.config, policy="sink_window:window=256")   # or AdaptiveCache()
     with kvprec.enabled(model):
         out = model.generate(**inputs, past_key_values=cache)
 
@@ -11,11 +11,16 @@ Each layer owns one buffer (created at its first update from the K/V shape, dtyp
 newest positions in an unsealed tail in the model dtype. ``update()`` returns a :class:`KVHandle`, not tensors,
 while the model runs the "kvprec" attention function (kvprec/hf/attention.py), which attends over the stored
 tiers one block at a time. When the model runs another attention implementation the layer returns the K/V
-gathered back to the model dtype (correct, slow, warned once).
+gathered back to the model dtype (correct, slow, warned once, with the reason).
+
+The config: ``AdaptiveCache(model.config)`` (or the model itself), or ``AdaptiveCache()`` as one writes
+``DynamicCache()``: ``kvprec.enable(model)`` binds such a cache to the model at its first forward (the cache then
+is what ``AdaptiveCache(model.config)`` would be); a cache no enabled model has bound grows its layers on demand,
+like ``DynamicCache()``, and returns gathered tensors (it cannot tell which attention runs).
 
 Only decoder families whose attention passes the cache's return value straight to the attention function are
-accepted (SUPPORTED_MODEL_TYPES); others are refused at construction rather than failing later on a handle.
-Sliding-window layers (Mistral, Qwen2/3, Gemma 2/3: the layers ``DynamicCache(config=...)`` would make
+accepted (SUPPORTED_MODEL_TYPES); others are refused when the config is known rather than failing later on a
+handle. Sliding-window layers (Mistral, Qwen2/3, Gemma 2/3: the layers ``DynamicCache(config=...)`` would make
 ``DynamicSlidingWindowLayer``) evict the sealed blocks that no later query's window reaches, so they hold at most
 window + 2 blocks of positions, as DynamicCache holds ``window - 1``; positions keep their numbering (the block
 table keeps an entry per evicted block, with no page). While transformers records the past for a rollback
@@ -23,9 +28,27 @@ table keeps an entry per evicted block, with no page). While transformers record
 trims; a crop back past evicted positions raises, as DynamicCache's does. ``evict_sliding=False`` keeps every
 position (studies that read all of them).
 
-``key_rotation`` ("hadamard" or "orthogonal", kvprec/storage/rotation.py) stores every key as k R for a fixed orthogonal R per
-layer and rotates the queries the same way before attending, which leaves the scores unchanged and makes 2-bit keys
-far more accurate; ``gather()`` rotates the keys back, so everything outside the attention sees the model's keys.
+``key_rotation`` ("hadamard" or "orthogonal", kvprec/storage/rotation.py) stores every key as k R for a fixed
+orthogonal R per layer and rotates the queries the same way before attending, which leaves the scores unchanged and
+makes 2-bit keys far more accurate; ``gather()`` rotates the keys back, so everything outside the attention sees the
+model's keys.
+
+What a layer shows of its contents: ``layer.keys`` / ``layer.values`` are dense copies in the model dtype (rotation
+undone), built at first read and reused until the layer changes, holding what ``DynamicCache(config=...)``'s layer
+of the same kind would hold (every position; a sliding layer the last ``window - 1``): transformers and its tests
+read them. They are copies, not the storage: writing into them changes nothing, and assigning them is refused.
+
+Faults leave no silent damage. A K/V with NaN or Inf is refused at the update that brings it (layer, position and
+row named), before anything is stored. A forward whose update fails at layer j (or that raises between layers)
+leaves layers < j one step longer: the next forward's first update sees the lengths differ and raises
+:class:`PartialForwardError` naming them and the recovery, ``cache.crop_to_shortest()`` (drop what the failed
+forward added) or ``cache.reset()``. Updates are not transactional: the cache cannot see an exception raised in the
+model between two layers, so it detects the damage at the next use instead of undoing it.
+
+``copy.deepcopy``, ``pickle`` and ``torch.save`` / ``torch.load(..., weights_only=False)`` give an exact copy (tiers,
+pages, tail, shadow, policy state). A deep copy shares the model's config with the original (the cache reads the
+model's attention implementation from it); an unpickled cache holds a copy of the config and gathers tensors until
+``kvprec.enable(model)`` binds it to the model again at its next forward.
 """
 from __future__ import annotations
 
@@ -42,14 +65,16 @@ from .policy.registry import get as get_policy
 from .._native import require_native
 from ..ops.reference.attention import ReadCounter, attend_blocks
 from ..storage.formats import BlockGeometry, Tier
+from .arguments import BACKENDS, MAX_BLOCK_SIZE, check_cache_arguments, check_model_geometry, config_head_dim
 from .policy.base import AttentionStats, SealStats
 from ..storage.rotation import check_kind, rotate, rotation_matrix, unrotate
+
+__all__ = ["AdaptiveCache", "AdaptiveLayer", "CacheMemoryReport", "KVHandle", "PartialForwardError",
+           "Int2KeysWarning", "SUPPORTED_MODEL_TYPES", "BACKENDS", "MAX_BLOCK_SIZE"]
 
 #: ``config.model_type`` of the text decoder, for the families whose attention modules hand ``update()``'s
 #: return value to the attention function unchanged (checked in transformers 5.23, docs/hf_integration.md).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2")
-
-BACKENDS = ("auto", "cpp", "torch", "triton", "cuda")
 
 #: The name under which kvprec/hf/attention.py registers its attention and mask functions with transformers.
 ATTENTION_NAME = "kvprec"
@@ -67,13 +92,35 @@ def is_kvprec_attention(fn) -> bool:
     return False
 
 
-def kvprec_attention_registered() -> bool:
-    """Whether transformers maps "kvprec" to kvprec's attention function (wrapped or not) and the SDPA mask."""
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def kvprec_attention_mismatch(config) -> Optional[str]:
+    """None when a model with this (text) config runs kvprec's attention over the cache; else why it does not, in
+    words (the slow-path warning says it). Cheap when it matches: a config read and two registry lookups."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return (is_kvprec_attention(ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME))
-            and ALL_MASK_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is sdpa_mask)
+    if config is None:
+        return ("the cache was built without a config (AdaptiveCache()) and no kvprec.enable(model) has bound it to "
+                "a model, so it cannot tell which attention runs")
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation != ATTENTION_NAME:
+        return f"its attention implementation is {implementation!r}"
+    fn = ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME)
+    if not is_kvprec_attention(fn):
+        return (f"transformers maps {ATTENTION_NAME!r} to {_name(fn)}, which is not kvprec's attention function nor a "
+                "wrapper of it that keeps __wrapped__ (use functools.wraps in a wrapper)")
+    mask = ALL_MASK_ATTENTION_FUNCTIONS.get(ATTENTION_NAME)
+    if mask is not sdpa_mask:
+        return f"the mask function registered for {ATTENTION_NAME!r} is {_name(mask)}, not transformers' sdpa_mask"
+    return None
+
+
+class PartialForwardError(RuntimeError):
+    """The cache's layers hold different numbers of positions: a forward stopped part-way (an exception after some
+    layers had stored its tokens). Recover with ``cache.crop_to_shortest()`` or ``cache.reset()``."""
 
 
 class Int2KeysWarning(UserWarning):
@@ -86,8 +133,20 @@ def text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+def as_config(obj):
+    """The decoder's text config from a config or a model (its ``.config``); ValueError saying what to pass for
+    anything else."""
+    if isinstance(obj, torch.nn.Module) and hasattr(obj, "config"):
+        obj = obj.config
+    if not (hasattr(obj, "get_text_config") or hasattr(obj, "model_type")):
+        raise ValueError(f"AdaptiveCache: config must be the model's config (model.config), the model itself, or None "
+                         f"(bound to the model by kvprec.enable(model)); got {type(obj).__name__}")
+    return text_config(obj)
+
+
 def check_supported(config) -> None:
-    model_type = getattr(text_config(config), "model_type", None)
+    """Raise ValueError unless the model (or config) is of a family the cache supports (SUPPORTED_MODEL_TYPES)."""
+    model_type = getattr(as_config(config), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"kvprec does not support model_type {model_type!r}: its attention must pass the cache's "
                          f"handle to the attention function, which is checked for {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -149,6 +208,62 @@ class AdaptiveLayer(CacheLayerMixin):
         self._tiers: Optional[torch.Tensor] = None
         #: FP32 [D, D] orthogonal matrix the keys are stored multiplied by (None: keys as the model gave them)
         self.rotation: Optional[torch.Tensor] = None
+        #: the dense (K, V) that ``keys`` / ``values`` return, built at first read, dropped by any change
+        self._dense: Optional[tuple] = None
+        #: first position DynamicSlidingWindowLayer would still hold (sliding layers; 0 otherwise), see ``keys``
+        self._dense_start = 0
+
+    # ---- the dense view transformers reads ------------------------------------------------------------------
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        """Dense K [B, H_kv, n, D] in the model dtype (rotation undone), a copy built at first read and reused until
+        the layer changes; None before the first update. What ``DynamicCache(config=...)``'s layer of the same kind
+        would hold: every position, or for a sliding-window layer the last ``window - 1`` (all of them since
+        ``activate_past_recording`` until the next crop, as DynamicSlidingWindowLayer). The storage is the buffer:
+        writing into this tensor changes nothing (read all positions with :meth:`gather`)."""
+        dense = self._dense_kv()
+        return None if dense is None else dense[0]
+
+    @property
+    def values(self) -> Optional[torch.Tensor]:
+        """Dense V, as :attr:`keys`."""
+        dense = self._dense_kv()
+        return None if dense is None else dense[1]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        self._refuse_dense_assignment("keys", value)
+
+    @values.setter
+    def values(self, value) -> None:
+        self._refuse_dense_assignment("values", value)
+
+    def _refuse_dense_assignment(self, name: str, value) -> None:
+        if value is not None:  # CacheLayerMixin.__init__ assigns None; anything else would be silently ignored
+            raise AttributeError(f"AdaptiveLayer.{name} is a read-only dense copy of the layer's buffer; store K/V "
+                                 "with update()")
+
+    def _dense_kv(self) -> Optional[tuple]:
+        if self.buffer is None:
+            return None
+        if self._dense is None:
+            k, v = self.buffer.gather(self._dense_start, self.get_seq_length())
+            self._dense = (k if self.rotation is None else unrotate(k, self.rotation), v)
+        return self._dense
+
+    def _follow_sliding_window(self) -> None:
+        """After an update (not recording the past) or a crop: the positions DynamicSlidingWindowLayer keeps are
+        the last window - 1 (all of them while shorter)."""
+        n = self.get_seq_length()
+        if self.sliding_window:
+            self._dense_start = min(max(self._dense_start, n - self.sliding_window + 1), n)
+        self._dense = None
+
+    def __getstate__(self) -> dict:
+        """Pickling: the derived views (tiers, PagedKV, dense copy) and the policies' memo are rebuilt on use."""
+        state = dict(self.__dict__)
+        state.update(_paged=None, _tiers=None, _dense=None, rebalance_memo={})
+        return state
 
     # ---- members the policies use (kvprec/hf/policy/base.py) ------------------------------------------------
     @property
@@ -182,7 +297,7 @@ class AdaptiveLayer(CacheLayerMixin):
 
     def _table_changed(self) -> None:
         self.table_version += 1
-        self._paged = self._tiers = None
+        self._paged = self._tiers = self._dense = None
 
     def paged(self):
         """The buffer as the kernels read it (:class:`~kvprec.ops.reference.PagedKV`).
@@ -208,10 +323,9 @@ class AdaptiveLayer(CacheLayerMixin):
         from ..storage.buffer import MixedPrecisionBuffer
 
         b, h, _, d = key_states.shape
-        try:
-            self.geometry = BlockGeometry(self.cache.block_size, d, self.cache.group_size)
-        except ValueError as exc:
-            raise ValueError(f"AdaptiveCache layer {self.layer_idx} (head_dim {d}): {exc}") from exc
+        c = self.cache
+        self.geometry = check_model_geometry(d, c.block_size, c.group_size, c.key_rotation, c.backend, c.policy,
+                                             where=f"AdaptiveCache layer {self.layer_idx}")
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.cache.key_rotation is not None:
             try:
@@ -231,8 +345,10 @@ class AdaptiveLayer(CacheLayerMixin):
         """Append k, v [B, H_kv, n, D]; seal the blocks that fill, at the policy's tiers; let the policy re-tier.
 
         Returns (handle, handle) while the model runs the "kvprec" attention, else the whole K/V
-        [B, H_kv, seq_len, D] gathered back to the model dtype.
+        [B, H_kv, seq_len, D] gathered back to the model dtype. NaN or Inf in k or v is refused before anything
+        is stored (ValueError naming the layer, position, batch row and KV head).
         """
+        self._check_finite(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.rotation is not None:
@@ -252,14 +368,40 @@ class AdaptiveLayer(CacheLayerMixin):
         self.buffer.append(key_states, value_states, tiers)
         if sealing:
             self._table_changed()
+        if self.record_past:
+            self._dense = None
+        else:
+            self._follow_sliding_window()
         if self.stats is not None:
             self.stats.resize(math.ceil(self.get_seq_length() / self.block_size))
         self.cache.policy.rebalance(self.cache, self.layer_idx)
-        if self.cache.uses_kvprec_attention():
+        why = self.cache.attention_mismatch()
+        if why is None:
             handle = KVHandle(self)
             return handle, handle
-        self.cache.warn_slow_path()
+        self.cache.warn_slow_path(why)
         return self.gather()
+
+    def _check_finite(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Refuse NaN / Inf before it reaches the tail (where it would be refused only when its block seals, blamed
+        on a later append). Fast path: the FP32 sums of k and v are finite (NaN and Inf propagate into a sum; a sum
+        that overflows from finite BF16 values only sends the check to the exact pass below, which finds nothing).
+        Two reductions and one host read per update (a device sync on GPU), ~8 us on a busy CPU core."""
+        f32 = torch.float32
+        if k.is_cuda:
+            total = float(k.sum(dtype=f32) + v.sum(dtype=f32))  # one synchronisation
+        else:
+            total = float(k.sum(dtype=f32)) + float(v.sum(dtype=f32))  # two host reads are cheaper than one add op
+        if math.isfinite(total):
+            return
+        for name, x in (("key", k), ("value", v)):
+            bad = ~torch.isfinite(x)
+            if bool(bad.any()):
+                b, h, t, d = (int(i) for i in torch.nonzero(bad)[0])
+                raise ValueError(f"AdaptiveCache layer {self.layer_idx}: the {name} at position "
+                                 f"{self.get_seq_length() + t} (batch row {b}, KV head {h}, channel {d}) is "
+                                 f"{float(x[b, h, t, d])}; nothing of this update was stored (the model produced "
+                                 "non-finite K/V: check its inputs and dtype)")
 
     def _checked(self, tiers, shape) -> torch.Tensor:
         name = self.cache.policy.describe()
@@ -333,13 +475,25 @@ class AdaptiveLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.buffer, self.stats, self.geometry, self.rows, self.rotation = None, None, None, 0, None
+        self._dense_start = 0
         self._table_changed()
         self.is_initialized = False
 
-    def _index_batch(self, idx: torch.Tensor) -> None:
+    def _index_batch(self, idx, what: str) -> None:
+        """Keep batch rows ``idx`` (integer [B']) in that order. Floats (truncated), bool masks (read as 0/1) and
+        rows out of range are refused, naming ``what`` (the method called)."""
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            raise ValueError(f"{what}: a bool mask is not accepted (DynamicCache refuses it too); pass the integer "
+                             "indices of the rows to keep, e.g. mask.nonzero().flatten()")
+        if idx.is_floating_point() or idx.is_complex() or idx.dim() != 1:
+            raise ValueError(f"{what}: expected integer row indices [B'], got {idx.dtype} of shape {tuple(idx.shape)}")
         if self.buffer is None:
             return
         idx = idx.to(torch.int64).cpu()
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.rows:
+            raise ValueError(f"{what}: row indices {idx.tolist()} are not accepted; the cache holds rows "
+                             f"0..{self.rows - 1} (at least one index, none negative)")
         self.buffer.index_batch(idx)
         self._table_changed()
         self.rows = idx.numel()
@@ -347,16 +501,15 @@ class AdaptiveLayer(CacheLayerMixin):
             self.stats.index_batch(idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._index_batch(beam_idx)
+        self._index_batch(beam_idx, "reorder_cache(beam_idx)")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._index_batch(torch.arange(self.rows).repeat_interleave(repeats))
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"batch_repeat_interleave: repeats must be a whole number >= 1, got {repeats!r}")
+        self._index_batch(torch.arange(self.rows).repeat_interleave(repeats), "batch_repeat_interleave")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        indices = torch.as_tensor(indices)
-        if indices.dtype == torch.bool:
-            indices = torch.nonzero(indices).flatten()
-        self._index_batch(indices)
+        self._index_batch(indices, "batch_select_indices(indices)")
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` positions (transformers v5: the argument is <= 0)."""
@@ -366,9 +519,11 @@ class AdaptiveLayer(CacheLayerMixin):
         new_len = self.get_seq_length() + tokens_to_remove
         if tokens_to_remove == 0:  # transformers' crop(0) under record_past: trim what the window has passed
             self._evict(new_len)
+            self._follow_sliding_window()  # as DynamicSlidingWindowLayer.crop: keys shrink back to the window
             return
         self.buffer.crop(new_len)
         self._table_changed()
+        self._follow_sliding_window()
         if self.stats is not None:
             self.stats.resize(math.ceil(new_len / self.block_size))
             if new_len % self.block_size:  # the partly kept block's mass includes dropped positions: forget it
@@ -404,12 +559,16 @@ class AdaptiveCache(Cache):
     """A transformers ``Cache`` storing K/V at mixed precision, per block, layer and KV head.
 
     Args:
-        config: the model's config (pass ``model.config`` itself: the cache reads the model's attention
-            implementation from it to decide between handles and gathered tensors).
+        config: the model's config (``model.config`` itself: the cache reads the model's attention implementation
+            from it to decide between handles and gathered tensors), the model, or None (default): then
+            ``kvprec.enable(model)`` binds the cache to the model at its first forward (:meth:`bind`), and the
+            checks that need the model (family, head_dim) run then.
         policy: a :class:`kvprec.policy.Policy` or a name for :func:`kvprec.policy.get` (default
             ``"sink_window"``: 4 sink tokens and the last 128 at FP16, the rest at INT4).
-        block_size: positions per block (power of two). group_size: value quantization group along head_dim
-            (None: ``formats.default_group_size(head_dim)``, 64 for head_dim 64 / 128 / 256, as QuantizedCache).
+        block_size: positions per block, a power of two up to MAX_BLOCK_SIZE (1024). Each layer allocates one whole
+            block of tail in the model dtype at its first update, so a generation shorter than a block holds more
+            bytes than an FP16 cache of its tokens. group_size: value quantization group along head_dim, dividing
+            it (None: ``formats.default_group_size(head_dim)``, 64 for head_dim 64 / 128 / 256, as QuantizedCache).
         shadow: None, or "cpu" to keep a host copy of each sealed block in the model dtype (exact crop,
             promotion possible; host memory, reported apart).
         evict_sliding: sliding-window layers release the blocks no later query can see (default, as
@@ -422,49 +581,85 @@ class AdaptiveCache(Cache):
         rotation_seed: seeds the rotations (each layer draws its own from (seed, layer index)).
         backend: attention over the buffer: "cpp" (the native kernel, block by block with ATen ops), "cuda" (the
             CUDA flash-decoding kernel reading the packed tiers; built with KVPREC_CUDA, fp16/bf16, head_dim
-            64/128/256, block_size >= 16), "triton" (the Triton flash-decoding kernel; head_dim 64/128/256),
-            "torch" (the pure-torch block-by-block reference, instrumented by ``read_counter``), or "auto": for
-            CUDA tensors "cuda" where it is built and takes the inputs, else "triton" where installed and the
-            head_dim fits, else "cpp" (warned: CPU kernels over device pages).
+            64/128/256, block_size >= 16), "triton" (the Triton flash-decoding kernel; head_dim 64/128/256; needs a
+            GPU, or TRITON_INTERPRET=1), "torch" (the pure-torch block-by-block reference, instrumented by
+            ``read_counter``), or "auto": for CUDA tensors "cuda" where it is built and takes the inputs, else
+            "triton" where installed and the head_dim fits, else "cpp" (warned: CPU kernels over device pages).
         offloading: not supported; True raises.
+
+    Every argument is checked here (types included: ``block_size=64.0`` is refused, not truncated); what needs the
+    model (group_size against head_dim, a budget the floor tier cannot meet at that geometry, the Triton kernel's
+    head_dims) is checked here when the config is given, else at :meth:`bind`.
     """
 
-    def __init__(self, config, policy="sink_window", block_size: int = 64, group_size: Optional[int] = None,
+    def __init__(self, config=None, policy="sink_window", block_size: int = 64, group_size: Optional[int] = None,
                  shadow: Optional[str] = None, backend: str = "auto", offloading: bool = False,
                  evict_sliding: bool = True, key_rotation: Optional[str] = None, rotation_seed: int = 0):
         if offloading:
             raise NotImplementedError("AdaptiveCache does not support offloading=True: its pages live in the "
                                       "buffer's tier pools; use shadow='cpu' for a host copy instead")
-        check_supported(config)
+        config = None if config is None else as_config(config)
+        if config is not None:
+            check_supported(config)
         require_native("kvprec.AdaptiveCache")
-        if shadow not in (None, "cpu"):
-            raise ValueError(f"AdaptiveCache: shadow must be None or 'cpu' (a host copy), got {shadow!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"AdaptiveCache: backend {backend!r} is not one of {', '.join(BACKENDS)}")
-        from .._native import cuda_kernels_available
-
-        if backend == "cuda" and not cuda_kernels_available():
-            raise ValueError("AdaptiveCache: backend 'cuda' needs the CUDA kernels (build with KVPREC_CUDA=ON against "
-                             "a CUDA torch); use backend='auto', 'triton' or 'cpp'")
-        if backend == "triton" and importlib.util.find_spec("triton") is None:
-            raise ValueError("AdaptiveCache: backend 'triton' needs the triton package; use backend='auto' or 'cpp'")
-        if block_size <= 0 or block_size & (block_size - 1):
-            raise ValueError(f"AdaptiveCache: block_size {block_size} is not a power of two")
-        self.config = text_config(config)
+        check_cache_arguments(block_size, group_size, shadow, backend, evict_sliding, rotation_seed)
         self.policy = get_policy(policy)
-        self.block_size, self.shadow = int(block_size), shadow is not None
+        self.block_size, self.shadow = block_size, shadow is not None
         #: None: each layer takes formats.default_group_size(head_dim) (layer.geometry.group_size)
-        self.group_size = None if group_size is None else int(group_size)
+        self.group_size = group_size
         self.backend = backend
         #: set to a kvprec.ops.reference.attention.ReadCounter to count block reads of the "torch" backend
         self.read_counter: Optional[ReadCounter] = None
         self._warned_slow = False
         self._warned_cpu_kernels = False
         self._warned_int2_keys = False
-        self.evict_sliding = bool(evict_sliding)
-        self.key_rotation, self.rotation_seed = check_kind(key_rotation), int(rotation_seed)
-        windows = sliding_windows(self.config) if self.evict_sliding else [0] * self.config.num_hidden_layers
-        super().__init__(layers=[AdaptiveLayer(self, i, w) for i, w in enumerate(windows)])
+        self.evict_sliding = evict_sliding
+        self.key_rotation, self.rotation_seed = check_kind(key_rotation), rotation_seed
+        #: the model's text config (None until bound); _config_detached: a copy from unpickling, not the model's;
+        #: _bound_to: what bind() was given (model.config, the model, or a config)
+        self.config, self._config_detached, self._bound_to = None, False, None
+        #: the layer the next update of a complete forward goes to (partial-forward detection, _check_forward)
+        self._next_layer = 0
+        super().__init__(layers=[])
+        if config is not None:
+            self.bind(config)
+
+    # ---- the model the cache is for --------------------------------------------------------------------------
+    def bind(self, config) -> None:
+        """Tie the cache to a model's config (or the model): checks the family and the geometry, and makes the
+        layers ``AdaptiveCache(config)`` would have. ``kvprec.enable(model)`` calls it at every forward of the model
+        with this cache, so that a cache built without a config, or unpickled with a copy of it, reads the model's
+        own config. Binding to a model of another shape (layer count, head_dim) raises."""
+        if config is self._bound_to and not self._config_detached:  # every forward of an enabled model: O(1)
+            return
+        given, config = config, as_config(config)
+        check_supported(config)
+        head_dim = config_head_dim(config)
+        if head_dim is not None:
+            check_model_geometry(head_dim, self.block_size, self.group_size, self.key_rotation, self.backend,
+                                 self.policy)
+        n = config.num_hidden_layers
+        if self.config is not None or any(layer.is_initialized for layer in self.layers):
+            if len(self.layers) not in (0, n) or (self.config is not None and self.config.num_hidden_layers != n):
+                raise ValueError(f"AdaptiveCache: it holds {len(self.layers)} layers, the model {n} "
+                                 f"({config.model_type}); use one cache per model")
+        if not self.layers:
+            windows = sliding_windows(config) if self.evict_sliding else [0] * n
+            self.layers.extend(AdaptiveLayer(self, i, w) for i, w in enumerate(windows))
+        else:  # layers grown before binding (AdaptiveCache() run without kvprec.enable) keep their full attention
+            self.layers.extend(AdaptiveLayer(self, i) for i in range(len(self.layers), n))
+        self.config, self._config_detached, self._bound_to = config, False, given
+
+    def attention_mismatch(self) -> Optional[str]:
+        """None when the model runs kvprec's attention over this cache (updates return handles); else why not."""
+        if self._config_detached:
+            return ("the cache was unpickled with a copy of the model's config; kvprec.enable(model) binds it to the "
+                    "model again at the next forward")
+        return kvprec_attention_mismatch(self.config)
+
+    def uses_kvprec_attention(self) -> bool:
+        """Whether the model (through its config) runs the registered "kvprec" attention function."""
+        return self.attention_mismatch() is None
 
     def attention_backend(self, q: torch.Tensor) -> str:
         """The backend that attends for queries ``q`` [B, Hq, Q, D] (see ``backend`` in the class docstring)."""
@@ -486,10 +681,6 @@ class AdaptiveCache(Cache):
                               "step (correct, slow)", stacklevel=2)
         return "cpp"
 
-    def uses_kvprec_attention(self) -> bool:
-        """Whether the model (through its config) runs the registered "kvprec" attention function."""
-        return getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME and kvprec_attention_registered()
-
     def check_int2_keys(self, tiers: torch.Tensor) -> None:
         """Warn once when blocks go to INT2 with keys stored as given: 2-bit keys lose far more unrotated."""
         if self.key_rotation is None and not self._warned_int2_keys and bool((tiers == int(Tier.INT2)).any()):
@@ -499,12 +690,74 @@ class AdaptiveCache(Cache):
                           "perplexity, +2.3% rotated): build the cache with key_rotation='orthogonal' or 'hadamard'",
                           Int2KeysWarning, stacklevel=4)
 
-    def warn_slow_path(self) -> None:
+    def warn_slow_path(self, why: str) -> None:
+        """Warn once that updates return gathered tensors (the slow path), saying ``why`` (attention_mismatch)."""
         if not self._warned_slow:
             self._warned_slow = True
-            warnings.warn("kvprec.AdaptiveCache: the model is not using the 'kvprec' attention, so every update "
-                          "gathers the whole cache back to the model dtype (correct but slow, and it "
-                          "materialises full-precision K/V); call kvprec.enable(model)", stacklevel=3)
+            warnings.warn(f"kvprec.AdaptiveCache: the model is not using the 'kvprec' attention over the cache: {why}. "
+                          "So every update gathers the whole cache back to the model dtype (correct but slow, and it "
+                          "materialises full-precision K/V); call kvprec.enable(model)", stacklevel=4)
+
+    # ---- updates, one forward at a time ---------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """The model's entry point (``past_key_values.update(k, v, layer_idx)``): checks that the layers agree
+        (:meth:`check_consistent`), then ``self.layers[layer_idx].update``. An unbound cache grows layers on demand,
+        as ``DynamicCache()`` does."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(AdaptiveLayer(self, len(self.layers)))
+        self._check_forward(layer_idx, key_states.shape[-2])
+        self._next_layer = -1  # an update in progress: if it raises, the next forward compares the lengths
+        out = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        self._next_layer = layer_idx + 1
+        return out
+
+    def _check_forward(self, layer_idx: int, n: int) -> None:
+        """A forward updates layers 0, 1, ..., L-1 in order with the same n tokens. At layer 0 the previous forward
+        must have finished (else the lengths are compared, O(L), and must agree); at layer i > 0, layer i must hold
+        what layer 0 held before this forward (two host reads)."""
+        if layer_idx == 0:
+            if self._next_layer not in (0, len(self.layers)):
+                self.check_consistent()
+            return
+        held, first = self.layers[layer_idx].get_seq_length(), self.layers[0].get_seq_length()
+        if held == first - n:
+            return
+        if held == first:
+            raise ValueError(f"AdaptiveCache.update(layer_idx={layer_idx}): layer 0 has not stored this forward's {n} "
+                             "tokens yet; a forward updates layers 0, 1, 2, ... in order")
+        self.check_consistent(forward_at=layer_idx)
+
+    def check_consistent(self, forward_at: Optional[int] = None) -> None:
+        """Raise :class:`PartialForwardError` if the layers hold different numbers of positions.
+
+        forward_at: the layer a forward in progress has reached (the layers before it already hold its tokens), for
+        the message."""
+        lengths = [layer.get_seq_length() for layer in self.layers]
+        if len(set(lengths)) <= 1 and forward_at is None:
+            return
+        now = (f" This forward has already stored its tokens in layers 0..{forward_at - 1} and is refused at layer "
+               f"{forward_at}." if forward_at is not None else " Nothing of this forward was stored.")
+        raise PartialForwardError(
+            f"AdaptiveCache: its layers hold different numbers of positions {lengths}: a forward stopped part-way (an "
+            "exception after some layers had stored its tokens), so the cache matches no prefix of the sequence."
+            f"{now} Recover with cache.crop_to_shortest() (every layer back to {min(lengths)} positions, dropping "
+            "what the failed forward added; exact for float tiers or with shadow='cpu', else the block it sealed "
+            "returns to the tail dequantized), or cache.reset() to start over.")
+
+    def crop_to_shortest(self) -> int:
+        """Crop every layer to the shortest layer's length: undo what a forward that stopped part-way added (see
+        :class:`PartialForwardError`). Returns that length."""
+        shortest = min((layer.get_seq_length() for layer in self.layers), default=0)
+        for layer in self.layers:
+            if layer.get_seq_length() > shortest:
+                layer.crop(shortest - layer.get_seq_length())
+        self._next_layer = 0
+        return shortest
+
+    def reset(self) -> None:
+        """Empty every layer (the cache can then be reused for a new sequence of the same model)."""
+        super().reset()
+        self._next_layer = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` positions of every layer; every layer is checked before any is
@@ -512,6 +765,29 @@ class AdaptiveCache(Cache):
         for layer in self.layers:
             layer.check_crop(tokens_to_remove)
         super().crop(tokens_to_remove)
+
+    # ---- copies -----------------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> "AdaptiveCache":
+        """An exact, independent copy (buffers included) that shares the model's config with this cache."""
+        import copy
+
+        for shared in (self.config, self._bound_to):  # the model's, not the cache's: the copy must follow the model
+            if shared is not None:
+                memo[id(shared)] = shared
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            setattr(clone, key, copy.deepcopy(value, memo))
+        return clone
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_bound_to": None}  # what bind() was given may be a whole model
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling: the config is a copy, so the cache gathers tensors until it is bound to the model again."""
+        self.__dict__.update(state)
+        if self.config is not None:
+            self._config_detached = True
 
     def memory_report(self) -> "CacheMemoryReport":
         return CacheMemoryReport.of(self)

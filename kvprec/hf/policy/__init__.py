@@ -1,7 +1,9 @@
 """Precision policies: how the tier of each sealed KV block is chosen (one file per policy).
 
 Look a policy up by name with :func:`get`: ``"name"`` or ``"name:arg,arg,key=value"``, e.g. ``"uniform:int4"``,
-``"sink_window:sinks=4,window=256,rest=int4,recent=fp16"``, ``"attention_mass:keep=0.25"``. The budget wrapper
+``"sink_window:sinks=4,window=256,rest=int4,recent=fp16"``, ``"attention_mass:keep=0.25"``. Arguments bind to the
+policy's parameters as in a Python call (positional first, a parameter given twice is refused); tiers are names
+(``fp32 fp16 bf16 int8 int4 int2``, never ids), token counts whole numbers, ``keep`` a fraction. The budget wrapper
 takes a policy object or name: ``budget("attention_mass", bits_per_element=4)``. New policies join with
 :func:`register`. The curvature policy needs a calibration run, so it has no name form: build it with
 ``Curvature.calibrate(model, input_ids, bits_per_element=...)`` (it can be wrapped by ``budget(...)`` as well).

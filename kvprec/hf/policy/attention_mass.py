@@ -22,6 +22,7 @@ import math
 import torch
 
 from ...storage.formats import Tier
+from ..arguments import real_number, tier as parse_tier
 from .base import Policy, SealStats, demote_to, evicted_blocks, needs_rebalance
 
 
@@ -30,13 +31,13 @@ class AttentionMass(Policy):
 
     def __init__(self, keep: float = 0.5, high: Tier | str | int = Tier.FP16, low: Tier | str | int = Tier.INT4,
                  every: int = 0):
-        if not 0.0 < keep <= 1.0:
+        if not 0.0 < real_number(keep, "attention_mass: keep") <= 1.0:
             raise ValueError(f"attention_mass: keep must be a fraction in (0, 1], got {keep}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"attention_mass: every must be a whole number of tokens >= 0 (0 = the block size), "
                              f"got {every!r}")
         self.keep, self.every = float(keep), every
-        self.high, self.low = Tier.parse(high), Tier.parse(low)
+        self.high, self.low = parse_tier(high, "attention_mass high"), parse_tier(low, "attention_mass low")
         if self.high > self.low:
             raise ValueError(f"attention_mass: high tier {self.high} is a lower precision than low tier {self.low}")
 

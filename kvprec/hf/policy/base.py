@@ -121,6 +121,10 @@ class Policy:
     def rebalance(self, cache, layer_idx: int) -> None:
         """Re-tier sealed blocks of layer ``layer_idx`` after its update (``cache.layers[layer_idx]``)."""
 
+    def check_geometry(self, geometry) -> None:
+        """Raise ValueError if the policy cannot work with a cache of this :class:`BlockGeometry` (block_size,
+        head_dim, group_size); called when the cache is built for a model, before any update. Default: no check."""
+
     def importance(self, layer) -> Optional[torch.Tensor]:
         """How much each sealed block matters, FP32 [B, H_kv, n_sealed] (larger = keep at higher precision),
         for wrappers that must choose what to demote (:class:`~kvprec.policy.budget.Budget`); None if the

@@ -7,7 +7,8 @@ Two kinds of budget:
   tail (at most one block, in the model dtype) is a fixed overhead no policy can shrink, so it is not counted.
 * ``bytes``: the cache's resident bytes (pages + tail + block table, as :meth:`AdaptiveCache.memory_report`
   prints) may not exceed ``bytes``; each layer gets an equal share, bytes / num_layers (the supported families
-  have identical layers, so an equal share is also the proportional one).
+  have identical layers, so an equal share is also the proportional one). Under tensor parallelism ``bytes`` is
+  the budget of the whole model: each rank takes the share of its KV heads (kvprec/hf/distributed.py).
 
 After the wrapped policy has assigned and rebalanced a layer, the least important block is demoted down the
 ladder (default FP32 -> FP16 -> INT8 -> INT4 -> INT2, stopping at ``floor``) rung by rung until the budget is
@@ -25,8 +26,10 @@ from typing import Optional, Sequence
 import torch
 
 from ...storage.formats import Tier
+from ..arguments import real_number, tier as parse_tier
 from .base import Policy, SealStats, demote_to, evicted_blocks, needs_rebalance
 from .registry import get
+from ..distributed import head_share
 
 DEFAULT_LADDER = (Tier.FP32, Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2)
 
@@ -40,16 +43,17 @@ class Budget(Policy):
                  floor: Tier | str | int = Tier.INT2, ladder: Sequence[Tier | str | int] = DEFAULT_LADDER):
         if (bytes is None) == (bits_per_element is None):
             raise ValueError("budget: give exactly one of bytes= (whole cache) or bits_per_element= (sealed blocks)")
-        self.floor = Tier.parse(floor)
+        self.floor = parse_tier(floor, "budget floor")
         if bits_per_element is not None:
+            bits_per_element = real_number(bits_per_element, "budget: bits_per_element")
             if not bits_per_element > self.floor.bits:
                 raise BudgetError(f"budget: bits_per_element={bits_per_element} cannot be met: the floor tier "
                                   f"{self.floor} stores {self.floor.bits} bits per element before its scales and "
                                   f"zeros; lower the floor or raise the budget")
-        elif not bytes > 0:
-            raise ValueError(f"budget: bytes must be positive, got {bytes}")
+        elif isinstance(bytes, bool) or not isinstance(bytes, int) or not bytes > 0:
+            raise ValueError(f"budget: bytes must be a positive whole number, got {bytes!r}")
         self.bytes, self.bits_per_element = bytes, bits_per_element
-        self.ladder = sorted({Tier.parse(t) for t in ladder} | {self.floor})
+        self.ladder = sorted({parse_tier(t, "budget ladder") for t in ladder} | {self.floor})
         self.ladder = [t for t in self.ladder if t <= self.floor]
         self.inner = get(policy)
 
@@ -66,6 +70,20 @@ class Budget(Policy):
     def importance(self, layer) -> Optional[torch.Tensor]:
         return self.inner.importance(layer)
 
+    def check_geometry(self, geometry) -> None:
+        """A bits_per_element budget below what the floor tier's pages take at this geometry (data plus FP16 scales
+        and zeros: INT2 is 2 + 16 / block_size + 16 / group_size bits) can never be met: refused before any update."""
+        self.inner.check_geometry(geometry)
+        if self.bits_per_element is None:
+            return
+        g = geometry
+        least = g.page_bytes(self.floor) * 8 / (2 * g.block_size * g.head_dim)
+        if self.bits_per_element < least:
+            raise BudgetError(f"budget: bits_per_element={self.bits_per_element} cannot be met at block_size "
+                              f"{g.block_size}, head_dim {g.head_dim}, value group {g.group_size}: every page at the "
+                              f"floor tier {self.floor} takes {least:g} bits per element with its scales and zeros; "
+                              "raise the budget, or use larger blocks or value groups")
+
     def rebalance(self, cache, layer_idx: int) -> None:
         self.inner.rebalance(cache, layer_idx)
         self.enforce(cache, layer_idx)
@@ -81,7 +99,9 @@ class Budget(Policy):
             held = n - evicted_blocks(layer)  # blocks a sliding window evicted hold no elements
             return self.bits_per_element * (b * h * held * g.block_size * g.head_dim * 2) / 8, pages
         fixed = report.resident_bytes - pages
-        return self.bytes / len(cache.layers) - fixed, pages
+        # Under tensor parallelism this rank holds a share of the heads and takes that share of the bytes
+        # (kvprec/hf/distributed.py): the ranks together meet the budget without talking to each other.
+        return self.bytes * head_share(cache, layer) / len(cache.layers) - fixed, pages
 
     def _next_tier(self, tier: int) -> int:
         """The next ladder rung below ``tier`` (the nearest larger id); ``tier`` itself at or below the floor."""

@@ -16,16 +16,20 @@ from __future__ import annotations
 import torch
 
 from ...storage.formats import Tier
+from ..arguments import tier as parse_tier
 from .base import Policy, SealStats, demote_to, needs_rebalance
 
 
 class SinkWindow(Policy):
     def __init__(self, sinks: int = 4, window: int = 128, rest: Tier | str | int = Tier.INT4,
                  recent: Tier | str | int = Tier.FP16):
+        for name, value in (("sinks", sinks), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"sink_window: {name} must be a whole number of tokens, got {value!r}")
         if sinks < 0 or window < 0:
             raise ValueError(f"sink_window: sinks ({sinks}) and window ({window}) must be >= 0 tokens")
         self.sinks, self.window = int(sinks), int(window)
-        self.rest, self.recent = Tier.parse(rest), Tier.parse(recent)
+        self.rest, self.recent = parse_tier(rest, "sink_window rest"), parse_tier(recent, "sink_window recent")
         if self.recent > self.rest:
             raise ValueError(f"sink_window: recent tier {self.recent} is a lower precision than rest tier "
                              f"{self.rest}; the window and sinks are the blocks to keep at higher precision")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...storage.formats import Tier
+from ..arguments import tier as parse_tier
 from .base import Policy, SealStats
 
 
@@ -16,7 +17,7 @@ class Uniform(Policy):
     """All sealed blocks in ``tier``."""
 
     def __init__(self, tier: Tier | str | int = Tier.INT8):
-        self.tier = Tier.parse(tier)
+        self.tier = parse_tier(tier, "uniform")
 
     def assign(self, layer_idx: int, blocks: range, stats: SealStats) -> torch.Tensor:
         return stats.full(self.tier, len(blocks))

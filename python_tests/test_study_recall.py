@@ -448,7 +448,7 @@ def test_budget_100_percent_gives_recall_1_and_the_full_cache(tiny):
 
 TINY_RUN = ["study", "recall", "--model", "tiny", "--max-samples", "2", "--max-new-tokens", "6",
             "--max-prompt-tokens", "600", "--bootstrap", "200", "--etr-threshold", "0.5", "--gap-every", "1",
-            "--etr-bases", "best,h2o", "--threads", "1", "--quiet"]
+            "--etr-bases", "best-recall,h2o", "--threads", "1", "--quiet"]
 
 
 @needs_native
@@ -471,7 +471,7 @@ def test_end_to_end_on_the_tiny_model(tmp_path):
     assert n == 12 and raw["recall"].shape == (n, 5, 3, 4 * 2 + 1)
     finite = raw["recall"][:, :4]
     assert np.all((finite >= 0) & (finite <= 1)) and np.all(np.isnan(raw["recall"][:, 4, :, -1]))
-    # every budget runs the four static caches and the recall rows on the best base and on h2o
+    # every budget runs the four static caches and the recall rows on the best-recall base and on h2o
     kinds = raw["ev_row_kind"].tolist()
     assert kinds.count("static") == 12 and 3 <= kinds.count("etr") <= 6 and kinds.count("etr") == kinds.count("random")
     moved = raw["ev_moved_bytes"]
@@ -516,10 +516,28 @@ def test_command_line_refusals_name_the_argument(tmp_path, capsys):
         assert not (tmp_path / f"run{i}").exists()
 
 
+def test_choose_base_reads_phase_one():
+    from types import SimpleNamespace
+
+    from kvprec.studies.recall.oracle import POLICY_NAMES
+
+    recall_ = np.zeros((3, len(POLICY_NAMES), 2, 5), dtype=np.float32)
+    recall_[:, POLICY_NAMES.index("tova"), 0] = 0.9  # the highest recall at budget 0
+    recall_[:, POLICY_NAMES.index("snapkv"), 1] = 0.8
+    nll = np.full((3, len(POLICY_NAMES), 2, 2), 2.0)
+    nll[1::2] = np.nan  # steps without a re-run
+    nll[:, POLICY_NAMES.index("streaming"), 0, 0] = 1.0  # the lowest restricted NLL at budget 0
+    nll[:, POLICY_NAMES.index("kvprec"), :, 0] = 0.1  # kvprec's tiering is not an eviction base
+    runs = [SimpleNamespace(recall=recall_, gap_nll=nll)]
+    assert study.choose_base("best-recall", runs, 0) == "tova" and study.choose_base("best-recall", runs, 1) == "snapkv"
+    assert study.choose_base("best-nll", runs, 0) == "streaming" and study.choose_base("h2o", runs, 0) == "h2o"
+
+
 def test_settings_are_checked():
     for bad, match in ((dict(budgets=[0.0]), "--budgets"), (dict(budgets=[0.1, 0.1]), "--budgets"),
                        (dict(entropy_bins=[2.5, 1.0]), "--entropy-bins"), (dict(max_new_tokens=2), "--max-new-tokens"),
                        (dict(block_size=12), "--block-size"), (dict(etr_bases=["lru"]), "--etr-bases"),
+                       (dict(etr_bases=["best-nll"], gap_every=0), "--etr-bases"),
                        (dict(kvprec_policy="uniform:int4"), "--kvprec-policy"),
                        (dict(kvprec_policy="nope:{budget}"), "--kvprec-policy"), (dict(chat="yes"), "--chat")):
         with pytest.raises(ValueError, match=match):

@@ -71,9 +71,10 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    help="entropy-triggered recall fires when the previous entropy exceeds this (nats)")
     q.add_argument("--etr-fraction", type=float, default=d.etr_fraction,
                    help="share of the budget that recall slots take once recall fired")
-    q.add_argument("--etr-bases", type=_names, default=d.etr_bases, metavar="best|P,P,...",
-                   help=f"base policies of the recall rows: best (highest oracle recall per budget) or of "
-                        f"{', '.join(SIMULATED)}")
+    q.add_argument("--etr-bases", type=_names, default=d.etr_bases, metavar="B,B,...",
+                   help="base policies of the recall rows, per budget: best-nll (lowest NLL of the entropy gap's "
+                        "restricted re-runs), best-recall (highest oracle recall), or of "
+                        f"{', '.join(SIMULATED)} (default best-nll,best-recall)")
     q.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples")
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"])

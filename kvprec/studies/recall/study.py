@@ -9,7 +9,9 @@ Per sample of multi-hop QA (kvprec/studies/recall/data.py; the prompt: kvprec/st
 2. phase 2, once every sample has been through phase 1: caches that really evict, with and without
    entropy-triggered recall from a host shadow (kvprec/studies/recall/eviction.py), teacher-forced on the oracle's
    tokens. Every static policy runs at every budget; the recall rows (etr, random) run on the bases of
-   ``etr_bases``: "best" is, per budget, the simulated policy with the highest mean oracle recall in phase 1.
+   ``etr_bases``, per budget: "best-nll", the simulated policy whose restricted re-runs of phase 1 (the entropy
+   gap's) had the lowest mean NLL, the best static policy as far as phase 1 can tell; "best-recall", the one with
+   the highest mean oracle recall; or a policy's name.
 
 Raw arrays (raw.npz), N decode steps over all samples, M samples, n_pol policies, n_b budgets, R rows:
 
@@ -41,6 +43,7 @@ from .oracle import POLICY_NAMES, SIMULATED, OracleOptions, run_sample as oracle
 from .policies import PolicyOptions
 
 NAME = "recall"
+SELECTORS = ("best-nll", "best-recall")
 
 
 @dataclass
@@ -63,7 +66,7 @@ class RecallSettings:
     gap_every: int = 4
     etr_threshold: float = 2.5
     etr_fraction: float = 0.25
-    etr_bases: List[str] = field(default_factory=lambda: ["best"])
+    etr_bases: List[str] = field(default_factory=lambda: ["best-nll", "best-recall"])
     bootstrap: int = 2000
     seed: int = 0
     dtype: str = "float32"
@@ -96,9 +99,11 @@ class RecallSettings:
             raise StudyInputError(f"--h2o-recent {self.h2o_recent}: a fraction of the budget in [0, 1)")
         if not 0.0 < self.etr_fraction < 1.0:
             raise StudyInputError(f"--etr-fraction {self.etr_fraction}: a fraction of the budget in (0, 1)")
-        if not self.etr_bases or any(b not in SIMULATED + ("best",) for b in self.etr_bases) or len(
+        if not self.etr_bases or any(b not in SIMULATED + SELECTORS for b in self.etr_bases) or len(
                 set(self.etr_bases)) != len(self.etr_bases):
-            raise StudyInputError(f"--etr-bases {self.etr_bases}: best, or a comma list of {', '.join(SIMULATED)}")
+            raise StudyInputError(f"--etr-bases {self.etr_bases}: a comma list of {', '.join(SELECTORS + SIMULATED)}")
+        if self.gap_every == 0 and "best-nll" in self.etr_bases:
+            raise StudyInputError("--etr-bases best-nll needs the entropy gap's re-runs (--gap-every >= 1)")
         if self.chat not in ("auto", "on", "off"):
             raise StudyInputError(f"--chat {self.chat!r}: auto, on or off")
         if self.prompt_style not in ("reason", "answer"):
@@ -190,12 +195,9 @@ def collect(settings: RecallSettings, loaded, tokenizer, progress) -> Dict[str, 
             **{f"seconds_{k}": v for k, v in o.seconds.items()})
         progress.log(f"  answer: {generated[:160]!r}")
 
-    # phase 2: the recall rows go on the bases asked for ("best": the highest mean oracle recall per budget)
-    rec = np.concatenate([o.recall for o in runs]).astype(np.float64)[..., :-1].mean((0, -1))  # [n_pol, n_b]
-    bases = {}
-    for bi, b in enumerate(settings.budgets):
-        best = SIMULATED[int(np.argmax([rec[POLICY_NAMES.index(name), bi] for name in SIMULATED]))]
-        bases[b] = list(dict.fromkeys(best if name == "best" else name for name in settings.etr_bases))
+    # phase 2: the recall rows go on the bases asked for (module docstring)
+    bases = {b: list(dict.fromkeys(choose_base(name, runs, bi) for name in settings.etr_bases))
+             for bi, b in enumerate(settings.budgets)}
     rows = default_rows(list(settings.budgets), bases)
     eopts = EvictionOptions(rows=rows, threshold=settings.etr_threshold, recall_fraction=settings.etr_fraction,
                             **common)
@@ -220,6 +222,19 @@ def collect(settings: RecallSettings, loaded, tokenizer, progress) -> Dict[str, 
         raise ValueError(f"the run decoded {raw['entropy'].size} steps; raise --max-new-tokens or --max-samples "
                          "(correlations need at least 3)")
     return raw
+
+
+def choose_base(name: str, runs, budget_index: int) -> str:
+    """The simulated policy ``name`` names at one budget: itself, or by phase 1's results over every sample,
+    "best-nll" (lowest mean NLL of the restricted re-runs) or "best-recall" (highest mean recall over the rows)."""
+    if name in SIMULATED:
+        return name
+    index = [POLICY_NAMES.index(p) for p in SIMULATED]
+    if name == "best-recall":
+        rec = np.concatenate([o.recall for o in runs]).astype(np.float64)[:, index, budget_index, :-1]
+        return SIMULATED[int(np.argmax(rec.mean((0, 2))))]
+    nll = np.concatenate([o.gap_nll for o in runs])[:, index, budget_index, 0]  # [N, 4]; NaN off the gap steps
+    return SIMULATED[int(np.argmin(np.nanmean(nll, 0)))]
 
 
 def settings_dict(settings: RecallSettings) -> dict:

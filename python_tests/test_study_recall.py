@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import kvprec
-from kvprec.studies.recall import analysis, data, plots, prompt, recall, report, stats, study
+from kvprec.studies.recall import data, prompt, recall, stats, study
 from kvprec.studies.recall.attention import MaskedRows, OracleRecorder, attend_scores, scores, study_attention
 from kvprec.studies.recall.policies import H2O, TOVA, PrefillStats, SnapKV, StreamingLLM, evict_lowest, make
 
@@ -491,7 +491,8 @@ def test_end_to_end_on_the_tiny_model(tmp_path):
     first = json.loads((out / "steps_b0.1.jsonl").read_text().splitlines()[0])
     assert set(first["recall"]) == set(raw["policies"].tolist()) and first["k"] >= 1
     config = json.loads((out / "config.json").read_text())
-    assert config["study"] == "recall" and config["budgets"] == [0.1, 0.2, 0.3] and config["model_info"]["name"] == "tiny"
+    assert config["study"] == "recall" and config["budgets"] == [0.1, 0.2, 0.3]
+    assert config["model_info"]["name"] == "tiny"
     files = ("analysis.json", "report.md", "steps_b0.2.jsonl")
     before = [(out / f).read_bytes() for f in files]
     assert main(["study", "recall", "--reanalyze", str(out), "--quiet"]) == 0

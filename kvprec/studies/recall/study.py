@@ -24,8 +24,8 @@ Raw arrays (raw.npz), N decode steps over all samples, M samples, n_pol policies
     ev_nll, ev_entropy, ev_recall, ev_triggered, ev_scanned_bytes, ev_moved_bytes [N, n_rows]
     ev_trigger_seconds, ev_step_seconds [N]
     sample_id, sample_source, sample_answers, sample_generated (str) [M]; sample_prompt_len, sample_steps,
-    sample_truncated, sample_supporting_found, sample_supporting_missing [M];
-    sample_prefill_entropy [M]; sample_kvprec_bytes [M, n_b]; sample_full_cache_bytes [M]; seconds_<phase> [M] (CPU seconds)
+    sample_truncated, sample_supporting_found, sample_supporting_missing [M]; sample_prefill_entropy [M];
+    sample_kvprec_bytes [M, n_b]; sample_full_cache_bytes [M]; seconds_<phase> [M] (CPU seconds)
 """
 from __future__ import annotations
 

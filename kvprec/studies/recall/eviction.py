@@ -8,8 +8,8 @@ positions; they are teacher-forced on the oracle's tokens, so their NLL of x_{t+
 is the quality measure, at equal device memory: every row holds K(n) positions of K and V per (layer, KV head).
 
 The rows (:class:`Row`: a budget fraction, a kind, a base policy), by default per budget fraction b every static
-policy and, on the base the study picks (kvprec/studies/recall/study.py: the simulated policy with the highest
-oracle recall at b), the two recall rows:
+policy and, on the bases the study picks from phase 1 (kvprec/studies/recall/study.py ``choose_base``), the two
+recall rows:
 
 * ``static``: the base policy alone (h2o, streaming, tova, snapkv);
 * ``etr`` (entropy-triggered recall): the base policy, and when the row's own previous next-token entropy

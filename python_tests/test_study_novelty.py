@@ -167,6 +167,16 @@ def test_autocorrelation_ljung_box_and_shape_by_hand():
     assert tm.shape(np.ones(10))["skew"] is None
 
 
+def test_p_values_merged_under_dependence():
+    from kvprec.studies.novelty.analysis import merge_dependent
+
+    assert merge_dependent([0.01, 0.02, 0.5]) == pytest.approx(0.04)
+    assert merge_dependent([0.3, None, 0.9]) == 1.0 and merge_dependent([None]) is None
+    # identical p-values (complete dependence): never below the p of one test, so never anti-conservative
+    u = np.random.default_rng(5).random(2000)
+    assert np.mean([merge_dependent([x] * 10) < 0.05 for x in u]) <= 0.05
+
+
 def test_trivial_tokens():
     assert all(is_trivial(t) for t in ("", " ", "\n\n", ",", " .", "()", "_", "**"))
     assert not any(is_trivial(t) for t in ("a", " the", "2", "x_1", "é"))
@@ -349,8 +359,12 @@ def test_report_numbers_come_from_the_raw_data(suite_run):
         c = next(i for i in range(len(rules)) if rules[i] == "most" and modes[i] == "tier")
         assert x["ablation"]["cells"]["tier@0.25"]["dnll"]["most"] == pytest.approx(float((nll[c] - nll[0]).mean()))
     report = (out / "report.md").read_text()
-    h1 = m["hypotheses"][0]["values"]
-    assert f"mean skewness {h1['skew']:.3g}" in report
+    h1 = m["hypotheses"][0]["levels"]
+    assert f"skewness {h1['aggregate']['skew']:.3g}" in report and f"skewness {h1['heads']['skew']:.3g}" in report
+    # the heads' level: one entry per (layer, head) of each run, and its merged p-value is 2 x the median
+    heads = [h for x in m["runs"] for h in x["heads"]]
+    assert len(heads) == 5 * 4 * 2
+    assert h1["heads"]["skew_p"] == pytest.approx(min(1.0, 2 * float(np.median([h["skew_p"] for h in heads]))))
 
 
 def test_reanalyze_reproduces_the_run(suite_run):

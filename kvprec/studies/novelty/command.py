@@ -38,33 +38,37 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     src.add_argument("--dataset", default=None, metavar="FILE",
                      help='JSON Lines: one {"prompt": "...", "type": "..."} per line')
     q.add_argument("--dataset-limit", type=int, default=None, metavar="N", help="use the first N prompts of --dataset")
+    default = " (default: %(default)s)"
     q.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, metavar="N",
-                   help="cut a prompt's text to its first N tokens (default: %(default)s)")
-    q.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="N", help="tokens to generate per prompt (default: %(default)s)")
+                   help="cut a prompt's text to its first N tokens" + default)
+    q.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="N",
+                   help="tokens to generate per prompt" + default)
     q.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
-                   help="sampling temperature (0: greedy); no top-k / top-p (default: %(default)s)")
+                   help="sampling temperature (0: greedy); no top-k / top-p" + default)
     q.add_argument("--seed", type=int, default=d.seed, help="generation seed of the first run (run r: seed + r); also "
-                   "seeds the random ablations and the Monte Carlo null (default: %(default)s)")
-    q.add_argument("--block-size", type=int, default=d.block_size, help="cache block size (a power of two) (default: %(default)s)")
-    q.add_argument("--window", type=int, default=d.window, help="novelty window: positions compared against (default: %(default)s)")
-    q.add_argument("--rank", type=int, default=d.rank, help="top-r subspace of the residual metric (default: %(default)s)")
+                   "seeds the random ablations and the Monte Carlo null" + default)
+    q.add_argument("--block-size", type=int, default=d.block_size, help="cache block size (a power of two)" + default)
+    q.add_argument("--window", type=int, default=d.window, help="novelty window: positions compared against" + default)
+    q.add_argument("--rank", type=int, default=d.rank, help="top-r subspace of the residual metric" + default)
     q.add_argument("--metric", default=d.metric, choices=list(METRICS),
-                   help="the primary metric of the verdicts and of the ablation's ranking (default: %(default)s)")
+                   help="the primary metric of the verdicts and of the ablation's ranking" + default)
     q.add_argument("--layer", type=int, action="append", default=None,
                    help="capture these layers (repeatable; default: all of a model with at most "
                         f"{DEFAULT_LAYERS} layers, else {DEFAULT_LAYERS} evenly spaced from the first to the last)")
-    q.add_argument("--spike-window", type=int, default=d.spike_window, help="trailing steps of the robust z-score (default: %(default)s)")
-    q.add_argument("--spike-threshold", type=float, default=d.spike_threshold, help="robust z above which a step "
-                   "is a spike (default: %(default)s)")
-    q.add_argument("--bin-size", type=int, default=d.bin_size, help="steps per bin of the dispersion test (default: %(default)s)")
-    q.add_argument("--max-lag", type=int, default=d.max_lag, help="autocorrelation lags (Ljung-Box) (default: %(default)s)")
-    q.add_argument("--null-reps", type=int, default=d.null_reps, help="Monte Carlo draws of the burstiness null (default: %(default)s)")
+    q.add_argument("--spike-window", type=int, default=d.spike_window,
+                   help="trailing steps of the robust z-score" + default)
+    q.add_argument("--spike-threshold", type=float, default=d.spike_threshold,
+                   help="robust z above which a step is a spike" + default)
+    q.add_argument("--bin-size", type=int, default=d.bin_size, help="steps per bin of the dispersion test" + default)
+    q.add_argument("--max-lag", type=int, default=d.max_lag, help="autocorrelation lags (Ljung-Box)" + default)
+    q.add_argument("--null-reps", type=int, default=d.null_reps,
+                   help="Monte Carlo draws of the burstiness null" + default)
     q.add_argument("--no-ablation", action="store_true", help="skip the causal ablation")
     q.add_argument("--ablation-fraction", type=_fraction, action="append", default=None, metavar="F",
                    help="fraction of candidate blocks ablated (repeatable; default 0.1 and 0.25)")
     q.add_argument("--ablation-random", type=int, default=d.ablation_random, metavar="N",
-                   help="random selections per fraction (default: %(default)s)")
-    q.add_argument("--ablation-tier", default=d.ablation_tier, help="the low tier of the tier ablation (default: %(default)s)")
+                   help="random selections per fraction" + default)
+    q.add_argument("--ablation-tier", default=d.ablation_tier, help="the low tier of the tier ablation" + default)
     q.add_argument("--save-kv", action="store_true", help="also store the captured K/V (float16) in raw.npz")
     q.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"])
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

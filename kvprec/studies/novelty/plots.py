@@ -71,7 +71,8 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
         ax.plot(sp, s["agg"][sp], "o", color="C3", ms=5, label=f"spikes ({len(sp)})")
         for i in sp.tolist():
             ax.annotate(_label(s["text"][i]), (i, s["agg"][i]), xytext=(0, 6), textcoords="offset points",
-                        rotation=60, fontsize=9, ha="left", va="bottom", color="C3")
+                        rotation=60, fontsize=9, ha="left", va="bottom", color="C3", annotation_clip=False)
+        ax.margins(y=0.3)  # room above the spikes for their labels
         ax2 = ax.twinx()
         ax2.plot(xs, s["entropy"], lw=0.8, color="C2", alpha=0.6)
         ax2.set_ylabel("entropy (nats)", color="C2")
@@ -102,21 +103,26 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
         ax.legend()
     save(fig, "distribution.png")
 
-    # spike inter-arrival times against the exponential of a Poisson process of the same rate
-    intervals = np.concatenate([np.diff(s["spikes"]) for s in runs]) if runs else np.zeros(0)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if len(intervals) < 2:
-        _empty(ax, f"fewer than 2 spike intervals over all runs ({len(intervals)}): nothing to compare")
-    else:
+    # spike inter-arrival times against the geometric law of a Poisson process in discrete time, same mean
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    head_intervals = [np.diff(h["spike_steps"]) for s in runs for h in s["summary"]["heads"]]
+    for ax, (what, parts, b_key) in zip(axes, (
+            ("aggregate novelty", [np.diff(s["spikes"]) for s in runs], "aggregate"),
+            ("each (layer, head) series, pooled", head_intervals, "heads"))):
+        intervals = np.concatenate(parts) if parts else np.zeros(0)
+        if len(intervals) < 2:
+            _empty(ax, f"{what}: fewer than 2 spike intervals ({len(intervals)}), nothing to compare")
+            continue
         ax.hist(intervals, bins=np.arange(0.5, intervals.max() + 1.5), density=True, alpha=0.6,
                 label=f"{len(intervals)} intervals")
         grid = np.arange(1, intervals.max() + 1)
         p = 1.0 / intervals.mean()
-        ax.plot(grid, p * (1 - p) ** (grid - 1), "k.-", label="geometric (Poisson in discrete time), same mean")
-        bs = [s["summary"]["novelty"]["burstiness"]["B"] for s in runs]
-        bs = [b for b in bs if b is not None]
-        ax.set_title("spike inter-arrival times (decode steps)" + (f"; mean B {np.mean(bs):.3f}" if bs else ""))
-        ax.set_xlabel("steps between consecutive spikes")
+        ax.plot(grid, p * (1 - p) ** (grid - 1), "k.-", ms=3, label="geometric (Poisson in discrete time), same mean")
+        h2 = [h for m in a["models"] for h in m["hypotheses"] if h["id"] == "H2"]
+        b = h2[0]["levels"][b_key] if h2 else None
+        ax.set_title(f"spike intervals, {what}" + (f"\nB {_fmt(b['B'])} vs {_fmt(b['B_null'])} at random, p "
+                                                    f"{_fmt(b['B_p'])}" if b else ""))
+        ax.set_xlabel("decode steps between consecutive spikes")
         ax.set_ylabel("density")
         ax.legend()
     save(fig, "inter_arrival.png")
@@ -133,7 +139,8 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
         ax.set_xlabel("entropy of the distribution the token was drawn from (nats)")
         ax.set_ylabel(f"aggregate {metric} (normalised)")
         h5 = [h for m in a["models"] for h in m["hypotheses"] if h["id"] == "H5"]
-        ax.set_title("novelty vs entropy" + (f"; pooled within-run rho {_fmt(h5[0]['values']['rho'])}" if h5 else ""))
+        rho = h5[0]["levels"]["aggregate"]["rho"] if h5 else None
+        ax.set_title("novelty vs entropy" + (f"; pooled within-run rho {_fmt(rho)}" if h5 else ""))
         ax.legend(markerscale=2)
     save(fig, "novelty_vs_entropy.png")
 
@@ -147,7 +154,8 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
         ax.set_xticks(range(1, len(types) + 1), types)
         ax.set_ylabel(f"aggregate {metric} (normalised)")
         h7 = [h for m in a["models"] for h in m["hypotheses"] if h["id"] == "H7"]
-        ax.set_title("novelty per prompt type" + (f"; Kruskal-Wallis p {_fmt(h7[0]['values']['p'])}" if h7 else ""))
+        kw = h7[0]["levels"]["aggregate"]["p"] if h7 else None
+        ax.set_title("novelty per prompt type" + (f"; Kruskal-Wallis p {_fmt(kw)}" if h7 else ""))
     save(fig, "by_type.png")
 
     # per layer

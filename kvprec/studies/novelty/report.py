@@ -14,21 +14,23 @@ def _p(x) -> str:
     return "n/a" if x is None else ("< 1e-300" if x == 0 else f"{x:.2g}")
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 HYPOTHESIS_DETAIL = {
-    "H1": lambda v: (f"mean skewness {_n(v['skew'])} (combined p {_p(v['skew_p'])}), mean excess kurtosis "
-                     f"{_n(v['kurtosis'])} (p {_p(v['kurtosis_p'])}); spikes on {_n(100 * v['spike_rate'] if v['spike_rate'] is not None else None, '.1f')}% "
-                     f"of steps; the top 10% of steps hold {_n(100 * v['top10_share'] if v['top10_share'] is not None else None, '.1f')}% "
-                     "of the novelty (10% if flat)"),
-    "H2": lambda v: (f"B = {_n(v['B'])} vs {_n(v['B_null'])} for as many spikes placed at random (combined Monte "
-                     f"Carlo p {_p(v['B_p'])}, {v['runs_with_3_spikes']} runs with >= 3 spikes); index of dispersion "
-                     f"p {_p(v['dispersion_p'])}; KS of intervals vs exponential p {_p(v['ks_p'])}"),
-    "H3": lambda v: f"mean lag-1 autocorrelation {_n(v['acf1'])}; Ljung-Box combined p {_p(v['ljung_box_p'])}",
-    "H4": lambda v: (f"{v['on_trivial']} of {v['spikes']} spikes on trivial tokens "
-                     f"({_n(100 * v['share'] if v['share'] is not None else None, '.1f')}%) vs "
-                     f"{_n(100 * v['base_share'] if v['base_share'] is not None else None, '.1f')}% of steps; "
-                     f"enrichment p {_p(v['enrichment_p'])}"),
-    "H5": lambda v: (f"rho {_n(v['rho'])} (p {_p(v['p'])}, n {v['n']}); with surprisal {_n(v['rho_surprisal'])}, "
-                     f"entropy change {_n(v['rho_entropy_change'])}, next entropy {_n(v['rho_next_entropy'])}"),
+    "H1": lambda v: (f"skewness {_n(v['skew'])} (p {_p(v['skew_p'])}), excess kurtosis {_n(v['kurtosis'])} "
+                     f"(p {_p(v['kurtosis_p'])}); the top 10% of steps hold {_pct(v['top10_share'])} of the novelty "
+                     f"(10% if flat); spikes on {_pct(v['spike_rate'])} of steps"),
+    "H2": lambda v: (f"B = {_n(v['B'])} vs {_n(v['B_null'])} at random (p {_p(v['B_p'])}; {v['units']} of {v['of']} "
+                     f"series with >= 3 spikes); dispersion p {_p(v['dispersion_p'])}; KS vs exponential p "
+                     f"{_p(v['ks_p'])}"),
+    "H3": lambda v: f"lag-1 autocorrelation {_n(v['acf1'])}; Ljung-Box p {_p(v['ljung_box_p'])}",
+    "H4": lambda v: (f"{v['on_trivial']} of {v['spikes']} spikes on trivial tokens ({_pct(v['share'])}) vs "
+                     f"{_pct(v['base_share'])} of steps; enrichment p {_p(v['enrichment_p'])}"),
+    "H5": lambda v: (f"rho {_n(v['rho'])} (p {_p(v['p'])}, n {v['n']}); with surprisal {_n(v['rho_surprisal'])}"
+                     + (f", entropy change {_n(v['rho_entropy_change'])}, next entropy {_n(v['rho_next_entropy'])}"
+                        if v.get("rho_entropy_change") is not None else "")),
     "H6": lambda v: (f"most novel above random (p < 0.05) in {v['cells_most_above_random']} of {v['cells']} "
                      f"(mode, fraction) cells; mean dNLL most {_n(v['dnll_most'])}, random {_n(v['dnll_random'])}, "
                      f"least {_n(v['dnll_least'])} nats/token"),
@@ -74,10 +76,18 @@ def render_report(a: dict, config: dict) -> str:
 
 def _model_section(m: dict, config: dict) -> List[str]:
     out = [f"## Model {m['model']}", "", "### Verdicts", "",
-           "| | hypothesis | test statistic | result | verdict |", "|---|---|---|---|---|"]
+           "Each hypothesis is tested on the aggregate novelty (mean over layers and heads, one series per run) and, "
+           "where it applies, on every (layer, head) series; it holds if it holds at both levels, partly if at "
+           "least partly at one. p-values of the heads are merged by 2 x median, valid however the heads depend on "
+           "each other.", "",
+           "| | hypothesis | test statistic | aggregate novelty | per (layer, head) | verdict |",
+           "|---|---|---|---|---|---|"]
     for h in m["hypotheses"]:
-        out.append(f"| {h['id']} | {h['claim']} | {h['statistic']} | {HYPOTHESIS_DETAIL[h['id']](h['values'])} | "
-                   f"**{h['verdict']}** |")
+        cells = []
+        for level in ("aggregate", "heads"):
+            v = h["levels"].get(level)
+            cells.append("-" if v is None else f"{HYPOTHESIS_DETAIL[h['id']](v)}: *{h['level_verdicts'][level]}*")
+        out.append(f"| {h['id']} | {h['claim']} | {h['statistic']} | {cells[0]} | {cells[1]} | **{h['verdict']}** |")
     out += ["", "### Runs", "",
             "| run | type | prompt + generated tokens | analysed steps | tokens/s | median | skew | kurtosis | "
             "spikes (rate) | B (null) | acf1 | mean entropy | rho(novelty, entropy) |",

@@ -7,6 +7,8 @@ by ``--reanalyze DIR``.
     kvprec study novelty [--model NAME|DIR ...] [--prompt-type TYPE | --suite | --text FILE | --dataset FILE]
                          [--max-tokens N] [--temperature T] [--out DIR] [--force]
     kvprec study recall [--model NAME|DIR] [--dataset FILE|builtin] [--budgets 0.1,0.2,0.3] [--out DIR] [--force]
+    kvprec study injection [--model NAME|DIR] [--dataset FILE|builtin-math|builtin-qa] [--injection-points 5,10,15]
+                           [--tiers fp32,int8,int4,int2] [--problems N] [--out DIR] [--force]
     kvprec study <name> --reanalyze DIR
 
 A study is one module kvprec/studies/<name>/command.py (its arguments, settings and collection); adding one is
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from kvprec.commands.arguments import UsageError
+from kvprec.studies.injection import command as injection
 from kvprec.studies.novelty import command as novelty
 from kvprec.studies.platform.command import add_common_arguments, run_study
 from kvprec.studies.platform.rundir import StudyInputError
@@ -24,7 +27,7 @@ from kvprec.studies.precision import command as precision
 from kvprec.studies.recall import command as recall
 from kvprec.studies.structure import command as structure
 
-STUDIES = {module.NAME: module for module in (precision, structure, novelty, recall)}
+STUDIES = {module.NAME: module for module in (precision, structure, novelty, recall, injection)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,70 @@
+"""Plots of an injection run, from analysis.json: the adaptation curves (mean KL to the oracle against steps since
+injection, one panel per injection point, a 95% bootstrap band per condition) and the attention share on the span
+per layer. Saved at DPI 110; a panel without data says why."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+DPI = 110
+
+
+def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 8})
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    panels = list(a["curves"].items())
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4.2), squeeze=False)
+    for ax, (point, panel) in zip(axes[0], panels):
+        drawn = False
+        for label, c in panel.items():
+            mean = np.array([np.nan if v is None else v for v in c["mean"]])
+            if not np.isfinite(mean).any():
+                continue
+            lo = np.array([np.nan if v is None else v for v in c["lo"]])
+            hi = np.array([np.nan if v is None else v for v in c["hi"]])
+            s = np.arange(mean.size)
+            style = "--" if label.startswith(("baseline", "unadapted")) else "-"
+            line, = ax.plot(s, mean, style, label=label.split("@")[0], linewidth=1.4)
+            ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+            drawn = True
+        ax.set_title(f"injection after {point} tokens ({a['changed_problems']} problems)")
+        ax.set_xlabel("steps since injection")
+        ax.set_ylabel("KL to the oracle (nats)")
+        if drawn:
+            ax.set_yscale("symlog", linthresh=1e-2)
+            ax.legend(loc="upper right")
+        else:
+            ax.text(0.5, 0.5, "no valid steps after this point", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(out / "adaptation_curves.png", dpi=DPI)
+    plt.close(fig)
+    written.append("adaptation_curves.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    drawn = False
+    for key, t in a["token"].items():
+        layers = np.array([np.nan if v is None else v for v in t["attn_span_by_layer"]], dtype=float)
+        if key in ("baseline", "oracle") or key.startswith("injection:") and np.isfinite(layers).any():
+            ax.plot(np.arange(layers.size), layers, marker=".", label=key, linewidth=1.0)
+            drawn = True
+    ax.set_title("attention share on the span after the injection, per layer (mean over heads, steps, problems)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share")
+    if drawn:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no attention recorded", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(out / "attention_by_layer.png", dpi=DPI)
+    plt.close(fig)
+    written.append("attention_by_layer.png")
+    return written

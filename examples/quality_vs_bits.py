@@ -1,5 +1,5 @@
 """Quality against memory on a trained model: uniform tiers and budgeted adaptive policies, teacher-forced through
-the cache (kvprec.hf.eval), against issue #4's quality targets.
+the cache (kvprec.hf.eval), against the README's quality targets (perplexity change and top-1 agreement).
 
     python examples/quality_vs_bits.py --model examples/models/small_llama_stdlib.safetensors \\
         --windows 8 --prefill 512 --tokens 512 --group-size 64 --out runs/quality_small.json

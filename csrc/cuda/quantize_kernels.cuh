@@ -3,7 +3,7 @@
 // zero = fp16_round_down(min), scale = fp16_round_up((max - zero) / qmax), code = rint((x - zero) / scale),
 // x' = code * scale + zero with IEEE division and no fused multiply-add, so results are bit-identical.
 //
-// Two passes (the fused single-pass quantize-on-append is the kernels issue's work):
+// Two passes (whole blocks sealed on append take the fused single pass of quantize_append_kernels.cuh instead):
 //   1. stats:  one thread per quantization group -> scale, zero (FP16);
 //   2. encode: one thread per output byte -> packed codes (INT4: two, INT2: four codes per byte).
 #pragma once

@@ -253,7 +253,7 @@ if _importlib_util.find_spec("triton") is not None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Novelty reduction (issue #3, 1f): cosine / L2 distance of new keys from the window mean and their residual
+# Novelty reduction: cosine / L2 distance of new keys from the window mean and their residual
 # outside the window's top-r subspace. Reference kvprec/analysis/novelty.py (no native kernel); its entry point
 # is kvprec.analysis.novelty.novelty. The Triton launcher (kvprec/ops/triton/novelty.py) is attached lazily like
 # the ops above.

@@ -18,7 +18,7 @@ the run stops rather than report attention the model did not compute.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch

@@ -10,7 +10,6 @@ import argparse
 import shlex
 from dataclasses import fields
 
-from ..platform.rundir import StudyInputError
 from .study import FOCUS, STUDY, StructureConfig, check_config, collect_run, parse_heads, parse_layers
 
 NAME = "structure"

@@ -116,7 +116,8 @@ def compression_targets(ratios: Sequence[float], curve: Sequence[float]) -> List
 
 def tucker_variants(fx: Effects, tucker: cp.TuckerCache, ratios, curve, sweep_ratio: float) -> Dict[str, np.ndarray]:
     """All layers at every target (kv), keys only and values only at the table ratios, and every layer alone at
-    ``sweep_ratio`` (kv). Returns the rank-grid errors [2, L, G] for the tradeoff plot."""
+    ``sweep_ratio`` (kv). Returns the error tables of the tradeoff plot: tucker_error [2 (K, V), n_rt, n_rd] (mean over
+    layers) at tucker_token_ranks x tucker_channel_ranks, tucker_numbers [n_rt, n_rd], tucker_shape [3]."""
     for target in compression_targets(ratios, curve):
         try:
             rk, rv = tucker.ranks_for("k", target), tucker.ranks_for("v", target)

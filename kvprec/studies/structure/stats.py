@@ -92,7 +92,7 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_p
     """Weights [Hq, Q, N] (FP32) and outputs [Hq, Q, D] of queries q [Hq, Q, D] at positions first_position ..
     first_position + Q - 1 over k, v [H, N, D] (position t = index t), as the model's attention computes them
     (causal, sliding window, logit softcap: kvprec/ops/reference/attention.py attend_dense)."""
-    nq, n = q.shape[1], first_position + q.shape[1]
+    n = first_position + q.shape[1]
     if n > k.shape[1]:
         raise ValueError(f"attention_weights: queries reach position {n - 1} but only {k.shape[1]} keys are given")
     out, _, w = attend_dense(q[None].float(), k[None, :, :n].float(), v[None, :, :n].float(), scale=scale,

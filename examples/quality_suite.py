@@ -188,9 +188,12 @@ def main() -> int:
     loaded = load(args.model, dtype=getattr(torch, args.dtype))
     config = loaded.model.config
     length = args.prefill + args.tokens
-    result = {"command": " ".join(["python"] + sys.argv), "args": vars(args), "model": loaded.name,
+    name = Path(args.model).stem if args.model.endswith(".safetensors") else loaded.name
+    result = {"command": " ".join(["python"] + sys.argv), "args": vars(args), "model": name,
               "versions": {"torch": torch.__version__, "kvprec": kvprec.__version__, "python": platform.python_version()},
               "kinds": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
         tokens = windows(loaded.encode, kind_text(kind), args.windows, length)
         skipped = []
@@ -207,18 +210,17 @@ def main() -> int:
                                  "reference_perplexity": comparison.reference.perplexity, "rows": rows,
                                  "skipped": skipped,
                                  "seconds": time.perf_counter() - start}
-        print(f"\n== {loaded.name} / {kind}: {args.windows} x {args.tokens} predictions after {args.prefill} tokens")
+        print(f"\n== {name} / {kind}: {args.windows} x {args.tokens} predictions after {args.prefill} tokens")
         print(comparison.format())
         for row in rows[1:]:
             met = "-" if row["meets_target"] is None else ("yes" if row["meets_target"] else "NO")
             print(f"  {row['cache']:40s} {row['target']:30s} {met}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+        # written after every kind (whole, through a temporary file), so a long run keeps what it has measured
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
+        plot(result, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -18,7 +18,9 @@ Hypotheses and how they are decided (bootstrap intervals by step and by sample, 
   ("does not hold"); without a negative correlation at the smallest budget H2 does not hold whatever the
   differences (they are reported).
 * Entropy-triggered recall "beats the best static policy at equal memory" at a budget when the best ETR row's
-  mean NLL is below the best static row's and both intervals of the per-step difference lie below 0.
+  mean NLL is below the best static row's and both intervals of the per-step difference lie below 0; the entropy's
+  timing "helps" when that ETR row also beats its random-trigger twin (as many recalls, at random steps) the same
+  way.
 """
 from __future__ import annotations
 
@@ -247,6 +249,8 @@ def _etr(raw, config, budgets: List[float], groups, n_boot: int, seed: int) -> d
             entry["recall_gain_over_static"] = {k[4:]: rows[k]["recall"] - rows["static:" + k[4:]]["recall"]
                                                 for k in etr}
             entry["beats_best_static"] = bool(d["mean"] < 0 and _below_zero(d))
+            timing = entry["etr_minus_random"].get(best_etr[4:])
+            entry["entropy_timing_helps"] = None if timing is None else bool(timing["mean"] < 0 and _below_zero(timing))
         res["rows"][_key(b)] = entry
     return res
 

@@ -73,10 +73,15 @@ def render_report(a: dict, config: dict) -> str:
         if "best_etr" not in entry:
             continue
         d = entry["best_etr_minus_best_static"]
-        etr_lines.append(f"budget {b}: best ETR `{entry['best_etr']}` vs best static `{entry['best_static']}`: "
-                         f"NLL difference {_f(d['mean'], 4, True)} nats/token (CI by sample {_ci(d['ci_sample'], 4)}, "
-                         f"by step {_ci(d['ci_step'], 4)}) -> "
-                         f"{'**beats it**' if entry['beats_best_static'] else 'does not beat it'}")
+        line = (f"budget {b}: best ETR `{entry['best_etr']}` vs best static `{entry['best_static']}`: NLL difference "
+                f"{_f(d['mean'], 4, True)} nats/token (CI by sample {_ci(d['ci_sample'], 4)}, by step "
+                f"{_ci(d['ci_step'], 4)}) -> {'**beats it**' if entry['beats_best_static'] else 'does not beat it'}")
+        r = entry["etr_minus_random"].get(entry["best_etr"][4:])
+        if r is not None:
+            line += (f"; against the same number of recalls at random steps {_f(r['mean'], 4, True)} (CI by sample "
+                     f"{_ci(r['ci_sample'], 4)}, by step {_ci(r['ci_step'], 4)}): the entropy's timing "
+                     + ("helps" if entry["entropy_timing_helps"] else "is not shown to matter"))
+        etr_lines.append(line)
     lines += ["**Entropy-triggered recall** at equal device memory (threshold "
               f"{a['etr']['threshold']:g} nats, {100 * a['etr']['recall_fraction']:g}% of the budget recalled): "
               + "; ".join(etr_lines) + ".", ""]

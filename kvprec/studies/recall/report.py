@@ -168,8 +168,8 @@ def render_report(a: dict, config: dict) -> str:
               f"`etr`: recall when the row's previous entropy exceeds {e['threshold']:g} nats; `random`: the same "
               "recall at random steps, as many per sample as its `etr` row fired. Host CPU time of scoring and "
               f"selection: {_f(None if host is None else host * 1e3, 2)} ms per triggered row (all layers); a batched "
-              f"step takes {e['step_seconds_mean']:.2f} CPU s on average ({config.get('threads') or 'default'} "
-              "threads).",
+              f"step takes {e['step_seconds_mean']:.2f} CPU s on average (torch threads: "
+              f"{config.get('threads') or 'default'}).",
               ""]
     for b, entry in e["rows"].items():
         lines += [f"Budget {b} (best static: `{entry['best_static']}`):", "",

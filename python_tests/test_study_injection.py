@@ -425,3 +425,25 @@ def test_command_line_refusals_name_the_argument(tmp_path, capsys):
         assert exc.value.code == 2, extra
         assert message in capsys.readouterr().err, extra
         assert not (tmp_path / f"run{i}").exists()
+
+
+def test_problems_batched_together_measure_as_alone(tiny_model):
+    """run_problems decodes problems that share the prompt before the span as one batch; each problem's measures
+    equal its own run's up to FP32 rounding (the layout's span region fits the longest span of the batch, so the
+    generated tokens sit in other slots)."""
+    from kvprec.studies.injection.trial import run_problems
+
+    model = tiny_model("llama")
+    cs = CacheSettings(block_size=8)
+    rows = plan_rows([2], ["fp32", "int4"], ["shuffled"])
+    group = [build_prompt(_loaded(model), _set(p), p, ["shuffled"], seed=i) for i, p in enumerate((ADDED, SAME))]
+    together = run_problems(model, group, rows, cs, 6, eos=[])
+    for parts, batched in zip(group, together):
+        alone = run_problem(model, parts, rows, cs, 6, eos=[])
+        assert np.array_equal(batched["tokens"], alone["tokens"]) and np.array_equal(batched["valid"], alone["valid"])
+        for name in ("kl", "kl_unadapted", "log_ratio", "logprob", "cosine", "attn_span"):
+            np.testing.assert_allclose(batched[name].astype(np.float64), alone[name].astype(np.float64), rtol=1e-3,
+                                       atol=1e-5, err_msg=name)
+    with pytest.raises(ValueError, match="share the prompt"):
+        other = build_prompt(_loaded(model), ProblemSet("math", [SAME], "", ()), SAME, ["shuffled"], seed=0)
+        run_problems(model, [group[0], other], rows, cs, 4, eos=[])

@@ -59,6 +59,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--converged-kl", type=float, default=d.converged_kl,
                    help="remaining gap counted as converged, nats (default 0.1)")
     q.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples (default 2000)")
+    q.add_argument("--batch-problems", type=int, default=d.batch_problems,
+                   help="problems decoded in one batch when they share the prompt before the span (default 3; the "
+                        "results do not depend on it beyond FP32 rounding)")
     q.add_argument("--device", default=d.device, help="cpu (default) or cuda")
 
 
@@ -69,7 +72,7 @@ def config_from_args(args) -> Settings:
                  key_rotation=str(args.key_rotation).lower(), seed=args.seed, smooth=args.smooth,
                  band_halfwidth=args.band_halfwidth, adapt_fraction=args.adapt_fraction,
                  final_window=args.final_window, converged_kl=args.converged_kl, bootstrap=args.bootstrap,
-                 device=args.device)
+                 batch_problems=args.batch_problems, device=args.device)
     validate(s)
     return s
 

@@ -21,7 +21,7 @@ from ..platform.rundir import Study, StudyInputError, run_config
 from .data import ProblemSet, read_problems, take
 from .layout import check_windows
 from .prompt import NOISE_KINDS, build_prompt
-from .trial import CacheSettings, PromptMemo, plan_rows, run_problem
+from .trial import CacheSettings, PromptMemo, plan_rows, run_problems
 
 BUILTIN = {"builtin-math": 500, "builtin-qa": 300}
 KEY_ROTATIONS = ("none", "hadamard", "orthogonal")
@@ -47,6 +47,7 @@ class Settings:
     final_window: int = 5
     converged_kl: float = 0.1
     bootstrap: int = 2000
+    batch_problems: int = 3
     device: str = "cpu"
 
 
@@ -75,7 +76,8 @@ def validate(s: Settings) -> None:
     if s.key_rotation not in KEY_ROTATIONS:
         raise StudyInputError(f"--key-rotation {s.key_rotation}: use one of {', '.join(KEY_ROTATIONS)}")
     for name, value, low in (("--smooth", s.smooth, 1), ("--band-halfwidth", s.band_halfwidth, 0),
-                             ("--final-window", s.final_window, 1), ("--bootstrap", s.bootstrap, 100)):
+                             ("--final-window", s.final_window, 1), ("--bootstrap", s.bootstrap, 100),
+                             ("--batch-problems", s.batch_problems, 1)):
         if value < low:
             raise StudyInputError(f"{name} {value}: use a whole number >= {low}")
     if not 0 < s.adapt_fraction <= 1:
@@ -124,20 +126,21 @@ def collect(s: Settings, progress: Progress):
     per_problem: Dict[str, list] = {}
     replies, token_text = [], []
     progress.log(f"{len(problems.problems)} problems x {len(rows)} conditions, {s.max_new_tokens} tokens each")
-    for index, problem in enumerate(progress.bar(problems.problems, total=len(problems.problems), desc="problems")):
-        parts = build_prompt(loaded, problems, problem, s.noise, seed=s.seed * 1_000_003 + index)
-        longest = max(len(ids) for ids in parts.spans.values())
+    groups = _groups(loaded, problems, s)
+    for group in progress.bar(groups, total=len(groups), desc=f"batches of {s.batch_problems} problems"):
+        longest = max(len(ids) for parts in group for ids in parts.spans.values())
         try:
-            check_windows(model.config, len(parts.pre) + 2 * s.block_size + longest + s.max_new_tokens)
+            check_windows(model.config, len(group[0].pre) + 2 * s.block_size + longest + s.max_new_tokens)
         except ValueError as exc:
             raise StudyInputError(f"--model {s.model}: {exc}") from None
         with torch.no_grad():
-            out = run_problem(model, parts, rows, cs, s.max_new_tokens, eos, memo)
-        for name, value in out.items():
-            per_problem.setdefault(name, []).append(value)
-        replies.append([_reply(loaded, row, eos) for row in out["tokens"]])
-        token_text.append([[loaded.decode([int(t)]) if t >= 0 else "" for t in row] for row in out["tokens"]])
-        per_problem.setdefault("pre_len", []).append(len(parts.pre))
+            outs = run_problems(model, group, rows, cs, s.max_new_tokens, eos, memo)
+        for parts, out in zip(group, outs):
+            for name, value in out.items():
+                per_problem.setdefault(name, []).append(value)
+            replies.append([_reply(loaded, row, eos) for row in out["tokens"]])
+            token_text.append([[loaded.decode([int(t)]) if t >= 0 else "" for t in row] for row in out["tokens"]])
+            per_problem.setdefault("pre_len", []).append(len(parts.pre))
     raw = {name: np.stack(values) for name, values in per_problem.items()}
     raw.update(_problem_arrays(problems))
     raw["reply"] = np.array(replies, dtype=str)
@@ -155,6 +158,19 @@ def collect(s: Settings, progress: Progress):
                               "examples": [{"question": q, "reply": r} for q, r in problems.examples]},
                         seeds={"seed": s.seed, "noise": "seed * 1000003 + problem index", "bootstrap": s.seed})
     return raw, config
+
+
+def _groups(loaded, problems: ProblemSet, s: Settings) -> List[list]:
+    """The problems' PromptParts in batches of up to ``batch_problems`` consecutive problems sharing the prompt
+    before the span (kvprec/studies/injection/trial.py: run_problems)."""
+    groups: List[list] = []
+    for index, problem in enumerate(problems.problems):
+        parts = build_prompt(loaded, problems, problem, s.noise, seed=s.seed * 1_000_003 + index)
+        if groups and len(groups[-1]) < s.batch_problems and groups[-1][0].pre == parts.pre:
+            groups[-1].append(parts)
+        else:
+            groups.append([parts])
+    return groups
 
 
 def _reply(loaded, tokens, eos: List[int]) -> str:

@@ -163,7 +163,8 @@ def render_report(a: dict, config: dict) -> str:
     e = a["etr"]
     host = e["host_seconds_per_trigger"]
     lines += ["", "## 6. Entropy-triggered recall (caches that really evict, teacher-forced on the oracle's tokens)",
-              "", f"{e['caches']} caches decode as one batch. Every one holds K(n) positions per layer and KV head "
+              "", f"{e['caches']} caches decode together (one batch, the random-trigger ones in a second). Every one "
+              "holds K(n) positions per layer and KV head "
               "(equal device memory); after a full prefill they compress the prompt and evict while decoding. "
               f"`etr`: recall when the row's previous entropy exceeds {e['threshold']:g} nats; `random`: the same "
               "recall at random steps, as many per sample as its `etr` row fired. Host CPU time of scoring and "

@@ -42,6 +42,10 @@ def test_model_or_no_config_is_accepted(tiny_model, prompts):
     with pytest.raises(ValueError, match="does not support model_type 'opt'"):
         cache.bind(transformers.OPTConfig())  # the family check moves to the binding
     assert cache.config is None and len(cache.layers) == 0
+    forward(model, cache, prompts["single"]["input_ids"])
+    with pytest.raises(ValueError, match=r"holds 2 layers \(head_dim \[32\]\), the llama model 4 of head_dim 32; use "
+                                         "one cache per model"):
+        forward(tiny_model("llama", layers=4), cache, prompts["single"]["input_ids"])
 
 
 def test_cache_without_config_or_enable_takes_the_slow_path_and_says_why(tiny_model, prompts):
@@ -247,6 +251,7 @@ def test_a_wrapper_without_wraps_is_named_in_the_warning(tiny_model, prompts, re
 
 
 # ---------------------------------------------------------------------------------------------- faults
+@pytest.mark.filterwarnings("ignore:kvprec.AdaptiveCache. the model is not using")  # direct updates: no model
 @pytest.mark.parametrize("which,value", [("key", float("nan")), ("value", float("inf"))])
 def test_non_finite_kv_refused_at_its_append(tiny_model, which, value):
     model = tiny_model("llama")

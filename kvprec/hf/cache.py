@@ -639,10 +639,11 @@ class AdaptiveCache(Cache):
             check_model_geometry(head_dim, self.block_size, self.group_size, self.key_rotation, self.backend,
                                  self.policy)
         n = config.num_hidden_layers
-        if self.config is not None or any(layer.is_initialized for layer in self.layers):
-            if len(self.layers) not in (0, n) or (self.config is not None and self.config.num_hidden_layers != n):
-                raise ValueError(f"AdaptiveCache: it holds {len(self.layers)} layers, the model {n} "
-                                 f"({config.model_type}); use one cache per model")
+        held = {layer.buffer.head_dim for layer in self.layers if layer.buffer is not None}
+        if (len(self.layers) > n or (self.config is not None and self.config.num_hidden_layers != n)
+                or (head_dim is not None and held - {head_dim})):
+            raise ValueError(f"AdaptiveCache: it holds {len(self.layers)} layers (head_dim {sorted(held) or '-'}), "
+                             f"the {config.model_type} model {n} of head_dim {head_dim}; use one cache per model")
         if not self.layers:
             windows = sliding_windows(config) if self.evict_sliding else [0] * n
             self.layers.extend(AdaptiveLayer(self, i, w) for i, w in enumerate(windows))

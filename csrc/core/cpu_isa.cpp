@@ -186,6 +186,19 @@ std::string cpu_features() {
 
 namespace cpu {
 const Kernels& kernels() { return *table(active_cpu_isa()); }
+
+const QuantizeLoops& quantize_loops() {
+  switch (active_cpu_isa()) {
+#ifdef KVPREC_HAVE_AVX2
+    case CpuIsa::Avx2: return *avx2_quantize_loops();
+#endif
+#ifdef KVPREC_HAVE_AVX512
+    case CpuIsa::Avx512:
+    case CpuIsa::Avx512Vnni: return *avx512_quantize_loops();
+#endif
+    default: return *scalar_quantize_loops();
+  }
+}
 }  // namespace cpu
 
 }  // namespace kvprec

@@ -3,6 +3,9 @@
 // Compiled with -ffp-contract=off: x' = code * scale + zero must be two roundings, as in the torch reference.
 #include "kvprec/quantize.h"
 
+#include "kvprec/cpu_kernels.h"
+#include "kvprec/cpu_quantize_loops.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -61,23 +64,7 @@ inline void group_scale_zero(float mn, float mx, int qmax, c10::Half* scale, c10
   *zero = z;
 }
 
-// Round half to even where it matters: every code of an in-range group has 0 <= y <= qmax (up to rounding), and
-// for |y| < 2^22, (y + 1.5 * 2^23) - 1.5 * 2^23 rounds to the nearest even integer in the default rounding mode,
-// exactly as std::nearbyint (a library call without SSE4.1); spelled this way it inlines and vectorizes.
-inline float round_half_even(float y) {
-  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
-  return (y + kMagic) - kMagic;
-}
-
-// The code of x in a group with FP32 zero zf and scale sf: clamp(round_half_even((x - zf) / sf), 0, qmax), 0
-// where sf == 0. The clamps are written so that a NaN becomes 0 (no undefined float -> int conversion).
-inline uint8_t encode(float x, float zf, float sf, float qmax) {
-  const float safe = sf > 0.0f ? sf : 1.0f;
-  float c = round_half_even((x - zf) / safe);
-  c = c > 0.0f ? c : 0.0f;
-  c = c < qmax ? c : qmax;
-  return static_cast<uint8_t>(static_cast<int>(sf > 0.0f ? c : 0.0f));
-}
+// The code of one value: encode_one of kvprec/cpu_quantize_loops.h (included above; this file's baseline build).
 
 // One quantization group of n values x[i * stride]; codes written to codes[i * stride] (unpacked).
 void quantize_group(const float* x, int64_t n, int64_t stride, int qmax, uint8_t* codes, c10::Half* scale,
@@ -90,7 +77,7 @@ void quantize_group(const float* x, int64_t n, int64_t stride, int qmax, uint8_t
   }
   float sf, zf;
   group_scale_zero(mn, mx, qmax, scale, zero, &sf, &zf);
-  for (int64_t i = 0; i < n; ++i) codes[i * stride] = encode(x[i * stride], zf, sf, static_cast<float>(qmax));
+  for (int64_t i = 0; i < n; ++i) codes[i * stride] = encode_one(x[i * stride], zf, sf, static_cast<float>(qmax));
 }
 
 at::Tensor checked_fp32(const at::Tensor& x, const char* what) {
@@ -418,22 +405,12 @@ void store_tile(const std::vector<float>& tile, void* page) {
   for (size_t e = 0; e < tile.size(); ++e) o[e] = static_cast<out_t>(tile[e]);  // c10::Half/BFloat16: nearest even
 }
 
-// Packs PER codes per byte along each row, little end first (element PER*j + k at bits k * bits of byte j).
-template <int PER>
-void pack_into(const uint8_t* codes, int64_t bytes, uint8_t* out) {
-  constexpr int kBits = 8 / PER;
-  for (int64_t j = 0; j < bytes; ++j) {
-    uint32_t byte = 0;
-    for (int k = 0; k < PER; ++k) byte |= static_cast<uint32_t>(codes[j * PER + k]) << (kBits * k);
-    out[j] = static_cast<uint8_t>(byte);
-  }
-}
-
 // One CPU pass per block, blocks in parallel (at::parallel_for): the [T, D] tile is read once into FP32 (the
 // largest |x| bit pattern on the way), then
 //   keys:   per-channel min / max row by row, then codes row by row (inner loops over contiguous channels);
-//   values: per (token, group) min / max, then the group's codes;
-// then the codes are packed straight into the page. The arithmetic is quantize_group's, so the pages are those of
+//   values: per (token, group) min / max, then every group's codes;
+// then the codes are packed straight into the page. The min / max and code loops run in the active CPU path's
+// build (kvprec/cpu_quantize_loops.h: 8 or 16 lanes wide on AVX2 / AVX-512), the FP16 scale / zero here. The arithmetic is quantize_group's, so the pages are those of
 // quantize_keys / quantize_values bit for bit; amax is reduced per block, then in block order.
 template <typename in_t>
 void append_cpu(const at::Tensor& x, Tier tier, bool keys, int64_t group_size, const int64_t* pages,
@@ -453,8 +430,9 @@ void append_cpu(const at::Tensor& x, Tier tier, bool keys, int64_t group_size, c
   c10::Half* ps = integer ? scale.data_ptr<at::Half>() : nullptr;
   c10::Half* pz = integer ? zero.data_ptr<at::Half>() : nullptr;
   std::vector<uint32_t> block_amax(n, 0);
+  const cpu::QuantizeLoops& L = cpu::quantize_loops();  // the active CPU path's build of the loops
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(t * d), mn(d), mx(d), sf(d), zf(d);
+    std::vector<float> tile(t * d), mn(d), mx(d), sf(std::max(d, t * groups)), zf(sf.size());
     std::vector<uint8_t> unpacked(integer ? t * d : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t page = pages[i];
@@ -484,39 +462,20 @@ void append_cpu(const at::Tensor& x, Tier tier, bool keys, int64_t group_size, c
       c10::Half* s = ps + page * meta;
       c10::Half* z = pz + page * meta;
       if (keys) {
-        std::fill(mn.begin(), mn.end(), std::numeric_limits<float>::infinity());
-        std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
-        for (int64_t r = 0; r < t; ++r) {
-          const float* row = tile.data() + r * d;
-          for (int64_t c = 0; c < d; ++c) {
-            mn[c] = row[c] < mn[c] ? row[c] : mn[c];
-            mx[c] = row[c] > mx[c] ? row[c] : mx[c];
-          }
-        }
+        L.keys_min_max(tile.data(), t, d, mn.data(), mx.data());
         for (int64_t c = 0; c < d; ++c) group_scale_zero(mn[c], mx[c], qmax, s + c, z + c, &sf[c], &zf[c]);
-        for (int64_t r = 0; r < t; ++r) {
-          const float* row = tile.data() + r * d;
-          uint8_t* cr = unpacked.data() + r * d;
-          for (int64_t c = 0; c < d; ++c) cr[c] = encode(row[c], zf[c], sf[c], qmax_f);
-        }
+        L.encode_keys(tile.data(), t, d, zf.data(), sf.data(), qmax_f, unpacked.data());
       } else {
-        for (int64_t r = 0; r < t; ++r)
-          for (int64_t g = 0; g < groups; ++g) {
-            const int64_t e = r * d + g * group_size;
-            const float* gx = tile.data() + e;
-            float lo, hi, sg, zg;
-            min_max(gx, group_size, &lo, &hi);
-            group_scale_zero(lo, hi, qmax, s + r * groups + g, z + r * groups + g, &sg, &zg);
-            uint8_t* cg = unpacked.data() + e;
-            for (int64_t k = 0; k < group_size; ++k) cg[k] = encode(gx[k], zg, sg, qmax_f);
-          }
+        for (int64_t e = 0; e < t * groups; ++e) {  // (token, group) e = r * groups + g
+          float lo, hi;
+          min_max(tile.data() + e * group_size, group_size, &lo, &hi);
+          group_scale_zero(lo, hi, qmax, s + e, z + e, &sf[e], &zf[e]);
+        }
+        L.encode_values(tile.data(), t, d, group_size, zf.data(), sf.data(), qmax_f, unpacked.data());
       }
       auto* out = static_cast<uint8_t*>(dst);
-      switch (per) {
-        case 1: std::memcpy(out, unpacked.data(), page_elems); break;
-        case 2: pack_into<2>(unpacked.data(), page_elems, out); break;
-        default: pack_into<4>(unpacked.data(), page_elems, out); break;
-      }
+      if (per == 1) std::memcpy(out, unpacked.data(), page_elems);
+      else L.pack(unpacked.data(), page_elems, per, out);
     }
   });
   if (amax != nullptr)

@@ -73,6 +73,22 @@ const Kernels* avx2_kernels();
 const Kernels* avx512_kernels();
 const Kernels* avx512_vnni_kernels();
 
+// The inner loops of the CPU quantize_append over one block's FP32 tile [t, d] (kvprec/cpu_quantize_loops.h),
+// compiled per path (csrc/core/quantize_append_<isa>.cpp): bit for bit the same codes on every path.
+struct QuantizeLoops {
+  void (*keys_min_max)(const float* tile, int64_t t, int64_t d, float* mn, float* mx);
+  void (*encode_keys)(const float* tile, int64_t t, int64_t d, const float* zf, const float* sf, float qmax,
+                      uint8_t* codes);
+  void (*encode_values)(const float* tile, int64_t t, int64_t d, int64_t g, const float* zf, const float* sf,
+                        float qmax, uint8_t* codes);
+  void (*pack)(const uint8_t* codes, int64_t bytes, int per, uint8_t* out);  // per = 2 or 4
+};
+// Those of the active path (the AVX-512 paths use the avx512 build of the loops); throws as kernels() does.
+const QuantizeLoops& quantize_loops();
+const QuantizeLoops* scalar_quantize_loops();
+const QuantizeLoops* avx2_quantize_loops();
+const QuantizeLoops* avx512_quantize_loops();
+
 // Scalar helpers the SIMD paths fall back on (attention_cpu_scalar.cpp): a block converted to FP32 rows [n, D]
 // in dst (integer kinds dequantized with the clamp, as kvprec/formats.py), returning the rows to read (an FP32 block
 // that is contiguous already is returned as is). sf, zf: scratch of max(D, n * D / VG) floats each.

@@ -85,6 +85,24 @@ def test_injecting_at_step_0_equals_the_oracle(tiny_model, family, kind):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_appending_a_span_mid_generation_equals_a_prompt_that_had_it_there(tiny_model, family):
+    """append_span writes the new context after the generated tokens at the positions that follow: the same K/V
+    and next-token distribution as a cache that read prompt, generated tokens and span in one go."""
+    model = tiny_model(family)
+    cache = _cache(model, "adaptive")
+    for ids in (PRE, OLD, GEN):
+        surgery.append_span(model, cache, ids)
+    injected = surgery.append_span(model, cache, NEW).logits[:, -1]
+    whole = _cache(model, "adaptive")
+    reference = surgery.append_span(model, whole, torch.cat([PRE, OLD, GEN, NEW], 1)).logits[:, -1]
+    torch.testing.assert_close(injected, reference, rtol=1e-5, atol=1e-5)  # one forward against four: FP32 sums
+    k, v = surgery.stored_kv(cache.layers[-1], 28, 40)
+    rk, rv = surgery.stored_kv(whole.layers[-1], 28, 40)
+    torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_splice_that_changes_the_length_moves_the_tail_by_rope(tiny_model, family):
     """Layer 0's keys depend on the token and its position only, so after replacing a 9-token span by 12 tokens the
     moved tail's layer-0 keys must be what a fresh forward stores at the new positions (GPT-2: the same as before,
@@ -394,8 +412,8 @@ def test_end_to_end_on_the_tiny_model(tmp_path):
     assert a["derived"]["injection:fp32@0"]["remaining_gap"]["value"] == 0.0  # at point 0 it is the oracle
     assert a["controls"]["injection:fp32@3"]["problems"] == 1
     text = (out / "report.md").read_text()
-    for heading in ("## Model accuracy", "## Adaptation after injection", "## Paired tests", "## Adaptation curves",
-                    "## Controls"):
+    for heading in ("## Summary", "## Model accuracy", "## Adaptation after injection", "## Paired tests",
+                    "## Adaptation curves", "## Controls"):
         assert heading in text
     lines = (out / "problems.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
@@ -406,6 +424,19 @@ def test_end_to_end_on_the_tiny_model(tmp_path):
     assert main(["study", "injection", "--reanalyze", str(out), "--quiet"]) == 0
     assert [(out / f).read_bytes() for f in files] == before
     assert time.process_time() - start < 60
+
+
+def test_builtin_qa_runs_with_its_context_in_the_prompt(tmp_path):
+    from kvprec.cli import main
+
+    out = tmp_path / "qa"
+    assert main(["study", "injection", "--model", "tiny", "--dataset", "builtin-qa", "--problems", "3",
+                 "--injection-points", "2", "--tiers", "fp32", "--max-new-tokens", "4", "--bootstrap", "200",
+                 "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    a = json.loads((out / "analysis.json").read_text())
+    assert a["kind"] == "qa" and a["problems"] == 3 and a["control_problems"] == 1
+    first = json.loads((out / "problems.jsonl").read_text().splitlines()[0])
+    assert first["context"] and first["original"]["answer"] in first["context"]
 
 
 def test_command_line_refusals_name_the_argument(tmp_path, capsys):

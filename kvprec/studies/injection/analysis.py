@@ -145,9 +145,31 @@ def analyze(raw: Dict[str, np.ndarray], config: dict) -> dict:
             "timing": {"total_s": float(raw["seconds"].sum()), "per_problem_s": float(raw["seconds"].mean()),
                        "cpu_s": float(raw["cpu_seconds"].sum())},
             "accuracy": accuracy, "derived": derived_out, "controls": controls,
+            "summary": _summary(keys, measures, answers, changed, boot),
             "tests": _tests(raw, keys, measures, changed, points, boot),
             "curves": _curves(raw, keys, changed, points, boot),
             "token": _token(raw, keys, changed, points, boot)}
+
+
+def _summary(keys, measures, answers, changed, boot) -> dict:
+    """Per injected condition (tier, or noise kind) over all injection points: each problem's mean over the points
+    (of those where the measure exists), with bootstrap intervals over problems."""
+    groups: Dict[str, List[int]] = {}
+    for r, key in enumerate(keys):
+        if "@" in key:
+            groups.setdefault(key.split("@")[0], []).append(r)
+    out = {}
+    with warnings.catch_warnings():  # a problem with no value at any point: nanmean warns, the result is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, rows in groups.items():
+            entry = {"points": len(rows)}
+            for measure in ("detection_latency", "adaptation_point", "remaining_gap", "relative_gap"):
+                entry[measure] = bootstrap_ci(np.nanmean(measures[measure][changed][:, rows], axis=1), **boot)
+            entry["detected"] = bootstrap_ci(np.isfinite(measures["detection_latency"][changed][:, rows]).mean(1),
+                                             **boot)
+            entry["new_answer"] = bootstrap_ci(answers["new"][changed][:, rows].mean(1), **boot)
+            out[name] = entry
+    return out
 
 
 def _tests(raw, keys, measures, changed, points, boot) -> List[dict]:

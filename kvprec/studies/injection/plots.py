@@ -1,6 +1,7 @@
 """Plots of an injection run, from analysis.json: the adaptation curves (mean KL to the oracle against steps since
-injection, one panel per injection point, a 95% bootstrap band per condition) and the attention share on the span
-per layer. Saved at DPI 110; a panel without data says why."""
+injection, one panel per injection point, a 95% bootstrap band per condition, drawn while at least 20% of the
+problems still have a step) and the attention share on the span per layer. Saved at DPI 110; a panel without data
+says why."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,13 @@ from typing import Dict, List
 import numpy as np
 
 DPI = 110
+#: curves stop where fewer than this share of the problems still have a step
+MIN_SHARE = 0.2
+
+
+def _array(values) -> np.ndarray:
+    """A list from analysis.json with None for missing values, as a float array with NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
 def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> List[str]:
@@ -26,11 +34,11 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
     for ax, (point, panel) in zip(axes[0], panels):
         drawn = False
         for label, c in panel.items():
-            mean = np.array([np.nan if v is None else v for v in c["mean"]])
+            mean, lo, hi = _array(c["mean"]), _array(c["lo"]), _array(c["hi"])
+            few = np.asarray(c["n"]) < MIN_SHARE * max(c["n"] + [1])  # a tail of few long replies: not drawn
+            mean[few], lo[few], hi[few] = np.nan, np.nan, np.nan
             if not np.isfinite(mean).any():
                 continue
-            lo = np.array([np.nan if v is None else v for v in c["lo"]])
-            hi = np.array([np.nan if v is None else v for v in c["hi"]])
             s = np.arange(mean.size)
             style = "--" if label.startswith(("baseline", "unadapted")) else "-"
             line, = ax.plot(s, mean, style, label=label.split("@")[0], linewidth=1.4)
@@ -43,16 +51,13 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
             ax.set_yscale("symlog", linthresh=1e-2)
             ax.legend(loc="upper right")
         else:
-            ax.text(0.5, 0.5, "no valid steps after this point", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(out / "adaptation_curves.png", dpi=DPI)
-    plt.close(fig)
-    written.append("adaptation_curves.png")
+            _empty(ax, "no valid steps after this point")
+    written.append(_save(plt, fig, out, "adaptation_curves.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     drawn = False
     for key, t in a["token"].items():
-        layers = np.array([np.nan if v is None else v for v in t["attn_span_by_layer"]], dtype=float)
+        layers = _array(t["attn_span_by_layer"])
         if key in ("baseline", "oracle") or key.startswith("injection:") and np.isfinite(layers).any():
             ax.plot(np.arange(layers.size), layers, marker=".", label=key, linewidth=1.0)
             drawn = True
@@ -62,9 +67,17 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
     if drawn:
         ax.legend(fontsize=7, ncol=2)
     else:
-        ax.text(0.5, 0.5, "no attention recorded", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(out / "attention_by_layer.png", dpi=DPI)
-    plt.close(fig)
-    written.append("attention_by_layer.png")
+        _empty(ax, "no attention recorded")
+    written.append(_save(plt, fig, out, "attention_by_layer.png"))
     return written
+
+
+def _empty(ax, why: str) -> None:
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+
+
+def _save(plt, fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=DPI)
+    plt.close(fig)
+    return name

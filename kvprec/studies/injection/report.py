@@ -10,6 +10,10 @@ def _n(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
 def _ci(c: dict, digits: int = 3, pct: bool = False) -> str:
     if c is None or c.get("value") is None:
         return "–"
@@ -33,7 +37,7 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 def render_report(a: dict, config: dict) -> str:
     lines = [f"# KV-cache injection study: {config['model_info']['name']} on {config['data']['dataset']}", ""]
-    lines += _setup(a, config) + _accuracy(a) + _headline(a, config) + _tests(a) + _curves(a) + _token(a) \
+    lines += _setup(a, config) + _summary(a) + _accuracy(a) + _headline(a, config) + _tests(a) + _curves(a) + _token(a) \
         + _controls(a) + _definitions(config)
     return "\n".join(lines)
 
@@ -57,14 +61,26 @@ def _setup(a: dict, config: dict) -> List[str]:
         "load and the analysis come on top.", ""]
 
 
+def _summary(a: dict) -> List[str]:
+    lines = ["## Summary: detection latency and remaining gap per tier of the injected span", "",
+             f"Over the {a['changed_problems']} problems whose injected version differs, each problem's mean over the "
+             f"injection points {', '.join(map(str, a['points']))}; mean [95% bootstrap CI over problems]. Latency "
+             "and adaptation point in steps since injection (over the points where they happened), remaining gap in "
+             "nats of KL to the oracle over the last steps, relative gap against the original context's.", ""]
+    rows = [[name, _ci(e["detection_latency"], 2), _ci(e["detected"], pct=True), _ci(e["adaptation_point"], 2),
+             _ci(e["remaining_gap"], 4), _ci(e["relative_gap"], 3), _ci(e["new_answer"], pct=True)]
+            for name, e in a["summary"].items()]
+    return lines + _table(["injected span", "detection latency", "detected", "adaptation point", "remaining gap",
+                           "relative gap", "injected answer given"], rows) + [""]
+
+
 def _accuracy(a: dict) -> List[str]:
     m = a["accuracy"]["model"]
     lines = ["## Model accuracy", "",
              f"- Baseline on the original problems: {_ci(m['baseline_on_original'], pct=True)}.",
              f"- Oracle on the injected problems (the new context from the start): "
              f"{_ci(m['oracle_on_injected'], pct=True)}.", ""]
-    rows = [[cat, str(v["problems"]), _n(v["baseline_on_original"] and v["baseline_on_original"] * 100, 1) + "%",
-             _n(v["oracle_on_injected"] and v["oracle_on_injected"] * 100, 1) + "%"]
+    rows = [[cat, str(v["problems"]), _pct(v["baseline_on_original"]), _pct(v["oracle_on_injected"])]
             for cat, v in m["by_category"].items()]
     lines += _table(["category", "problems", "baseline on original", "oracle on injected"], rows) + [""]
     return lines

@@ -127,9 +127,10 @@ def prompt_states(model, parts: PromptParts, cs: CacheSettings, memo: Optional[P
 
 
 class Batch:
-    """The decode loop over all rows of one problem (module docstring). Every row decodes from the start (a row
-    injected at N is the baseline until N): copying the baseline row into new rows at N (``batch_select_indices``)
-    costs more than the steps it saves (measured on SmolLM2-135M: three copies 1.7 s, the steps they save ~1 s)."""
+    """The decode loop over the rows of one or more problems (module docstring). Every row decodes from the start
+    (a row injected at N is the baseline until N): copying the baseline row into new rows at N instead
+    (``batch_select_indices`` copies every page of the cache) cost more than the steps it saves when profiled on
+    SmolLM2-135M."""
 
     def __init__(self, model, rows: List[Row], pre_kv, spans: Dict[str, SpanState], cs: CacheSettings):
         self.model, self.rows, self.pre_kv, self.spans, self.cs = model, rows, pre_kv, spans, cs
@@ -203,13 +204,14 @@ class Batch:
                 due = [i for i, row in enumerate(self.rows) if row.point == t]
                 if due:
                     self.inject(due)
-                n = self.cache.get_seq_length()
-                out = self.model(input_ids=tokens[:, t - 1:t], position_ids=self.layout.positions(t - 1, 1),
-                                 attention_mask=self.layout.mask(n + 1), past_key_values=self.cache, use_cache=True,
-                                 output_hidden_states=True)
+                n, device = self.cache.get_seq_length(), self.model.device
+                out = self.model(input_ids=tokens[:, t - 1:t].to(device),
+                                 position_ids=self.layout.positions(t - 1, 1).to(device),
+                                 attention_mask=self.layout.mask(n + 1).to(device), past_key_values=self.cache,
+                                 use_cache=True, output_hidden_states=True)
                 scorer(tokens[:, :t], out.logits[:, -1])
                 logp[:, t], hidden[:, t] = _logp(out.logits[:, -1]), _hidden(out)[:, -1]
-                tokens[:, t] = logp[:, t].argmax(-1)
+                tokens[:, t] = logp[:, t].argmax(-1)  # logp lives on the host: the tokens too
                 now = torch.isin(tokens[:, t], eos_t) & ~ended
                 ends = torch.where(now, t + 1, ends)
                 ended |= now
@@ -290,9 +292,9 @@ def run_problems(model, group: List[PromptParts], rows: List[Row], cs: CacheSett
     divided among its problems: on a shared machine the wall time depends on the load, the CPU time much less).
 
     Problems whose prompts share the part before the span (a set's examples, no per-problem context) decode as one
-    batch, the rows of problem j being rows j R .. (j + 1) R - 1: a decode step costs a fixed part (the weights
-    read once) and a part per row, so three problems in one batch of 51 rows take ~0.38 s a step where three
-    batches of 17 take ~0.61 s (SmolLM2-135M, 1 thread). Each problem's references and measures are its own."""
+    batch, the rows of problem j being rows j R .. (j + 1) R - 1: a decode step costs a fixed part (every weight read
+    once, the Python of every layer) and a part per row, so one batch of 3R rows costs less than three of R. Each
+    problem's references and measures are its own."""
     began, began_cpu = time.perf_counter(), time.process_time()
     if any(parts.pre != group[0].pre for parts in group):
         raise ValueError("run_problems: the problems of one batch must share the prompt before the span")

@@ -1,7 +1,21 @@
-"""Decode attention over a mixed-precision paged cache (Triton and CUDA flash-decoding) against torch SDPA on FP16
-K/V.
+"""Decode attention over a mixed-precision paged cache against torch SDPA, on the CPU and (where present) CUDA.
 
-Run on a CUDA machine: ``python -m pytest bench/bench_decode_attention.py -q`` (skips without CUDA). Each case
+CPU (always): ``python -m pytest bench/bench_decode_attention.py -q -k cpu`` (``KVPREC_BENCH_SMOKE=1``: small shapes,
+to check the harness). One decode step (Q = 1) of ``MixedPrecisionBuffer.attend`` per tier (FP32 / FP16 / BF16 /
+INT8 / INT4 / INT2, every block at that tier, FP32 model dtype) at (B, Hq, Hkv, D, N) = (1, 32, 8, 128, 16384) and
+(8, 32, 8, 128, 4096), on 1 and 2 threads (torch.set_num_threads; the kvprec kernels run on ATen's pool), against
+``scaled_dot_product_attention(enable_gqa=True)`` on FP32 and on BF16 K/V in the same test: the three calls are
+timed in turn, round after round (time.perf_counter around each call), so that a machine shared with other work
+slows them alike; each rotates over input sets that together exceed twice the last-level cache (a decode step
+that reads every layer's cache finds none of it cached). pytest-benchmark times the kvprec call on its own as well.
+Per case, in ``benchmark.extra_info`` and one JSON under bench/results/ (bench/results_file.py: CPU model and flags,
+kvprec CPU path, versions): median and p20/p80 in microseconds, bytes read (the pages the block table uses:
+BlockGeometry.page_bytes, the block table, q and out; SDPA: K, V, q and out), effective GB/s, % of a
+streaming-read probe at the same thread count measured at the start of the run, and SDPA FP32 / BF16 median over
+ours. The run's summary adds the 2-thread over 1-thread speed per tier, the batch-8 ratios over the batch-1 ones,
+and each target of the CPU decode work with its measured value.
+
+CUDA (skipped without a GPU): ``python -m pytest bench/bench_decode_attention.py -q -k cuda``. Each case
 times one decode step (Q = 1) with CUDA events around the call, over input sets rotated so that the L2 (50 MB
 on an H100) never holds the next call's K/V (cold L2, as a decode step that reads every layer's cache sees it).
 Figures go to ``benchmark.extra_info`` and, at the end of the module, to one JSON file under bench/results/ with
@@ -19,21 +33,26 @@ BlockGeometry.page_bytes) + the tail + the block table + q and out; SDPA reads F
 from __future__ import annotations
 
 import math
+import os
 import platform
+import time
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("decode attention benchmarks need a CUDA device", allow_module_level=True)
-triton = pytest.importorskip("triton")
+import kvprec
+from kvprec import ops
+from kvprec.storage.formats import BlockGeometry, Tier
+from kvprec.ops.reference import PagedKV
+from results_file import cpu_info, cpu_read_bandwidth, git_commit, quantiles, write_results
 
-import kvprec  # noqa: E402
-from kvprec import ops  # noqa: E402
-from kvprec.storage.formats import BlockGeometry, Tier  # noqa: E402
-from kvprec.ops.reference import PagedKV  # noqa: E402
-from kvprec.ops.triton import decode_attention as tda  # noqa: E402
-from results_file import git_commit, quantiles, write_results  # noqa: E402
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton
+    from kvprec.ops.triton import decode_attention as tda
+except ImportError:  # the CPU cases need neither
+    triton = tda = None
+needs_cuda = pytest.mark.skipif(not HAS_CUDA or triton is None, reason="the CUDA cases need a CUDA device and triton")
 
 SHAPES = [  # B, Hq, Hkv, D, N
     (1, 32, 8, 128, 16384),
@@ -48,7 +67,7 @@ L2_BYTES = 50 * 2 ** 20
 ROUNDS, WARMUP = 50, 5
 MAX_SETS = 16
 _RESULTS: dict = {"cases": []}
-CUDA_KERNELS = kvprec.cuda_kernels_available()
+CUDA_KERNELS = HAS_CUDA and kvprec.cuda_kernels_available()
 
 
 def _tier_map(b, hkv, nb, tiers, gen):
@@ -119,9 +138,10 @@ def copy_bandwidth():
     write_results("decode_attention", _RESULTS)
 
 
+@needs_cuda
 @pytest.mark.parametrize("tiers", list(TIERS), ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-hq{}-hkv{}-d{}-n{}".format(*s))
-def test_decode_attention(benchmark, copy_bandwidth, shape, tiers):
+def test_cuda_decode_attention(benchmark, copy_bandwidth, shape, tiers):
     b, hq, hkv, d, n = shape
     one_set = 2 * b * hkv * n * d * 2  # FP16 K/V of one set: what SDPA reads, and an upper bound on ours
     free = torch.cuda.mem_get_info()[0]
@@ -189,3 +209,162 @@ def test_decode_attention(benchmark, copy_bandwidth, shape, tiers):
     _RESULTS["cases"].append(info)
     del sets
     torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU
+
+SMOKE = os.environ.get("KVPREC_BENCH_SMOKE") == "1"
+CPU_SHAPES = [(1, 8, 2, 64, 2048), (2, 8, 2, 64, 1024)] if SMOKE else [(1, 32, 8, 128, 16384), (8, 32, 8, 128, 4096)]
+CPU_TIERS = ["fp32", "fp16", "bf16", "int8", "int4", "int2"]
+CPU_THREADS = [1, 2]
+CPU_ROUNDS = int(os.environ.get("KVPREC_BENCH_ROUNDS", "3" if SMOKE else "9"))
+CPU_MAX_SETS = 8
+# Targets of the CPU decode work (1 thread unless said): SDPA median / ours at batch 1.
+CPU_TARGETS = {"int4": {"sdpa_bf16": 4.0, "sdpa_fp32": 8.0, "pct_of_probe": 50.0}, "int8": {"sdpa_bf16": 2.5},
+               "int2": {"sdpa_bf16": 5.0}, "fp16": {"sdpa_bf16": 1.2}, "bf16": {"sdpa_bf16": 1.2}}
+_CPU: dict = {"cases": []}
+_CPU_INPUTS: dict = {}
+
+
+def _shape_id(s):
+    return "b{}-hq{}-hkv{}-d{}-n{}".format(*s)
+
+
+@pytest.fixture(scope="module")
+def cpu_run():
+    """The run's processor, kvprec CPU path and streaming-read probe per thread count; writes the JSON at the end."""
+    _CPU.update(cpu_info())
+    _CPU["probe"] = {str(t): cpu_read_bandwidth(t) for t in CPU_THREADS}
+    _CPU.update({"block_size": BLOCK_SIZE, "model_dtype": "float32", "rounds": CPU_ROUNDS, "smoke": SMOKE})
+    yield _CPU
+    _CPU["summary"] = _cpu_summary(_CPU["cases"])
+    _CPU_INPUTS.clear()
+    write_results("decode_attention-cpu", _CPU, device=_CPU["model"])
+
+
+def _cpu_inputs(shape):
+    """K, V, q (FP32) of a shape, their BF16 copies, and the kvprec buffers per tier (built on first use, enough
+    copies that one tier's copies exceed twice the last-level cache); one shape held at a time."""
+    if _CPU_INPUTS.get("shape") != shape:
+        _CPU_INPUTS.clear()
+        b, hq, hkv, d, n = shape
+        gen = torch.Generator().manual_seed(0)
+        k, v = (torch.randn(b, hkv, n, d, generator=gen) for _ in range(2))
+        q = torch.randn(b, hq, 1, d, generator=gen)
+        _CPU_INPUTS.update(shape=shape, k=k, v=v, q=q, k16=k.bfloat16(), v16=v.bfloat16(), q16=q.bfloat16(), bufs={})
+    return _CPU_INPUTS
+
+
+def _cpu_buffers(inputs, tier):
+    if tier not in inputs["bufs"]:
+        b, hq, hkv, d, n = inputs["shape"]
+        sets = []
+        while True:
+            buf = kvprec.MixedPrecisionBuffer(b, hkv, d, BLOCK_SIZE, dtype=torch.float32, default_tier=tier)
+            buf.append(inputs["k"], inputs["v"])
+            sets.append(buf)
+            mem = buf.memory()
+            if len(sets) * mem.resident_bytes >= 2 * _CPU["llc_bytes"] or len(sets) >= CPU_MAX_SETS:
+                break
+        inputs["bufs"][tier] = sets
+    return inputs["bufs"][tier]
+
+
+def _interleaved(fns, rounds):
+    """Per-call microseconds of each fn, timed in turn round after round (one warm-up call each first)."""
+    for f in fns:
+        f()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for f, t in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            t.append((time.perf_counter() - t0) * 1e6)
+    return times
+
+
+@pytest.mark.parametrize("threads", CPU_THREADS)
+@pytest.mark.parametrize("tier", CPU_TIERS)
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=_shape_id)
+def test_cpu_decode_attention(benchmark, cpu_run, shape, tier, threads):
+    inputs = _cpu_inputs(shape)
+    bufs = _cpu_buffers(inputs, tier)
+    q, b, hq, hkv, d, n = inputs["q"], *shape
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    # correctness guard: the timed call against SDPA on the K/V the buffer holds (gather: dequantized)
+    k_deq, v_deq = bufs[0].gather(0, n)
+    want = sdpa(q, k_deq, v_deq, enable_gqa=True)
+    got = bufs[0].attend(q)[0]
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < (1e-5 if Tier.parse(tier).bits >= 16 else 2e-2), f"{tier}: relative error {rel:.2e}"
+    del k_deq, v_deq
+
+    counter = {"ours": 0}
+
+    def ours():
+        bufs[counter["ours"] % len(bufs)].attend(q)
+        counter["ours"] += 1
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours_t, sdpa32_t, sdpa16_t = _interleaved(
+            [ours, lambda: sdpa(q, inputs["k"], inputs["v"], enable_gqa=True),
+             lambda: sdpa(inputs["q16"], inputs["k16"], inputs["v16"], enable_gqa=True)], CPU_ROUNDS)
+        benchmark.pedantic(ours, rounds=max(3, CPU_ROUNDS // 2), iterations=1, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(old)
+
+    mem = bufs[0].memory()
+    io = 2 * q.numel() * 4
+    bytes_ours = sum(mem.tier_bytes.values()) + mem.table_bytes + bufs[0].tail_len * b * hkv * d * 4 * 2 + io
+    kv = 2 * b * hkv * n * d
+    probe = _CPU["probe"][str(threads)]["gbps"]
+    o, s32, s16 = quantiles(ours_t), quantiles(sdpa32_t), quantiles(sdpa16_t)
+
+    def rate(qq, nbytes):
+        gbps = nbytes / (qq["median_us"] * 1e-6) / 1e9
+        return {**qq, "bytes": nbytes, "gbps": gbps, "pct_of_probe": 100 * gbps / probe}
+
+    info = {"shape": dict(zip(("B", "Hq", "Hkv", "D", "N"), shape)), "tier": tier, "threads": threads,
+            "isa": kvprec._native.cpu_isa(), "input_sets": len(bufs), "rel_err_vs_sdpa_fp32_on_held_kv": rel,
+            **rate(o, bytes_ours),
+            "sdpa_fp32": rate(s32, kv * 4 + io), "sdpa_bf16": rate(s16, kv * 2 + io // 2),
+            "speedup_vs_sdpa_fp32": s32["median_us"] / o["median_us"],
+            "speedup_vs_sdpa_bf16": s16["median_us"] / o["median_us"]}
+    benchmark.extra_info.update(info)
+    _CPU["cases"].append(info)
+
+
+def _cpu_summary(cases):
+    """2-thread over 1-thread speed at batch 1, batch-8 ratios over batch-1 ratios (1 thread), and the targets."""
+    by = {(c["shape"]["B"], c["tier"], c["threads"]): c for c in cases}
+    b1 = min((c["shape"]["B"] for c in cases), default=1)
+    b8 = max((c["shape"]["B"] for c in cases), default=1)
+    out = {"two_thread_speedup": {}, "batch_ratio_over_batch1": {}, "targets": []}
+    for tier in CPU_TIERS:
+        one, two = by.get((b1, tier, 1)), by.get((b1, tier, 2))
+        if one and two:
+            out["two_thread_speedup"][tier] = one["median_us"] / two["median_us"]
+        big = by.get((b8, tier, 1))
+        if one and big and b8 != b1:
+            out["batch_ratio_over_batch1"][tier] = {
+                k: big[k] / one[k] for k in ("speedup_vs_sdpa_fp32", "speedup_vs_sdpa_bf16")}
+    for tier, want in CPU_TARGETS.items():
+        one = by.get((b1, tier, 1))
+        if not one:
+            continue
+        got = {"sdpa_bf16": one["speedup_vs_sdpa_bf16"], "sdpa_fp32": one["speedup_vs_sdpa_fp32"],
+               "pct_of_probe": one["pct_of_probe"]}
+        for what, target in want.items():
+            out["targets"].append({"tier": tier, "what": what, "target": target, "measured": got[what],
+                                   "met": got[what] >= target})
+    for tier, x in out["two_thread_speedup"].items():
+        out["targets"].append({"tier": tier, "what": "two_thread_speedup", "target": 1.7, "measured": x,
+                               "met": x >= 1.7})
+    for tier, r in out["batch_ratio_over_batch1"].items():
+        x = min(r.values())
+        out["targets"].append({"tier": tier, "what": "batch8_ratio_over_batch1 (min of both)", "target": 0.8,
+                               "measured": x, "met": x >= 0.8})
+    return out

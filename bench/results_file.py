@@ -1,8 +1,11 @@
-"""Where the benchmarks record their GPU runs: one JSON per module run under bench/results/, named
-<what>-<device>-<time>.json, the commit it measured, and the one summary of per-call times they report."""
+"""Where the benchmarks record their runs: one JSON per module run under bench/results/, named
+<what>-<device>-<time>.json, the commit it measured, the one summary of per-call times they report, and for CPU
+runs the processor (model, flags, cache), the kvprec CPU kernel path and a streaming-read bandwidth probe."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -24,10 +27,70 @@ def git_commit() -> str:
                           cwd=Path(__file__).parent).stdout.strip()
 
 
-def write_results(what: str, results: dict) -> Path:
-    """Write ``results`` as bench/results/<what>-<CUDA device name>-<YYYYmmdd-HHMMSS>.json; returns the path."""
+def write_results(what: str, results: dict, device: str | None = None) -> Path:
+    """Write ``results`` as bench/results/<what>-<device>-<YYYYmmdd-HHMMSS>.json (device: the CUDA device's name
+    unless given, e.g. cpu_info()["model"]); returns the path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name().replace(" ", "_")
+    device = (device or torch.cuda.get_device_name()).replace(" ", "_").replace("/", "_")
     path = RESULTS_DIR / f"{what}-{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2))
     return path
+
+
+def cpu_info() -> dict:
+    """The processor of a CPU run: model name, the SIMD flags /proc/cpuinfo lists (avx*, fma, f16c, amx*), logical
+    CPUs, last-level cache bytes, the kvprec CPU kernel path (kvprec._native.cpu_isa) and torch's own
+    (torch.backends.cpu.get_cpu_capability), and the versions."""
+    import kvprec
+    from kvprec import _native
+
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = sorted(f for f in value.split() if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+                break
+    except OSError:
+        pass
+    return {"model": model, "flags": flags, "logical_cpus": os.cpu_count(), "llc_bytes": llc_bytes(),
+            "kvprec_cpu_isa": _native.cpu_isa(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "kvprec": kvprec.__version__, "python": platform.python_version(),
+            "git_commit": git_commit()}
+
+
+def llc_bytes(default: int = 32 * 2 ** 20) -> int:
+    """Bytes of the largest CPU cache (sysfs), or ``default`` where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        mult = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return max(sizes, default=default)
+
+
+def cpu_read_bandwidth(threads: int, nbytes: int | None = None, rounds: int = 7) -> dict:
+    """Streaming-read bandwidth of this process on ``threads`` threads: the median time of ``torch.amax`` over a
+    uint8 tensor of ``nbytes`` (default 4x the last-level cache, at least 256 MiB): a vectorized max that reads each
+    byte once and writes nothing. Returns median / p20 / p80 microseconds, bytes and GB/s (bytes / median)."""
+    nbytes = nbytes or max(4 * llc_bytes(), 2 ** 28)
+    x = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x.amax()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            x.amax()
+            times.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        torch.set_num_threads(old)
+    q = quantiles(times)
+    return {**q, "bytes": nbytes, "gbps": nbytes / (q["median_us"] * 1e-6) / 1e9, "threads": threads,
+            "how": "torch.amax over a uint8 tensor"}

@@ -77,3 +77,22 @@ def prompts():
     batch[0, :5] = 0
     return {"single": {"input_ids": single, "attention_mask": torch.ones_like(single)},
             "padded": {"input_ids": batch, "attention_mask": mask}}
+
+
+@pytest.fixture
+def scalar_cpu_path():
+    """Run the test on the scalar CPU attention path: the one that computes on the dequantized page values, as the
+    pure-torch reference does, so a test can hold it to the reference's own tolerance. The SIMD paths score integer
+    tiers from their codes within a derived bound (csrc/include/kvprec/cpu_kernels.h), which python_tests/test_cpu_isa.py
+    and the C++ test_attention check on every path this CPU has. Without the native library the fixture does nothing."""
+    import kvprec
+
+    if not kvprec.native_available():
+        yield
+        return
+    before = torch.ops.kvprec.cpu_isa()
+    torch.ops.kvprec.set_cpu_isa("scalar")
+    try:
+        yield
+    finally:
+        torch.ops.kvprec.set_cpu_isa(before)

@@ -267,7 +267,7 @@ def _dense(q, k, v, mask, scale, window, softcap, block):
 @pytest.mark.parametrize("seq_len, nq", [(1, 1), (7, 1), (7, 7), (123, 1), (123, 5), (1023, 3)])
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2), (6, 1)], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("tier", [Tier.FP32, Tier.INT4, Tier.INT2], ids=str)
-def test_attend_matches_dense_reference(device, seq_len, nq, heads, tier):
+def test_attend_matches_dense_reference(device, seq_len, nq, heads, tier, scalar_cpu_path):
     hq, hkv = heads
     b, d, t = 2, 32, 16
     buf = MixedPrecisionBuffer(b, hkv, d, t, 8, torch.float32, device, default_tier=tier)
@@ -284,7 +284,7 @@ def test_attend_matches_dense_reference(device, seq_len, nq, heads, tier):
         torch.testing.assert_close(mass.sum(-1).cpu(), torch.ones(b, hq, nq), atol=1e-5, rtol=0)
 
 
-def test_attend_mask_and_fully_masked_rows():
+def test_attend_mask_and_fully_masked_rows(scalar_cpu_path):
     b, hq, hkv, d, t, length, nq = 2, 4, 2, 32, 16, 50, 3
     buf = MixedPrecisionBuffer(b, hkv, d, t, 8, torch.float32, default_tier="int8")
     buf.append(_randn(b, hkv, length, d, seed=16), _randn(b, hkv, length, d, seed=17))
@@ -303,7 +303,7 @@ def test_attend_mask_and_fully_masked_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_attend_low_precision_within_2x_of_torch(dtype):
+def test_attend_low_precision_within_2x_of_torch(dtype, scalar_cpu_path):
     b, hq, hkv, d, t, length, nq = 2, 4, 2, 64, 16, 123, 4
     buf = MixedPrecisionBuffer(b, hkv, d, t, 32, dtype, default_tier="int4")
     buf.append(_randn(b, hkv, length, d, dtype=dtype, seed=20), _randn(b, hkv, length, d, dtype=dtype, seed=21))

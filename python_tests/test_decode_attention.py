@@ -131,7 +131,7 @@ def test_from_dense_layout_and_page_indirection():
 
 
 @native
-def test_from_buffer_matches_the_buffers_own_attend():
+def test_from_buffer_matches_the_buffers_own_attend(scalar_cpu_path):
     b, hkv, d, t, n = 2, 2, 64, 16, 75
     g = torch.Generator().manual_seed(4)
     buf = kvprec.MixedPrecisionBuffer(b, hkv, d, t, 16, dtype=torch.float16)

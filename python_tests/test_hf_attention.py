@@ -47,7 +47,7 @@ CASES = [  # n, q, masked, window, softcap
 
 
 @pytest.mark.parametrize("n,q,masked,window,softcap", CASES)
-def test_reference_matches_native_attend(n, q, masked, window, softcap):
+def test_reference_matches_native_attend(n, q, masked, window, softcap, scalar_cpu_path):
     buf = make_buffer(n, seed=n + q)
     query = torch.randn(2, 4, q, 32, generator=torch.Generator().manual_seed(q))  # GQA: 4 query heads on 2 KV heads
     mask = random_mask(2, q, n, seed=n) if masked else None

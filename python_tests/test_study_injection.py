@@ -236,6 +236,7 @@ def test_derived_measures_by_hand():
     assert np.isnan(never["stabilisation"])
     nothing_to_adapt = derived.derived(np.zeros(3), np.zeros(3), [], d)
     assert np.isnan(nothing_to_adapt["adaptation_point"]) and np.isnan(nothing_to_adapt["relative_gap"])
+    assert np.isnan(nothing_to_adapt["detection_latency"])  # no noise control: nothing to detect against
     assert nothing_to_adapt["converged"] == 1.0
     # the band: the smallest noise over the controls and s - h .. s + h
     band = derived.noise_band([np.array([0.5, 0.2, 0.9]), np.array([0.4, 0.6, 0.3])], 3,

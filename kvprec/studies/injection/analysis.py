@@ -30,6 +30,8 @@ from .derived import Definitions, derived
 from .stats import bootstrap_ci, curve_band, paired_test
 
 MEASURES = ("detection_latency", "adaptation_point", "stabilisation", "remaining_gap", "relative_gap", "converged")
+#: per row as well: the final window's unadapted gap, means over the steps after the injection, the first step's KL
+EXTRA = ("unadapted_gap", "post_kl", "post_log_ratio", "kl_at_injection", "unadapted_at_injection")
 
 
 def row_keys(raw) -> List[str]:
@@ -43,6 +45,10 @@ def row_keys(raw) -> List[str]:
         else:
             keys.append(f"{cond}@{point}")
     return keys
+
+
+def _is_noise(key: str) -> bool:
+    return key.startswith("noise")
 
 
 def definitions(config: dict) -> Definitions:
@@ -65,15 +71,14 @@ def _per_row_measures(raw, config: dict) -> Dict[str, np.ndarray]:
     points = raw["row_point"]
     noise_rows = {int(pt): [r for r in range(n_r) if str(raw["row_condition"][r]).startswith("noise") and
                             int(points[r]) == int(pt)] for pt in set(points.tolist())}
-    out = {m: np.full((n_p, n_r), np.nan) for m in MEASURES + ("unadapted_gap", "post_kl", "post_log_ratio")}
+    out = {m: np.full((n_p, n_r), np.nan) for m in MEASURES + EXTRA}
     for p in range(n_p):
         for r in range(n_r):
             point = int(points[r])
             if point < 0:
                 continue
             kl, unadapted = _post(raw, "kl", p, r, point), _post(raw, "kl_unadapted", p, r, point)
-            is_noise = str(raw["row_condition"][r]).startswith("noise")
-            noise = [] if is_noise else [_post(raw, "kl", p, q, point) for q in noise_rows[point]]
+            noise = [] if _is_noise(str(raw["row_condition"][r])) else [_post(raw, "kl", p, q, point) for q in noise_rows[point]]
             for name, value in derived(kl, unadapted, noise, d).items():
                 if name in out:
                     out[name][p, r] = value
@@ -82,6 +87,7 @@ def _per_row_measures(raw, config: dict) -> Dict[str, np.ndarray]:
                 out["unadapted_gap"][p, r] = unadapted[tail].mean()
                 out["post_kl"][p, r] = kl.mean()
                 out["post_log_ratio"][p, r] = _post(raw, "log_ratio", p, r, point).mean()
+                out["kl_at_injection"][p, r], out["unadapted_at_injection"][p, r] = kl[0], unadapted[0]
     return out
 
 
@@ -127,13 +133,15 @@ def analyze(raw: Dict[str, np.ndarray], config: dict) -> dict:
         if int(raw["row_point"][r]) < 0:
             continue
         entry = {}
-        for name in MEASURES + ("unadapted_gap", "post_kl", "post_log_ratio"):
+        for name in MEASURES + EXTRA:
             stat = np.median if name in ("detection_latency", "adaptation_point", "stabilisation") else np.mean
             entry[name] = bootstrap_ci(measures[name][changed, r], stat, **boot)
         entry["statistic"] = {"detection_latency": "median", "adaptation_point": "median", "stabilisation": "median"}
         for name, share in (("detection_latency", "detected"), ("adaptation_point", "adapted"),
                             ("stabilisation", "stabilised")):
-            entry[share] = bootstrap_ci(np.isfinite(measures[name][changed, r]).astype(float), **boot)
+            happened = np.isfinite(measures[name][changed, r]).astype(float)
+            # a noise control is what detection is measured against: it has no detection of its own
+            entry[share] = bootstrap_ci([] if name == "detection_latency" and _is_noise(key) else happened, **boot)
         derived_out[key] = entry
         controls[key] = {"post_kl": bootstrap_ci(measures["post_kl"][control, r], **boot),
                          "remaining_gap": bootstrap_ci(measures["remaining_gap"][control, r], **boot),
@@ -163,10 +171,11 @@ def _summary(keys, measures, answers, changed, boot) -> dict:
         warnings.simplefilter("ignore", RuntimeWarning)
         for name, rows in groups.items():
             entry = {"points": len(rows)}
-            for measure in ("detection_latency", "adaptation_point", "remaining_gap", "relative_gap"):
+            for measure in ("kl_at_injection", "unadapted_at_injection", "detection_latency", "adaptation_point",
+                            "remaining_gap", "relative_gap"):
                 entry[measure] = bootstrap_ci(np.nanmean(measures[measure][changed][:, rows], axis=1), **boot)
-            entry["detected"] = bootstrap_ci(np.isfinite(measures["detection_latency"][changed][:, rows]).mean(1),
-                                             **boot)
+            detected = np.isfinite(measures["detection_latency"][changed][:, rows]).mean(1)
+            entry["detected"] = bootstrap_ci([] if _is_noise(name) else detected, **boot)
             entry["new_answer"] = bootstrap_ci(answers["new"][changed][:, rows].mean(1), **boot)
             out[name] = entry
     return out

@@ -17,7 +17,8 @@ by orders of magnitude (a digit against a space).
 * remaining gap       the mean KL over the last ``window`` valid steps (nats), and relative to the unadapted gap
                       over the same steps;
 * converged           the remaining gap is at most ``converged_kl``.
-A measure that cannot happen within the row's steps is NaN (never detected, never adapted).
+A measure that cannot happen within the row's steps is NaN (never detected, never adapted); without noise controls
+(a noise row itself) there is no detection latency.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def derived(kl: np.ndarray, unadapted: np.ndarray, noise: Sequence[np.ndarray], 
     if n == 0:
         return out
     sk, su = trailing_mean(kl, d.smooth), trailing_mean(unadapted, d.smooth)
-    below = np.flatnonzero(sk < noise_band(noise, n, d))
+    below = np.flatnonzero(sk < noise_band(noise, n, d)) if len(noise) else np.zeros(0, np.int64)
     if below.size:
         out["detection_latency"] = float(below[0])
     defined = su >= d.min_gap

@@ -41,7 +41,8 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
                 continue
             s = np.arange(mean.size)
             style = "--" if label.startswith(("baseline", "unadapted")) else "-"
-            line, = ax.plot(s, mean, style, label=label.split("@")[0], linewidth=1.4)
+            width = 3.0 if label.startswith("injection:fp32") else 1.4  # int8 often lies on it: fp32 shows around it
+            line, = ax.plot(s, mean, style, label=label.split("@")[0], linewidth=width)
             ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
             drawn = True
         ax.set_title(f"injection after {point} tokens ({a['changed_problems']} problems)")

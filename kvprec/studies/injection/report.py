@@ -64,14 +64,23 @@ def _setup(a: dict, config: dict) -> List[str]:
 def _summary(a: dict) -> List[str]:
     lines = ["## Summary: detection latency and remaining gap per tier of the injected span", "",
              f"Over the {a['changed_problems']} problems whose injected version differs, each problem's mean over the "
-             f"injection points {', '.join(map(str, a['points']))}; mean [95% bootstrap CI over problems]. Latency "
-             "and adaptation point in steps since injection (over the points where they happened), remaining gap in "
-             "nats of KL to the oracle over the last steps, relative gap against the original context's.", ""]
-    rows = [[name, _ci(e["detection_latency"], 2), _ci(e["detected"], pct=True), _ci(e["adaptation_point"], 2),
-             _ci(e["remaining_gap"], 4), _ci(e["relative_gap"], 3), _ci(e["new_answer"], pct=True)]
+             f"injection points {', '.join(map(str, a['points']))}; mean [95% bootstrap CI over problems]. KL is to "
+             "the oracle teacher-forced on the condition's own tokens (nats): at the first step after the splice, "
+             "beside the original context's on the same tokens; latency and adaptation point in steps since the "
+             "splice (over the points where they happened); remaining gap over the last steps, and relative to the "
+             "original context's.", ""]
+    rows = [[name, _ci(e["kl_at_injection"]), _ci(e["unadapted_at_injection"]), _ci(e["detection_latency"], 2),
+             _ci(e["detected"], pct=True), _ci(e["adaptation_point"], 2), _ci(e["remaining_gap"], 4),
+             _ci(e["relative_gap"], 3), _ci(e["new_answer"], pct=True)]
             for name, e in a["summary"].items()]
-    return lines + _table(["injected span", "detection latency", "detected", "adaptation point", "remaining gap",
-                           "relative gap", "injected answer given"], rows) + [""]
+    lines += _table(["injected span", "KL at the splice", "original context's KL", "detection latency", "detected",
+                     "adaptation point", "remaining gap", "relative gap", "injected answer given"], rows) + [""]
+    oracle = a["accuracy"]["conditions"]["oracle"]["new_answer"]
+    lines += ["A KL near 0 says the cache now predicts what a cache that read the injected text from the start "
+              "predicts after the same tokens; it does not say the reply changes: the tokens written before the "
+              "splice (the old numbers restated) steer both. The last column is the outcome, against the oracle's "
+              f"{_ci(oracle, pct=True)} on the same problems.", ""]
+    return lines
 
 
 def _accuracy(a: dict) -> List[str]:

@@ -1,7 +1,7 @@
 """Plots of an injection run, from analysis.json: the adaptation curves (mean KL to the oracle against steps since
 injection, one panel per injection point, a 95% bootstrap band per condition, drawn while at least 20% of the
-problems still have a step) and the attention share on the span per layer. Saved at DPI 110; a panel without data
-says why."""
+problems still have a step) and the attention share on the span per layer at the middle injection point. Saved at
+DPI 110; a panel without data says why."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,12 +57,15 @@ def make_plots(raw: Dict[str, np.ndarray], a: dict, config: dict, out: Path) -> 
 
     fig, ax = plt.subplots(figsize=(8, 4))
     drawn = False
+    middle = a["points"][len(a["points"]) // 2] if a["points"] else None
     for key, t in a["token"].items():
         layers = _array(t["attn_span_by_layer"])
-        if key in ("baseline", "oracle") or key.startswith("injection:") and np.isfinite(layers).any():
-            ax.plot(np.arange(layers.size), layers, marker=".", label=key, linewidth=1.0)
+        if (key in ("baseline", "oracle") or key.endswith(f"@{middle}")) and np.isfinite(layers).any():
+            style = "--" if key in ("baseline", "oracle") else "-"
+            ax.plot(np.arange(layers.size), layers, style, marker=".", label=key, linewidth=1.0)
             drawn = True
-    ax.set_title("attention share on the span after the injection, per layer (mean over heads, steps, problems)")
+    # mean over heads, the steps after the injection (baseline and oracle: every step after the first), problems
+    ax.set_title(f"attention share on the span per layer (injection after {middle} tokens)")
     ax.set_xlabel("layer")
     ax.set_ylabel("share")
     if drawn:

@@ -10,6 +10,11 @@ def _n(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _g(x) -> str:
+    """Three significant digits (paired differences of KL span orders of magnitude)."""
+    return "–" if x is None else f"{x:.3g}"
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -106,7 +111,7 @@ def _headline(a: dict, config: dict) -> List[str]:
     for key, d in a["derived"].items():
         rows.append([key, f"{_ci(d['detection_latency'], 1)} / {_ci(d['detected'], pct=True)}",
                      f"{_ci(d['adaptation_point'], 1)} / {_ci(d['adapted'], pct=True)}",
-                     _ci(d["stabilisation"], 1), _ci(d["remaining_gap"]), _ci(d["relative_gap"]),
+                     _ci(d["stabilisation"], 1), _ci(d["remaining_gap"], 4), _ci(d["relative_gap"]),
                      _ci(d["converged"], pct=True), _ci(acc[key]["new_answer"], pct=True),
                      _ci(acc[key]["old_answer"], pct=True)])
     for key in ("baseline", "oracle"):
@@ -122,7 +127,7 @@ def _tests(a: dict) -> List[str]:
              "Median of the paired difference a - b [95% bootstrap CI], n pairs, W, two-sided p. \"unadapted\": "
              "the original context's own gap to the oracle on the same tokens and steps.", ""]
     rows = [[t["name"], t["measure"], t["a"], t["b"], str(t["n"]),
-             f"{_n(t['median_diff'])} [{_n(t['lo'])}, {_n(t['hi'])}]", _n(t["statistic"], 1), _p(t["p"])]
+             f"{_g(t['median_diff'])} [{_g(t['lo'])}, {_g(t['hi'])}]", _n(t["statistic"], 1), _p(t["p"])]
             for t in a["tests"]]
     return lines + _table(["test", "measure", "a", "b", "n", "median a - b", "W", "p"], rows) + [""]
 

@@ -5,7 +5,6 @@ Exactness claims are bit for bit (torch.equal) at FP32 tiers, where the computat
 of a splice that changes the span's length are compared with keys computed at their new positions to 1e-5 (one
 FP32 rotation against another, angles of a few hundred radians)."""
 import json
-import random
 import re
 import time
 

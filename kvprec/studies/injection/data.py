@@ -27,10 +27,11 @@ other_attribute, other_person); a category named "control" must have identical t
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..platform.rundir import StudyInputError
 
@@ -115,6 +116,17 @@ def _version(obj, where: str, kind: str) -> Version:
     if kind == "math" and not re.fullmatch(r"-?\d+", answer):
         raise StudyInputError(f"{where}: a math answer must be a whole number, got {answer!r}")
     return Version(text, answer)
+
+
+def generated(kind: str, n: int, seed: int, categories: Sequence[str],
+              make: Callable[[random.Random, int, str], Problem]) -> ProblemSet:
+    """A built-in set: ``n`` problems ``make(rng, index, category)`` with the categories in turn (balanced in every
+    prefix of len(categories) k), all drawn from one ``random.Random(seed)``, with the kind's examples."""
+    if n < 1:
+        raise ValueError(f"{kind} problems: n must be >= 1, got {n}")
+    rng = random.Random(seed)
+    problems = [make(rng, i, categories[i % len(categories)]) for i in range(n)]
+    return ProblemSet(kind, problems, "", tuple(EXAMPLES[kind]))
 
 
 def parse_problems(data, source: str) -> ProblemSet:

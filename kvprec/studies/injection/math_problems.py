@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
-from .data import EXAMPLES, Problem, ProblemSet, Version
+from .data import Problem, ProblemSet, Version, generated
 
 CATEGORIES = ("control", "single_number", "multiple_numbers", "added_step")
 
@@ -126,8 +126,4 @@ def make_problem(rng: random.Random, index: int, category: str) -> Problem:
 
 def math_problems(n: int = 500, seed: int = 0) -> ProblemSet:
     """``n`` problems, the categories in turn (balanced in every prefix of 4k), from ``seed``."""
-    if n < 1:
-        raise ValueError(f"math_problems: n must be >= 1, got {n}")
-    rng = random.Random(seed)
-    problems = [make_problem(rng, i, CATEGORIES[i % len(CATEGORIES)]) for i in range(n)]
-    return ProblemSet("math", problems, "", tuple(EXAMPLES["math"]))
+    return generated("math", n, seed, CATEGORIES, make_problem)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from .data import EXAMPLES, Problem, ProblemSet, Version
+from .data import Problem, ProblemSet, Version, generated
 
 CATEGORIES = ("control", "other_attribute", "other_person")
 
@@ -49,8 +49,4 @@ def make_item(rng: random.Random, index: int, category: str) -> Problem:
 
 def qa_problems(n: int = 300, seed: int = 0) -> ProblemSet:
     """``n`` items, the categories in turn, from ``seed``."""
-    if n < 1:
-        raise ValueError(f"qa_problems: n must be >= 1, got {n}")
-    rng = random.Random(seed)
-    items = [make_item(rng, i, CATEGORIES[i % len(CATEGORIES)]) for i in range(n)]
-    return ProblemSet("qa", items, "", tuple(EXAMPLES["qa"]))
+    return generated("qa", n, seed, CATEGORIES, make_item)

@@ -67,6 +67,9 @@ def plan_rows(points: Sequence[int], tiers: Sequence[str], noise: Sequence[str])
 
 @dataclass
 class CacheSettings:
+    """The caches of a run: block size, key rotation (None, "hadamard", "orthogonal") and its seed, and how many
+    streams one teacher-forced forward takes."""
+
     block_size: int = 16
     key_rotation: Optional[str] = None
     rotation_seed: int = 0

@@ -15,6 +15,7 @@ PACKAGE = ROOT / "kvprec"
 LAYERS = {
     "kvprec._native": 0,
     "kvprec._C": 0,
+    "kvprec._tempdirs": 0,
     "kvprec.storage": 1,
     "kvprec.models": 1,
     "kvprec.ops": 2,

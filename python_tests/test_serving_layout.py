@@ -130,7 +130,7 @@ def assert_same_pages(a: PagedKV, b: PagedKV):
 
 @pytest.mark.parametrize("t,d,g", GEOMETRIES[:3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_round_trip_is_exact_and_attention_is_unchanged(t, d, g, dtype):
+def test_round_trip_is_exact_and_attention_is_unchanged(t, d, g, dtype, scalar_cpu_path):
     b, h, n = 2, 4, 7 * t + t // 2
     buf = make_buffer(b, h, t, d, g, "mixed", n, seed=2, dtype=dtype)
     paged = PagedKV.from_buffer(buf)

@@ -7,10 +7,12 @@ that fell on each block (free, from the same pass), the layer accumulates it in
 
     score_j = (sum over steps, queries, grouped query heads of sum_{t in block j} p_t) / seen_j.
 
-Per (batch row, KV head), the ceil(keep * n) blocks with the highest score are "heavy" and stay at ``high``; the
-others go to ``low``. At sealing, a block is compared with the blocks already sealed (a block no query has seen
-yet, e.g. right after prefill, counts as heavy); :meth:`AttentionMass.rebalance` demotes sealed blocks that
-dropped out of the heavy set at every seal and every ``every`` tokens (default: the block size). Not after each
+Per (batch row, KV head), of the n_seen blocks some query has attended to, the ceil(keep * n_seen) with the
+highest score are "heavy" and stay at ``high``; the others go to ``low``. A block no query has seen yet is heavy
+too, never ranked below observed ones: at prefill the cache seals every block before the prefill's own attention
+records any mass, and ranking those blocks then (all tied) would demote the oldest ones, the attention sinks, for
+good. They are ranked once the mass is in: :meth:`AttentionMass.rebalance` demotes sealed blocks that are not
+heavy at every seal and every ``every`` tokens (default: the block size). Not after each
 token: ranking the scores reads them on the host, a device synchronisation per layer that would stall decode,
 and one token moves a block's mean mass by about 1/seen. Demotion is one way unless the cache keeps a host shadow:
 as in H2O, a block judged light is not brought back.
@@ -52,15 +54,21 @@ class AttentionMass(Policy):
         return torch.nn.functional.pad(scores, (0, n - scores.shape[-1]), value=float("inf"))
 
     def _heavy(self, scores: torch.Tensor) -> torch.Tensor:
-        """bool like ``scores``: the ceil(keep * n) highest per row (ties broken toward newer blocks)."""
-        n = scores.shape[-1]
-        k = math.ceil(self.keep * n)
-        if k >= n:
+        """bool like ``scores``: every unseen block (+inf), and the ceil(keep * n_seen) highest of the n_seen seen
+        ones per row (ties broken toward newer blocks). Whether a block was seen is the same for every row and
+        head (``AttentionStats.seen`` is per block)."""
+        unseen = torch.isinf(scores)
+        n_seen = int((~unseen).flatten(0, -2).all(0).sum()) if scores.numel() else 0
+        k = math.ceil(self.keep * n_seen)
+        if k >= n_seen:
             return torch.ones_like(scores, dtype=torch.bool)
-        # Ties (e.g. several unseen blocks at +inf) go to newer blocks: a stable sort of the reversed sequence.
-        ranked = n - 1 - torch.argsort(scores.flip(-1), dim=-1, descending=True, stable=True)
+        # Unseen blocks rank last here (they are heavy anyway); ties go to newer blocks: a stable sort of the
+        # reversed sequence.
+        observed = torch.where(unseen, float("-inf"), scores)
+        n = scores.shape[-1]
+        ranked = n - 1 - torch.argsort(observed.flip(-1), dim=-1, descending=True, stable=True)
         heavy = torch.zeros_like(scores, dtype=torch.bool)
-        return heavy.scatter_(-1, ranked[..., :k], True)
+        return heavy.scatter_(-1, ranked[..., :k], True) | unseen
 
     def assign(self, layer_idx: int, blocks: range, stats: SealStats) -> torch.Tensor:
         # Ranked among the blocks still held: a sliding window's evicted blocks (a prefix) take no heavy slot.
@@ -81,8 +89,15 @@ class AttentionMass(Policy):
         demote_to(layer, torch.where(heavy, -1, int(self.low)).to(torch.int8))
 
     def importance(self, layer) -> torch.Tensor:
-        scores = self._scores(layer, layer.tiers().shape[-1])
-        return torch.nan_to_num(scores, posinf=torch.finfo(torch.float32).max)
+        """The score (mean mass per query, <= 1); an unseen block ranks above every seen one, 2 + j / n for block
+        j > 0 and 3 for block 0: with no mass yet (a budget enforced right after prefill) the first block, which
+        holds the attention sinks, is the last to be demoted and newer blocks go after older ones."""
+        n = layer.tiers().shape[-1]
+        scores = self._scores(layer, n)
+        prior = torch.arange(n, dtype=torch.float32) / max(n, 1)
+        if n:
+            prior[0] = 1.0
+        return torch.where(torch.isinf(scores), 2.0 + prior, scores)
 
     def describe(self) -> str:
         return f"attention_mass:keep={self.keep},high={self.high},low={self.low},every={self.every}"

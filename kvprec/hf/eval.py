@@ -98,7 +98,9 @@ def teacher_forced(model, tokens: torch.Tensor, prefill: int, cache, *, attn_imp
             if on_step is not None:
                 on_step()
     seconds = time.perf_counter() - start
-    report = cache.memory_report() if hasattr(cache, "memory_report") else None
+    from .distributed import global_memory_report  # under tensor parallelism: every rank's heads
+
+    report = global_memory_report(cache) if hasattr(cache, "memory_report") else None
     bits = report.bits_per_element if report is not None else held_bits_per_element(cache, model, tokens.shape[0])
     page_bits = report.page_bits_per_element if report is not None else None
     return TeacherForced(torch.stack(nll, 1).cpu(), torch.stack(argmax, 1).cpu(), seconds, bits, report, page_bits)
@@ -122,12 +124,15 @@ def held_bytes(obj) -> int:
 
 def held_bits_per_element(cache, model, batch: int) -> float:
     """A transformers cache's bits per K/V element: the bytes of every tensor its layers hold (:func:`held_bytes`
-    of each layer's attributes) * 8 over 2 * batch * kv_heads * head_dim * tokens per layer."""
+    of each layer's attributes) * 8 over 2 * batch * kv_heads * head_dim * tokens per layer. Under tensor
+    parallelism the bytes are summed over the ranks (each holds its share of the model's kv_heads)."""
+    from .distributed import sum_over_ranks
+
     config = model.config.get_text_config(decoder=True)
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     elements = sum(2 * batch * heads * head_dim * cache.get_seq_length(i) for i in range(len(cache.layers)))
-    total = sum(held_bytes(list(vars(layer).values())) for layer in cache.layers)
+    total = sum_over_ranks(sum(held_bytes(list(vars(layer).values())) for layer in cache.layers))
     return total * 8 / elements if elements else 0.0
 
 

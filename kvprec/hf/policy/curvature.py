@@ -12,7 +12,8 @@ block) to tiers by threshold, byte budget (multiple-choice knapsack, exact DP or
 predicted error. The policy then assigns block j of head h in layer l the map's tier; blocks past the calibrated
 length take the head's default tier (the lower median of its mapped tiers by effective bits). The map is per
 position index, not per content: it carries what the calibration text says about where curvature sits (sinks,
-recency) to other inputs.
+recency) to other inputs. Under tensor parallelism every rank gets the rows of its own KV heads of the whole
+model's map (kvprec/hf/distributed.py, :func:`~kvprec.hf.distributed.analyze_over_ranks`).
 
 Capture: the model runs under ``kvprec.enabled(model)`` with a throw-away AdaptiveCache whose blocks are FP32
 (lossless for FP32/FP16/BF16 models); each of its layers records the query the "kvprec" attention function hands
@@ -30,6 +31,7 @@ import torch
 from ...analysis.analyzer import KVCacheAnalyzer, PrecisionMap, calibration_backend, check_request
 from ...storage.formats import Tier
 from ...analysis.precision import DEFAULT_EPS
+from ..distributed import analyze_over_ranks
 from .base import Policy, SealStats
 from .uniform import Uniform
 
@@ -76,11 +78,12 @@ class Curvature(Policy):
         """
         check_request(mode, budget_bytes, bits_per_element, max_error, method)
         calibration_backend(backend, model.device)  # refuse an unknown or unavailable backend before the forward
-        analyzer = _calibrate(model, _sequences(input_ids), dict(
-            block_size=block_size, group_size=group_size, c=c, eps=DEFAULT_EPS if eps is None else eps,
-            candidates=candidates, query_reduce=query_reduce), backend)
-        policy = cls(analyzer.analyze(mode, budget_bytes=budget_bytes, bits_per_element=bits_per_element,
-                                      max_error=max_error, method=method))
+        options = dict(block_size=block_size, group_size=group_size, c=c, eps=DEFAULT_EPS if eps is None else eps,
+                       candidates=candidates, query_reduce=query_reduce)
+        analyzer = _calibrate(model, _sequences(input_ids), options, backend)
+        # under tensor parallelism: the whole model's map, this rank's heads (kvprec/hf/distributed.py)
+        policy = cls(analyze_over_ranks(analyzer, model.config, options, lambda a: a.analyze(
+            mode, budget_bytes=budget_bytes, bits_per_element=bits_per_element, max_error=max_error, method=method)))
         policy.calibration_backends = dict(analyzer.backends)
         return policy
 

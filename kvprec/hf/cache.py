@@ -62,6 +62,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .policy.registry import get as get_policy
+from . import prefill
 from .._native import require_native
 from ..ops.reference.attention import ReadCounter, attend_blocks
 from ..storage.formats import BlockGeometry, Tier
@@ -442,10 +443,16 @@ class AdaptiveLayer(CacheLayerMixin):
 
     def attend(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: float, sliding_window: int,
                softcap: float, block_mass: bool):
-        """Attention of q [B, Hq, Q, D] over this layer: (out [B, Hq, Q, D], lse [B, Hq, Q], block_mass)."""
+        """Attention of q [B, Hq, Q, D] over this layer: (out [B, Hq, Q, D], lse [B, Hq, Q], block_mass).
+
+        On the "cpp" backend a CPU prefill chunk (Q >= prefill.MIN_QUERIES, no softcap, no block mass) reads the
+        stored K/V back part by part through torch's flash-attention kernel, merged by log-sum-exp
+        (kvprec/hf/prefill.py); decode and short chunks go to the block kernel."""
         if self.rotation is not None:  # stored keys are k R: (q R) . (k R) = q . k
             q = rotate(q, self.rotation)
         backend = self.cache.attention_backend(q)
+        if backend == "cpp" and prefill.applies(q, softcap, block_mass):
+            return prefill.attend_split(self, q, mask, scale, sliding_window)
         if backend == "torch":
             return attend_blocks(self.buffer, q, mask, scale, sliding_window, softcap, block_mass,
                                  counter=self.cache.read_counter)

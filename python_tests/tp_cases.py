@@ -3,7 +3,8 @@ the worker: ``python -m torch.distributed.run --nproc-per-node 2 python_tests/tp
 and in one process (the test imports :func:`run_cases`). Each case generates greedily from one prompt with one
 cache and records the tokens, the cache's stored K/V shape on this rank, its memory report (this rank's and the
 global one) and, for the byte-budget case, the budget (halfway between the uniform INT4
-and INT2 cases' bytes)."""
+and INT2 cases' bytes). :func:`run_calibration` calibrates the curvature policy in each mode and records the maps;
+:func:`eval_argv` is a ``kvprec eval`` command, run by the ranks (one JSON from rank 0) and by the test."""
 from __future__ import annotations
 
 import json
@@ -32,6 +33,8 @@ def run_cases(models: dict, tensor_parallel: bool) -> dict:
     torch.manual_seed(0)
     out = {}
     for family, path in models.items():
+        if family == "tiny-hf":
+            continue  # kvprec eval's model (eval_argv)
         kwargs = {"tp_plan": "auto"} if tensor_parallel else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
         ids = torch.tensor([PROMPT])
@@ -62,13 +65,82 @@ def run_cases(models: dict, tensor_parallel: bool) -> dict:
     return out
 
 
+#: calibration of the curvature policy: a prompt of CALIBRATION_TOKENS tokens (vocabulary 64), blocks of BLOCK
+CALIBRATION_TOKENS = 23  # a partial last block
+
+
+def _sum_over_ranks(value: float, tensor_parallel: bool) -> float:
+    import torch.distributed as dist
+
+    if not tensor_parallel:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def run_calibration(models: dict, tensor_parallel: bool) -> dict:
+    """Curvature.calibrate on every family in each mode: threshold; a byte budget halfway between every block at
+    INT4 and every block at FP16 (the knapsack over every layer, head and block of the model); quality with half
+    the predicted error of the threshold map (summed over the ranks). Records each map's rows (this rank's heads)
+    and, for the budget map, the tokens the policy generates."""
+    import kvprec
+    from kvprec.storage.formats import BlockGeometry, Tier
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    ids = torch.tensor([[(7 * i + 3) % 64 for i in range(CALIBRATION_TOKENS)]])
+    for family, path in models.items():
+        if family == "tiny-hf":
+            continue
+        kwargs = {"tp_plan": "auto"} if tensor_parallel else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+        text = model.config.get_text_config(decoder=True)
+        g = BlockGeometry(BLOCK, text.head_dim or text.hidden_size // text.num_attention_heads)
+        items = text.num_hidden_layers * text.num_key_value_heads * -(-CALIBRATION_TOKENS // BLOCK)
+        budget = items * (g.page_bytes(Tier.INT4) + g.page_bytes(Tier.FP16)) // 2
+        calibrate = kvprec.policy.Curvature.calibrate
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sliding windows / softcaps are outside the closed form: warned
+            maps = {"threshold": calibrate(model, ids, mode="threshold", block_size=BLOCK),
+                    "budget": calibrate(model, ids, mode="budget", budget_bytes=budget, block_size=BLOCK)}
+            error = _sum_over_ranks(maps["threshold"].map.predicted_error, tensor_parallel)
+            maps["quality"] = calibrate(model, ids, mode="quality", max_error=error / 2, block_size=BLOCK)
+        for mode, policy in maps.items():
+            m = policy.map
+            out[f"{family}/{mode}"] = {
+                "tiers": [t.tolist() for t in m.tiers], "default_tiers": [t.tolist() for t in m.default_tiers],
+                "kappa_sum": [t.tolist() for t in m.kappa_sum], "page_bytes": m.page_bytes,
+                "predicted_error": m.predicted_error, "heads": [h.head for h in m.heads], "budget": budget}
+        cache = kvprec.AdaptiveCache(model.config, policy=maps["budget"], block_size=BLOCK)
+        with kvprec.enabled(model):
+            gen = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 past_key_values=cache)
+        out[f"{family}/budget"]["tokens"] = gen[0].tolist()
+    return out
+
+
+def eval_argv(models: dict, json_path: str) -> list:
+    """``kvprec eval`` on the tiny model saved as a Hugging Face directory (examples/export_tiny_hf.py): two
+    windows, per-head policies and a stock DynamicCache row."""
+    tiny = models["tiny-hf"]
+    return ["eval", "--model", tiny, "--text", str(Path(tiny) / "eval.txt"), "--policy", "uniform:int4",
+            "--policy", "sink_window:sinks=4,window=32,rest=int2,recent=int8", "--hf-cache", "dynamic",
+            "--prefill", "96", "--tokens", "24", "--windows", "2", "--block-size", "16", "--json", json_path]
+
+
 def main() -> int:
     import torch.distributed as dist
+
+    from kvprec.cli import main as cli
 
     models, out_dir = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     torch.set_num_threads(1)
     result = run_cases(models, tensor_parallel=True)  # from_pretrained(tp_plan=...) sets up the process group
+    result["calibration"] = run_calibration(models, tensor_parallel=True)
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    if cli(eval_argv(models, str(out_dir / "eval_tp.json"))) != 0:  # under torchrun: each rank is one of the ranks
+        return 1
     dist.barrier()
     dist.destroy_process_group()
     return 0

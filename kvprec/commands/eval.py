@@ -2,8 +2,9 @@
 perplexity change and top-1 agreement of each policy against an unquantized DynamicCache, with effective bits per
 element from the cache's own accounting. --windows N runs N disjoint windows of the text as one batch (N times the
 predictions); --bits-per-element B wraps every policy in kvprec.policy.budget(policy, bits_per_element=B) (sealed
-pages at most B bits per element, down to INT2). --json writes the rows. A progress bar on stderr counts the
-model calls of every pass. Every argument is checked before the model loads."""
+pages at most B bits per element, down to INT2). --json writes the rows. --tp N runs it tensor parallel over N
+processes (torchrun, as kvprec generate --tp does): the same figures within float rounding. A progress bar on
+stderr counts the model calls of every pass. Every argument is checked before the model loads."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,9 @@ import torch
 
 from .arguments import (UsageError, check_device, check_input_file, check_output_file, make_policy, nonnegative_int,
                         policy_help, positive_float, positive_int, power_of_two, write_json)
-from .model_args import (add_model_arguments, check_adaptive_cache, check_model_name, check_positions, is_tiny,
-                         load_model, model_config)
+from .model_args import (add_model_arguments, add_tp_argument, check_adaptive_cache, check_model_name,
+                         check_positions, check_tensor_parallel, encode_without_model, is_tiny, launch_world,
+                         load_model, model_config, tensor_parallel)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotation-seed", type=nonnegative_int, default=0, metavar="S",
                    help="seed of the key rotations (default 0)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the result rows to this JSON file")
+    add_tp_argument(p, "the rows (bits per element of every rank's cache)")
 
 
 def _read_text(args) -> str:
@@ -93,10 +96,17 @@ def run(args) -> int:
     tokens = None
     if is_tiny(args.model):  # its tokens are the text's bytes (kvprec/models/loading.py): known before loading
         tokens = _tokens(list(text.encode("utf-8")), args)
+    elif args.tp > 1 and launch_world()[1] == 1:  # the ranks could only refuse a short text each: count it here
+        check_tensor_parallel(config, args.tp, args.model)
+        _tokens(encode_without_model(args.model, text), args)
     check_positions(config, args.model, args.prefill + args.tokens - 1,
                     f"--prefill {args.prefill} + --tokens {args.tokens} - 1")
+    code = tensor_parallel(args, config)
+    if code is not None:
+        return code
+    rank, world = launch_world()
 
-    loaded = load_model(args, dtype, device)
+    loaded = load_model(args, dtype, device, tp_plan="auto" if world > 1 else None)
     if tokens is None:
         tokens = _tokens(loaded.encode(text), args)
     suffix = "" if args.bits_per_element is None else f" @{args.bits_per_element:g}b"
@@ -106,11 +116,15 @@ def run(args) -> int:
         group_size=args.group_size, key_rotation=rotation, rotation_seed=args.rotation_seed))
         for spec in args.policy}
     caches.update({hf_cache_name(spec): hf_cache(spec, loaded.model.config) for spec in args.hf_cache})
-    result = compare(loaded.model, tokens, args.prefill, caches, progress=True)
+    result = compare(loaded.model, tokens, args.prefill, caches, progress=rank == 0)  # collective under TP
+    if rank > 0:
+        return 0
+    if world > 1:
+        print(f"tensor parallel over {world} ranks; bits per element of all ranks' caches together")
     print(result.format())
     if args.json:
         write_json(args.json, {"model": loaded.name, "dtype": str(dtype).removeprefix("torch."),
                                "prefill": args.prefill, "tokens": tokens.shape[1] - args.prefill,
                                "windows": tokens.shape[0], "bits_per_element_budget": args.bits_per_element,
-                               "rows": result.rows()})
+                               "tensor_parallel_ranks": world, "rows": result.rows()})
     return 0

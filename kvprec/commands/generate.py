@@ -12,8 +12,9 @@ import torch
 
 from .arguments import (UsageError, check_device, check_input_file, make_policy, policy_help, positive_float,
                         positive_int, power_of_two)
-from .model_args import (add_model_arguments, check_adaptive_cache, check_model_name, check_positions, head_dim,
-                         load_model, model_config)
+from .model_args import (add_model_arguments, add_tp_argument, check_adaptive_cache, check_model_name,
+                         check_positions, check_tensor_parallel, encode_without_model, head_dim, launch_world,
+                         load_model, model_config, tensor_parallel)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,11 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=positive_int, default=512, metavar="N",
                    help="prefill chunk size in tokens (default 512)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--tp", type=positive_int, default=1, metavar="N",
-                   help="tensor parallel over N processes on this machine: relaunches itself under torchrun (gloo on "
-                        "CPU); each rank caches its share of the KV heads, rank 0 prints the text and the memory "
-                        "report of all ranks (default 1). Under torchrun already, the launch's ranks are used.")
-
+    add_tp_argument(p, "the text and the memory report of all ranks")
 
 def check_backend(backend: str, device: torch.device, config) -> None:
     """``--backend triton`` where Triton runs (a CUDA device, or TRITON_INTERPRET=1 on CPU) and takes the model's
@@ -70,54 +67,20 @@ def _read_prompt(args) -> str:
     return prompt
 
 
-def check_tensor_parallel(config, ranks: int, model: str) -> None:
-    """``--tp N``: a Hugging Face checkpoint (transformers shards it at load), whose attention and KV heads split
-    evenly over the ranks."""
-    from kvprec.hf.cache import text_config
-
-    if model == "tiny" or model.endswith(".safetensors"):
-        raise UsageError(f"--tp {ranks}: --model {model} is not a Hugging Face checkpoint, which tensor parallelism "
-                         "loads sharded; use smollm2-135m or a local Hugging Face model directory")
-
-    text = text_config(config)
-    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    if heads % ranks or kv_heads % ranks:
-        fits = [n for n in range(2, kv_heads + 1) if heads % n == 0 and kv_heads % n == 0]
-        raise UsageError(f"--tp {ranks}: the model's {heads} attention heads and {kv_heads} KV heads do not split "
-                         f"evenly over {ranks} ranks; accepted: {', '.join(map(str, fits)) or 'none (1 only)'}")
-
-
-def launch_tensor_parallel(args) -> int:
-    """Run this same command under ``torchrun --nproc-per-node N`` (without --tp) and return its exit code."""
-    import subprocess
-
-    argv = list(getattr(args, "argv", None) or sys.argv[1:])
-    keep, skip = [], False
-    for a in argv:  # drop "--tp N" / "--tp=N": the ranks come from torchrun now
-        if skip:
-            skip = False
-        elif a == "--tp":
-            skip = True
-        elif not a.startswith("--tp="):
-            keep.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.tp), "-m", "kvprec.cli", *keep]
-    return subprocess.run(cmd).returncode
+def check_prompt_tokens(config, args, tokens: int) -> None:
+    """The prompt's ``tokens`` and --max-new-tokens fit the model's positions, and the prompt has a token."""
+    if tokens == 0:
+        raise UsageError("the prompt encodes to no tokens; give a longer --prompt or --prompt-file")
+    check_positions(config, args.model, tokens + args.max_new_tokens - 1,
+                    f"the prompt's {tokens} tokens + --max-new-tokens {args.max_new_tokens} - 1")
 
 
 def run(args) -> int:
-    import os
-
     import kvprec
     from tqdm import tqdm
 
-    from kvprec.hf.distributed import global_memory_report
+    from kvprec.hf.distributed import gather_memory_reports, sum_reports
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.tp > 1 and world == 1:
-        check_model_name(args.model)
-        check_tensor_parallel(model_config(args)[0], args.tp, args.model)
-        return launch_tensor_parallel(args)
-    rank = int(os.environ.get("RANK", "0"))
     check_model_name(args.model)
     device = check_device(args.device)
     prompt = _read_prompt(args)
@@ -126,14 +89,18 @@ def run(args) -> int:
     config, dtype = model_config(args)
     check_adaptive_cache(config, args.model, args.block_size, None, rotation, args.bits_per_element)
     check_backend(args.backend, device, config)
+    if args.tp > 1 and launch_world()[1] == 1:  # the ranks could only refuse the prompt each: check it here
+        check_tensor_parallel(config, args.tp, args.model)
+        check_prompt_tokens(config, args, len(encode_without_model(args.model, prompt)))
+    code = tensor_parallel(args, config)
+    if code is not None:
+        return code
+    rank, world = launch_world()
 
     loaded = load_model(args, dtype, device, tp_plan="auto" if world > 1 else None)
     model = loaded.model
     ids = torch.tensor([loaded.encode(prompt)], device=device)
-    if ids.shape[1] == 0:
-        raise UsageError("the prompt encodes to no tokens; give a longer --prompt or --prompt-file")
-    check_positions(config, args.model, ids.shape[1] + args.max_new_tokens - 1,
-                    f"the prompt's {ids.shape[1]} tokens + --max-new-tokens {args.max_new_tokens} - 1")
+    check_prompt_tokens(config, args, ids.shape[1])
     cache = kvprec.AdaptiveCache(model.config, policy=policy, block_size=args.block_size,
                                  shadow=None if args.shadow == "none" else args.shadow, backend=args.backend,
                                  key_rotation=rotation)
@@ -150,7 +117,8 @@ def run(args) -> int:
                                  max_new_tokens=args.max_new_tokens, do_sample=args.sample, streamer=progress,
                                  pad_token_id=getattr(model.generation_config, "pad_token_id", None) or 0)
         t_decode = time.perf_counter() - t0
-    report = global_memory_report(cache)  # every rank takes part; the same as the cache's own on one process
+    reports = gather_memory_reports(cache)  # every rank takes part; [the cache's own] on one process
+    report = sum_reports(reports)
     if rank > 0:
         return 0
     new = out[0, ids.shape[1]:].tolist()
@@ -159,8 +127,9 @@ def run(args) -> int:
           f"{t_prefill:.2f} s; {len(new)} new tokens in {t_decode:.2f} s = {len(new) / t_decode:.1f} tokens/s "
           f"(policy {args.policy})", file=sys.stderr)
     if world > 1:
-        print(f"tensor parallel over {world} ranks: rank 0 holds {cache.memory_report().resident_bytes} of the "
-              f"{report.resident_bytes} resident bytes below (all ranks)", file=sys.stderr)
+        per_rank = " + ".join(f"{r.resident_bytes:,}" for r in reports)
+        print(f"tensor parallel over {world} ranks: resident bytes per rank {per_rank} = {report.resident_bytes:,}, "
+              "the total of the report below (all ranks)", file=sys.stderr)
     print(report.format(), file=sys.stderr)
     return 0
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .arguments import UsageError, default_device
+from .arguments import UsageError, default_device, positive_int
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -161,3 +162,86 @@ def check_positions(config, model: str, positions: int, what: str) -> None:
     if limit is not None and positions > limit:
         raise UsageError(f"{what} = {positions} positions, beyond the {limit} of --model {model} "
                          "(max_position_embeddings)")
+
+
+# ----------------------------------------------------------------------------------------- tensor parallelism
+def add_tp_argument(p: argparse.ArgumentParser, prints: str) -> None:
+    """``--tp N`` of a command that loads a model; ``prints`` says what rank 0 prints."""
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                   help=f"tensor parallel over N processes on this machine: relaunches itself under torchrun (gloo on "
+                        f"CPU); each rank caches its share of the KV heads, rank 0 prints {prints} (default 1). Under "
+                        "torchrun already, the launch's ranks are used.")
+
+
+def launch_world() -> tuple:
+    """(rank, world size) of this process in a ``torchrun`` launch (its RANK / WORLD_SIZE); (0, 1) outside one."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_tensor_parallel(config, ranks: int, model: str, flag: str = "--tp") -> None:
+    """Tensor parallelism over ``ranks`` processes: a Hugging Face checkpoint (transformers shards it at load),
+    whose attention and KV heads split evenly over the ranks. ``flag`` names where ``ranks`` came from."""
+    from kvprec.hf.cache import text_config
+
+    what = f"{flag} {ranks}"
+    if is_tiny(model):
+        raise UsageError(f"{what}: --model {model} is not a Hugging Face checkpoint, which tensor parallelism "
+                         "loads sharded; use a local Hugging Face model directory (examples/export_tiny_hf.py saves "
+                         "the tiny model as one)")
+    text = text_config(config)
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if heads % ranks or kv_heads % ranks:
+        fits = [n for n in range(2, kv_heads + 1) if heads % n == 0 and kv_heads % n == 0]
+        raise UsageError(f"{what}: the model's {heads} attention heads and {kv_heads} KV heads do not split "
+                         f"evenly over {ranks} ranks; accepted: {', '.join(map(str, fits)) or 'none (1 only)'}")
+
+
+def tensor_parallel(args, config) -> Optional[int]:
+    """After a command's checks, before its model loads: the exit code of the command relaunched under torchrun
+    when ``--tp N`` (N > 1) was given outside a launch (it has finished), else None: this process runs, a rank of a
+    launch (its model loads sharded; :func:`launch_world`) or the only process. The heads must split over the
+    ranks either way."""
+    rank, world = launch_world()
+    if world > 1:
+        check_tensor_parallel(config, world, args.model, flag="torchrun's WORLD_SIZE")
+        return None
+    if args.tp > 1:
+        check_tensor_parallel(config, args.tp, args.model)
+        return launch_tensor_parallel(args)
+    return None
+
+
+def encode_without_model(model: str, text: str) -> list:
+    """The token ids of ``text`` for ``--model``, from its tokenizer alone (the weights are not loaded): what a
+    command checks before it launches ranks that would each refuse the same text."""
+    from kvprec.models import smollm2
+
+    if is_tiny(model):
+        return list(text.encode("utf-8"))  # the tiny model's tokens are bytes (kvprec/models/loading.py)
+    from transformers import AutoTokenizer
+
+    directory = smollm2.checkpoint() if model == smollm2.NAME else Path(model)
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)(text)["input_ids"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"--model {model}: no tokenizer transformers can load offline ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]})") from exc
+
+
+def launch_tensor_parallel(args) -> int:
+    """Run this same command under ``torchrun --nproc-per-node N`` (without --tp) and return its exit code."""
+    import subprocess
+    import sys
+
+    keep, skip = [], False
+    for a in list(getattr(args, "argv", None) or sys.argv[1:]):  # drop "--tp N" / "--tp=N": torchrun's ranks now
+        if skip:
+            skip = False
+        elif a == "--tp":
+            skip = True
+        elif not a.startswith("--tp="):
+            keep.append(a)
+    # --standalone: a free local port for the rendezvous, so that two launches on one machine do not collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.tp), "-m",
+           "kvprec.cli", *keep]
+    return subprocess.run(cmd).returncode

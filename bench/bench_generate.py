@@ -14,18 +14,38 @@ Figures go to benchmark.extra_info and one JSON under bench/results/ with
 the device, versions and shapes, and each cache's ratio against DynamicCache() measured in the same run.
 Note (transformers 5.17): generate's default DynamicCache(config=...) was 4x slower per step than a plain
 DynamicCache(); the baseline here is the plain one.
+
+CPU mode, on the real SmolLM2-135M-Instruct (``kvprec.models.load("smollm2-135m")``: 30 layers, 9 query / 3 KV heads
+of head_dim 64; its package must be installed, nothing is downloaded), one thread::
+
+    KVPREC_BENCH_CPU=1 OMP_NUM_THREADS=1 python -m pytest bench/bench_generate.py -k cpu -q -s
+
+Per (weights dtype, context): FP32 at 4096 and 8192 (KVPREC_BENCH_CONTEXTS), BF16 at 4096
+(KVPREC_BENCH_BF16_CONTEXTS: this CPU class has no native BF16 arithmetic, so BF16 runs several times slower), the
+caches DynamicCache(), QuantizedCache quanto int4 and AdaptiveCache uniform FP32 / INT8 / INT4 and sink_window, one
+after the other in the same process on the same random prompt of context - steps - 2 tokens (prompt and decoded
+tokens stay inside SmolLM2's 8192 positions). The prompt is prefilled in chunks of 1024, each chunk timed; then 2
+untimed and KVPREC_BENCH_STEPS (default 16) timed greedy decode steps (median, p20, p80). The JSON (bench/results/,
+through results_file.py) holds the processor, its flags, the kvprec CPU kernel path, threads, versions, a
+streaming-read bandwidth probe of the same run, each cache's bytes (AdaptiveCache: its own accounting; the others:
+the bytes of every tensor their layers hold), an estimate of the bytes a decode step reads (weights + cache) with
+its GB/s and % of the probe, every ratio against DynamicCache and quanto, and the issue's targets met or not.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 
 import pytest
 import torch
 
 import kvprec
-from decode_timing import mode, prefill, sync, time_decode
-from results_file import write_results
+from decode_timing import mode, prefill, sync, time_decode, timed_prefill, timed_steps
+from results_file import cpu_info, cpu_read_bandwidth, write_results
 
-SMOKE, DEVICE, DTYPE = mode("generate benchmarks")
+CPU = os.environ.get("KVPREC_BENCH_CPU") == "1"
+SMOKE, DEVICE, DTYPE = (False, "cpu", torch.float32) if CPU else mode("generate benchmarks")
 CASES = [(1, 96), (2, 64)] if SMOKE else [(1, 4096), (1, 16384), (8, 8192), (32, 8192)]
 STEPS = 4 if SMOKE else 32
 CHUNK = 32 if SMOKE else 1024
@@ -50,6 +70,8 @@ def _model():
 
 @pytest.fixture(scope="module")
 def model():
+    if CPU:
+        pytest.skip("KVPREC_BENCH_CPU=1 runs the CPU cases (test_cpu_smollm2) only")
     m = _model()
     yield m
     if _RESULTS["cases"] and not SMOKE:  # a smoke run checks the flow; only GPU runs are recorded
@@ -111,8 +133,6 @@ CACHE_NAMES = ["DynamicCache", "kvprec uniform:int4", "kvprec uniform:int4 shado
 @pytest.mark.parametrize("batch,context", CASES, ids=lambda v: str(v))
 @torch.no_grad()
 def test_generate_decode(benchmark, model, batch, context, cache_name):
-    import contextlib
-
     caches = _caches(model)
     if cache_name not in caches:
         pytest.skip(f"{cache_name}: its package is not installed (carry the wheel to the GPU machine)")
@@ -146,3 +166,158 @@ def test_generate_decode(benchmark, model, batch, context, cache_name):
     benchmark.extra_info.update(row)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
+
+
+# ---- CPU mode: SmolLM2-135M-Instruct, one thread ----------------------------------------------------------------
+
+def _env_ints(name: str, default: str) -> list:
+    text = os.environ.get(name, default)
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise ValueError(f"{name}={text!r}: expected positive integers separated by commas, e.g. {default!r}")
+    return values
+
+
+CPU_CONTEXTS = {torch.float32: _env_ints("KVPREC_BENCH_CONTEXTS", "4096,8192") if CPU else [],
+                torch.bfloat16: _env_ints("KVPREC_BENCH_BF16_CONTEXTS", "4096") if CPU else []}
+CPU_STEPS = _env_ints("KVPREC_BENCH_STEPS", "16")[0] if CPU else 0
+CPU_WARMUP = 2
+CPU_CHUNK = 1024
+CPU_CACHES = ("DynamicCache", "QuantizedCache quanto int4", "kvprec uniform:fp32", "kvprec uniform:int8",
+              "kvprec uniform:int4", "kvprec sink_window")
+#: the issue's end-to-end targets (FP32 weights at the largest context; BF16 within 20%: x 0.8 for speed-ups,
+#: x 1.2 for the prefill time ratio)
+TARGETS = {"int4_decode_vs_dynamic": 2.0, "int4_decode_vs_quanto": 3.0, "prefill_vs_dynamic": 1.1}
+_CPU_RESULTS: dict = {"cases": []}
+
+
+def _cpu_cache(model, name: str):
+    """(a fresh cache, attention implementation) for one of CPU_CACHES."""
+    from transformers import DynamicCache
+
+    from kvprec.hf.eval import hf_cache
+
+    if name == "DynamicCache":
+        return DynamicCache(), "sdpa"
+    if name == "QuantizedCache quanto int4":
+        return hf_cache("quanto:4", model.config)(), "sdpa"
+    policy = name.split(" ", 1)[1]
+    return kvprec.AdaptiveCache(model.config, policy=policy), "kvprec"
+
+
+def _cache_bytes(cache) -> int:
+    from kvprec.hf.eval import held_bytes
+
+    if hasattr(cache, "memory_report"):
+        return int(cache.memory_report().resident_bytes)
+    return sum(held_bytes(list(vars(layer).values())) for layer in cache.layers)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """smollm2(dtype) -> SmolLM2-135M-Instruct in that dtype (loaded once per dtype); the JSON is written at the end."""
+    if not CPU:
+        pytest.skip("the CPU end-to-end cases run with KVPREC_BENCH_CPU=1")
+    torch.set_num_threads(1)
+    from kvprec.models import load
+
+    models: dict = {}
+
+    def get(dtype):
+        if dtype not in models:
+            try:
+                models[dtype] = load("smollm2-135m", dtype=dtype).model.eval()
+            except FileNotFoundError as exc:
+                pytest.skip(str(exc))
+        return models[dtype]
+
+    yield get
+    if _CPU_RESULTS["cases"]:
+        info = cpu_info()
+        model = next(iter(models.values()))
+        _CPU_RESULTS.update(cpu=info, threads=torch.get_num_threads(), probe=cpu_read_bandwidth(1),
+                            model="SmolLM2-135M-Instruct", chunk=CPU_CHUNK, steps=CPU_STEPS, warmup_steps=CPU_WARMUP,
+                            model_config={k: getattr(model.config, k) for k in (
+                                "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                "head_dim", "vocab_size", "max_position_embeddings")},
+                            targets=_targets(_CPU_RESULTS["cases"]))
+        probe = _CPU_RESULTS["probe"]["gbps"]
+        for row in _CPU_RESULTS["cases"]:
+            row["decode_pct_of_probe"] = 100.0 * row["decode_gbps_estimate"] / probe
+        import transformers
+
+        _CPU_RESULTS["transformers"] = transformers.__version__
+        print("\nwrote", write_results("generate", _CPU_RESULTS, device="cpu-" + info["model"]))
+
+
+def _ratios(rows: list) -> None:
+    """Every row's ratios against DynamicCache's and quanto's rows of the same (dtype, context): decode speed-up
+    (their median step / this one), prefill time (this one / theirs), cache bytes (this one / theirs)."""
+    for base_name, tag in (("DynamicCache", "dynamic"), ("QuantizedCache quanto int4", "quanto")):
+        base = next(r for r in rows if r["cache"] == base_name)
+        for row in rows:
+            row[f"decode_speedup_vs_{tag}"] = base["median_s"] / row["median_s"]
+            row[f"prefill_time_vs_{tag}"] = row["prefill_s"] / base["prefill_s"]
+            row[f"cache_bytes_vs_{tag}"] = row["cache_bytes"] / base["cache_bytes"]
+
+
+def _targets(rows: list) -> list:
+    """The targets per (dtype, context), each with the measured ratio and whether it is met."""
+    out = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        bf16 = dtype != "torch.float32"  # BF16 weights: within 20% of the FP32 targets
+        speed, time_ = (0.8, 1.2) if bf16 else (1.0, 1.0)
+        for context in sorted({r["context"] for r in rows if r["dtype"] == dtype}):
+            case = {r["cache"]: r for r in rows if r["dtype"] == dtype and r["context"] == context}
+            int4 = case["kvprec uniform:int4"]
+            checks = [("int4 decode speed-up vs DynamicCache", int4["decode_speedup_vs_dynamic"],
+                       ">=", TARGETS["int4_decode_vs_dynamic"] * speed),
+                      ("int4 decode speed-up vs quanto int4", int4["decode_speedup_vs_quanto"],
+                       ">=", TARGETS["int4_decode_vs_quanto"] * speed)]
+            checks += [(f"{name} prefill time vs DynamicCache", r["prefill_time_vs_dynamic"],
+                        "<=", TARGETS["prefill_vs_dynamic"] * time_)
+                       for name, r in case.items() if name.startswith("kvprec")]
+            for what, value, op, bound in checks:
+                met = value >= bound if op == ">=" else value <= bound
+                out.append({"dtype": dtype, "context": context, "what": what, "measured": value,
+                            "target": f"{op} {bound:.3g}", "met": met})
+    return out
+
+
+@pytest.mark.parametrize("dtype,context", [(d, c) for d in (torch.float32, torch.bfloat16) for c in CPU_CONTEXTS[d]],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@torch.no_grad()
+def test_cpu_smollm2(smollm2, dtype, context):
+    """Every cache of CPU_CACHES on one (dtype, context), in turn: prefill timed per chunk, decode steps timed."""
+    if context <= CPU_STEPS + CPU_WARMUP:
+        raise ValueError(f"context {context}: must exceed the {CPU_STEPS + CPU_WARMUP} decoded tokens")
+    model = smollm2(dtype)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    prompt = context - CPU_STEPS - CPU_WARMUP
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    model.set_attn_implementation("sdpa")  # one untimed chunk first: the first cache must not pay one-time costs
+    model(input_ids=ids[:, :CPU_CHUNK], use_cache=False, logits_to_keep=1)
+    rows = []
+    for name in CPU_CACHES:
+        cache, attn = _cpu_cache(model, name)
+        guard = kvprec.enabled(model) if attn == "kvprec" else contextlib.nullcontext()
+        if attn != "kvprec":
+            model.set_attn_implementation(attn)
+        with guard:
+            token, chunks = timed_prefill(model, cache, ids, CPU_CHUNK)
+            timing = timed_steps(model, cache, token, CPU_STEPS, CPU_WARMUP)
+        cache_bytes = _cache_bytes(cache)
+        rows.append({"dtype": str(dtype), "context": context, "prompt_tokens": prompt, "cache": name,
+                     "prefill_s": sum(chunks), "prefill_chunk_s": chunks, **timing, "cache_bytes": cache_bytes,
+                     "weight_bytes": weights, "decode_bytes_estimate": weights + cache_bytes,
+                     "decode_gbps_estimate": (weights + cache_bytes) / timing["median_s"] / 1e9})
+        print(f"\n{dtype} {context} {name}: prefill {sum(chunks):.2f} s, decode median {timing['median_s'] * 1e3:.1f} "
+              f"ms (p20 {timing['p20_s'] * 1e3:.1f}, p80 {timing['p80_s'] * 1e3:.1f}), {cache_bytes / 2 ** 20:.1f} MiB",
+              flush=True)
+        del cache
+        gc.collect()
+    _ratios(rows)
+    _CPU_RESULTS["cases"].extend(rows)

@@ -5,7 +5,9 @@ generation, so blocks are evicted) and Gemma 2 (sliding window and logit softcap
 process. Asserted: FP32 tiers give DynamicCache's tokens under TP; every quantized policy gives the tokens of the
 one-process run (each rank quantizes its heads as the whole model would); each rank holds half the KV heads; the
 global memory report (kvprec.hf.distributed.global_memory_report) is the sum of the ranks' reports, equals the
-one-process cache's bytes for per-head policies, and a global byte budget is met by the ranks together.
+one-process cache's bytes for per-head policies (uniform, sink_window, attention_mass), and a global byte budget and
+a bits-per-element budget are met by the ranks together. Curvature calibration under TP gives each rank the
+one-process map's rows for its heads; ``kvprec eval`` run by the ranks gives the one-process figures.
 """
 from __future__ import annotations
 
@@ -77,10 +79,11 @@ def runs(tmp_path_factory):
 
 CALIBRATIONS = [f"{f}/{mode}" for f in CONFIGS for mode in ("threshold", "budget", "quality")]
 CASES = sorted({f"{f}/{name}" for f in CONFIGS for name, spec, _ in tp_cases.POLICIES
-                if spec != "dynamic" and (spec != "budget" or f == "llama")})
-#: per-head policies: a head's tiers depend on that head alone, so TP stores exactly what one process stores. A byte
-#: budget is met by each rank on its share of the bytes, so its demotions (and tokens) may differ from one process.
-PER_HEAD = [c for c in CASES if not c.endswith("budget bytes")]
+                if spec != "dynamic" and (name != "budget bytes" or f == "llama")})
+#: per-head policies: a head's tiers depend on that head alone, so TP stores exactly what one process stores. A
+#: budget is met by each rank on its share (bytes) or its own pages (bits per element), demoting the least important
+#: of its own heads' blocks, so its demotions (and tokens) may differ from one process.
+PER_HEAD = [c for c in CASES if "budget" not in c]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -127,6 +130,16 @@ def test_a_global_byte_budget_is_met_by_the_ranks_together(runs):
     assert single["llama/budget bytes"]["global_resident_bytes"] <= case["budget"]
     # the budget bites: the ranks hold less than uniform INT4 would
     assert case["global_resident_bytes"] < ranks[0]["llama/int4"]["global_resident_bytes"]
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_a_bits_per_element_budget_holds_over_all_ranks(runs, family):
+    """A bits-per-element budget is a ratio: each rank meets it on its own sealed pages, so their sum meets it."""
+    ranks, single = runs
+    case = [rank[f"{family}/budget bits"] for rank in ranks]
+    assert case[0]["global_page_bits"] == case[1]["global_page_bits"] <= case[0]["budget"]
+    assert single[f"{family}/budget bits"]["global_page_bits"] <= case[0]["budget"]
+    assert case[0]["global_page_bits"] < ranks[0][f"{family}/int4"]["global_page_bits"]  # the budget bites
 
 
 def _config_dir(tmp_path, heads, kv_heads):

@@ -21,7 +21,13 @@ BLOCK = 4
 POLICIES = (("dynamic", "dynamic", None), ("fp32", "uniform:fp32", None), ("int4", "uniform:int4", None),
             ("int2", "uniform:int2", None), ("int2 rotated", "uniform:int2", "orthogonal"),
             ("sink_window", "sink_window:sinks=4,window=8,rest=int4,recent=fp16", None),
-            ("budget bytes", "budget", None))
+            ("attention_mass", "attention_mass:keep=0.5,high=fp16,low=int2", None),
+            ("budget bytes", "budget", None), ("budget bits", "budget", None))
+
+
+def cache_head_dim(config) -> int:
+    text = config.get_text_config(decoder=True)
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
 def run_cases(models: dict, tensor_parallel: bool) -> dict:
@@ -45,9 +51,16 @@ def run_cases(models: dict, tensor_parallel: bool) -> dict:
                 out[f"{family}/{name}"] = {"tokens": gen[0].tolist()}
                 continue
             budget = None
-            if spec == "budget" and family != "llama":
+            if name == "budget bytes" and family != "llama":
                 continue  # a byte budget splits equally over layers: sliding-window families' layers differ
-            if spec == "budget":
+            if name == "budget bits":
+                # halfway between INT4 and INT2 pages: per layer, over the heads this rank holds
+                from kvprec.storage.formats import BlockGeometry, Tier
+
+                g = BlockGeometry(BLOCK, cache_head_dim(model.config))
+                budget = sum(8 * g.page_bytes(t) / (2 * BLOCK * g.head_dim) for t in (Tier.INT4, Tier.INT2)) / 2
+                spec = kvprec.policy.budget("uniform:int4", bits_per_element=budget)
+            elif spec == "budget":
                 # halfway between what uniform INT4 and uniform INT2 held: some blocks must go to INT2, and the
                 # floor (everything at INT2) fits at every length up to the last
                 budget = (out[f"{family}/int4"]["global_resident_bytes"] + out[f"{family}/int2"]["global_resident_bytes"]) // 2
@@ -61,7 +74,7 @@ def run_cases(models: dict, tensor_parallel: bool) -> dict:
                 "tokens": gen[0].tolist(), "local_heads": int(cache.layers[0].tiers().shape[1]),
                 "local_resident_bytes": local.resident_bytes, "global_resident_bytes": total.resident_bytes,
                 "global_elements": int(total.elements.sum()), "global_precision_map": total.precision_map.tolist(),
-                "budget": budget}
+                "global_page_bits": total.page_bits_per_element, "budget": budget}
     return out
 
 
@@ -96,7 +109,7 @@ def run_calibration(models: dict, tensor_parallel: bool) -> dict:
         kwargs = {"tp_plan": "auto"} if tensor_parallel else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
         text = model.config.get_text_config(decoder=True)
-        g = BlockGeometry(BLOCK, text.head_dim or text.hidden_size // text.num_attention_heads)
+        g = BlockGeometry(BLOCK, cache_head_dim(model.config))
         items = text.num_hidden_layers * text.num_key_value_heads * -(-CALIBRATION_TOKENS // BLOCK)
         budget = items * (g.page_bytes(Tier.INT4) + g.page_bytes(Tier.FP16)) // 2
         calibrate = kvprec.policy.Curvature.calibrate

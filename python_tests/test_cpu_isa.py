@@ -123,9 +123,11 @@ def test_environment_variable_forces_the_path_at_load():
 
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("cpu_path", PATHS, indirect=True)
-@pytest.mark.parametrize("d, n", [(64, 16 * 7 + 5), (36, 16 * 4)])  # a tail and no tail; D % 8 == 4
-def test_path_against_reference(cpu_path, tier, d, n):
-    b, hq, hkv = 2, 6, 2
+# a tail and no tail; D % 8 == 4; 4 query heads per KV head at head_dim 128 (the register blocks of decode)
+@pytest.mark.parametrize("d, n, group", [(64, 16 * 7 + 5, 3), (36, 16 * 4, 3), (128, 16 * 5 + 9, 4)])
+def test_path_against_reference(cpu_path, tier, d, n, group):
+    b, hkv = 2, 2
+    hq = hkv * group
     buf = _filled(b, hkv, d, n, tier, group_size=d // 2 if d == 36 else 32)
     q = torch.randn(b, hq, 1, d, generator=torch.Generator().manual_seed(1)) * 1.5
     scale = 1 / math.sqrt(d)
@@ -140,8 +142,9 @@ def test_path_against_reference(cpu_path, tier, d, n):
     vmax = v.double().abs().amax(2).repeat_interleave(hq // hkv, 1).unsqueeze(2)
     assert ((out.double() - want).abs() - (torch.exp(2 * e) - 1).unsqueeze(-1) * vmax).max() <= 1e-5
     assert ((lse.double() - want_lse).abs() - e).max() <= 1e-5
-    # and not far from it in practice: the integer query adds little to the tier's own error
-    assert (out.double() - want).abs().max() <= 0.05
+    # and not far from it in practice: the integer query adds little to the tier's own error (its rounding error
+    # sums over the D channels of a score: INT2 keys at D = 128 measure 0.057)
+    assert (out.double() - want).abs().max() <= 0.05 * max(1.0, d / 64) ** 0.5
 
 
 @pytest.mark.parametrize("cpu_path", PATHS, indirect=True)

@@ -56,6 +56,7 @@ namespace {
 
 constexpr int64_t kTileRows = 64;         // rows (query heads x queries) per work item
 constexpr int64_t kMinBlocksPerSplit = 4;  // a split range reads at least this many blocks
+constexpr int64_t kPrefetchAhead = 2;      // blocks whose pages are asked into cache ahead of the one computed
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Raw view of one tier's pool (PoolView's tensors, contiguous CPU), bytes per page of K / V data.
@@ -203,9 +204,10 @@ void attend_range(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1
       }
     }
     if (t_lo >= t_hi) continue;
-    if (c + 1 < c_end && c + 1 < p.sealed) {
-      prefetch(block_rows(p, b, h, c + 1, p.T, true), D, p.VG, true);
-      prefetch(block_rows(p, b, h, c + 1, p.T, false), D, p.VG, false);
+    for (int64_t f = c == c_begin ? c + 1 : c + kPrefetchAhead; f <= c + kPrefetchAhead; ++f) {
+      if (f >= c_end || f >= p.sealed) break;
+      prefetch(block_rows(p, b, h, f, p.T, true), D, p.VG, true);
+      prefetch(block_rows(p, b, h, f, p.T, false), D, p.VG, false);
     }
     // Scores of every row over the positions some row sees (a row's own range is applied below).
     K.scores(w.q.data(), rows, D, block_rows(p, b, h, c, len, true), t_lo, t_hi, p.scale, w.s.data(), p.T, w.w);

@@ -66,26 +66,17 @@ struct V {
     const F h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
   }
-  // e^x for x <= 0: the polynomial of attention_cpu_scalar.cpp's exp_nonpositive, with fused multiply-adds.
-  static F exp_nonpos(F x) {
-    const F kMin = _mm256_set1_ps(-87.3365447505531f);
-    const F under = _mm256_cmp_ps(x, kMin, _CMP_LT_OQ);
-    const F xc = _mm256_blendv_ps(x, kMin, under);
-    F n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    n = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(127.0f));
-    F r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    F y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    const F two_n = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-    return _mm256_andnot_ps(under, _mm256_mul_ps(y, two_n));
+  // What simd_exp_nonpos (kvprec/cpu_attention_simd.h) needs beyond the above: lane masks, rounding, 2^n.
+  using M = __m256;
+  static M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static F select(M m, F a, F b) { return _mm256_blendv_ps(b, a, m); }  // a where m, else b
+  static F zero_where(M m, F x) { return _mm256_andnot_ps(m, x); }
+  static F round_nearest(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+  // 2^n for integral n in [-126, 127].
+  static F pow2(F n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
   }
   // n FP16 values to FP32 (exact).
   static void f16_to_f32(const uint16_t* h, float* dst, int64_t n) {
@@ -158,14 +149,20 @@ struct V {
       u[3] = _mm256_unpackhi_epi16(c, d);
     }
   }
-  // acc += sum over the PER vectors of u8 x s8 products, 4 per int32 lane. The PER s16 partial sums stay below
-  // PER * 2 * 15 * 127 = 15240 (INT4) or 4 * 2 * 3 * 127 (INT2): no saturation.
+  // Partial u8 x s8 dot products (scores_int_rows): int16 lanes, each the sum of 2 products per maddubs. A lane
+  // gains at most PER * 2 * cmax * 127 per chunk (cmax = 15 for INT4, 3 for INT2: 7620 / 3048), so part_chunks
+  // chunks stay below 32767: vpmaddubsw never saturates and the int16 adds never wrap.
+  using A = __m256i;
   template <int PER>
-  static I dot_u8s8(I acc, const I* u, const int8_t* q) {
-    I s = _mm256_maddubs_epi16(u[0], load_i(q));
-    for (int v = 1; v < PER; ++v) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(u[v], load_i(q + v * IB)));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(s, _mm256_set1_epi16(1)));
+  static constexpr int64_t part_chunks() { return 32767 / (PER * 2 * ((1 << (8 / PER)) - 1) * 127); }
+  static A zero_a() { return _mm256_setzero_si256(); }
+  template <int PER>
+  static A dot_part(A s, const I* u, const int8_t* q) {
+    for (int v = 0; v < PER; ++v) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(u[v], load_i(q + v * IB)));
+    return s;
   }
+  static I part_to_i32(A s) { return _mm256_madd_epi16(s, _mm256_set1_epi16(1)); }
+  static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   static int32_t hsum_i(I a) {
     __m128i x = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
     x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4E));
@@ -176,6 +173,20 @@ struct V {
     const I h = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
                      _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+  }
+  // Values from their codes, strided channels (values_int_strided): W code bytes as W u32 lanes; a field of each
+  // lane as FP32 (x < 256: the top field needs no mask); dst[2j] = a[j], dst[2j + 1] = b[j] for j < W.
+  static I load_u8_u32(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  template <int SHIFT, int BITS>
+  static F field(I x) {
+    if constexpr (SHIFT > 0) x = _mm256_srli_epi32(x, SHIFT);
+    if constexpr (SHIFT + BITS < 8) x = _mm256_and_si256(x, _mm256_set1_epi32((1 << BITS) - 1));
+    return _mm256_cvtepi32_ps(x);
+  }
+  static void store_interleaved(float* dst, F a, F b) {
+    const F lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // per 128-bit lane: a0 b0 a1 b1 | a2 b2 a3 b3
+    store(dst, _mm256_permute2f128_ps(lo, hi, 0x20));
+    store(dst + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
   }
   // NV * W codes of a packed row (natural order) as FP32.
   static void u8x16_to_float(__m128i b, F* out, int nv) {

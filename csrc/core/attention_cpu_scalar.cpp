@@ -15,6 +15,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "kvprec/cpu_exp_poly.h"
 #include "kvprec/cpu_kernels.h"
 
 namespace kvprec::cpu {
@@ -38,20 +39,16 @@ inline float select(bool c, float a, float b) {
 // 0 (no subnormals). Checked over every float in [-87.34, 0] against exp in double: at most 0.98 ulp (libm's expf:
 // 0.5; ATen's Sleef expf_u10: 1). e^0 = 1 exactly. The SIMD paths evaluate the same polynomial.
 inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  constexpr float kMin = -87.3365447505531f, kRound = 12582912.0f;  // ln(FLT_MIN); 1.5 * 2^23
-  const bool under = x < kMin;
-  const float xc = select(under, kMin, x);
-  float n = (xc * kLog2e + kRound) - kRound;  // round to nearest
-  n = select(n < -126.0f, -126.0f, n);        // also keeps a NaN out of the integer conversion
-  n = select(n > 127.0f, 127.0f, n);
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
+  namespace ep = exp_poly;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: (v + kRound) - kRound rounds v to the nearest integer
+  const bool under = x < ep::kMin;
+  const float xc = select(under, ep::kMin, x);
+  float n = (xc * ep::kLog2e + kRound) - kRound;
+  n = select(n < ep::kMinExponent, ep::kMinExponent, n);  // also keeps a NaN out of the integer conversion
+  n = select(n > ep::kMaxExponent, ep::kMaxExponent, n);
+  const float r = (xc - n * ep::kLn2Hi) - n * ep::kLn2Lo;
+  float y = ep::kPoly[0];
+  for (int i = 1; i < 6; ++i) y = y * r + ep::kPoly[i];
   y = y * (r * r) + r + 1.0f;
   const float two_n = std::bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
   return select(under, 0.0f, y * two_n);

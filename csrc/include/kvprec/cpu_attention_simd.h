@@ -3,16 +3,21 @@
 // attention_cpu_avx512.cpp), each compiled with its own -m flags. Everything here is in the including file's
 // anonymous namespace: no inline function is shared with another path. The includer defines, before including:
 //   struct V  with  W (floats per vector F), IB (bytes per integer vector I) and the operations used below
-//   (loads / converts / fmadd / horizontal sums / exp, and the integer dot products of dot_u8s8 / dot_s16).
+//   (loads / converts / fmadd / horizontal sums, the lane masks and 2^n of simd_exp_nonpos, the partial integer
+//   dot products A / dot_part / part_to_i32 and dot_s16, and the strided code loads of values_int_strided).
 //
 // What is computed is the contract of kvprec/cpu_kernels.h. How:
 //   keys, integer pages: per page and query row, q'_c = q_c ks_c, zq = sum_c q_c kz_c, qi_c = round(q'_c * QMAX / a);
 //     the codes are unpacked in registers (shift and mask; INT4 / INT2 interleaved back with unpack instructions,
 //     which leaves the channels in natural order up to a permutation of 16-byte blocks that the query copy
-//     follows), and the integer dot product runs as u8 x s8 (INT4 / INT2) or u16 x s16 (INT8) multiply-adds into
-//     int32 lanes; 4 query rows share each unpacked code vector;
-//   values, integer pages: per page w[r, g, t] = p[r, t] vs[t, g] and zs[r, g] = sum_t p[r, t] vz[t, g]; the codes of
-//     2W channels of a position are converted to FP32 once and multiply-added into 4 rows' accumulators;
+//     follows), and the integer dot product runs as u8 x s8 (INT4 / INT2: int16 partial sums over a few chunks, then
+//     widened) or u16 x s16 (INT8) multiply-adds into int32 lanes; 4 query rows share each unpacked code vector;
+//   values, integer pages: per page w[r, g, t] = p[r, t] vs[t, g] and zs[r, g] = sum_t p[r, t] vz[t, g]; INT4 / INT2
+//     (where PER W channels share a group): one widening load of W code bytes per position gives the channels
+//     c + PER j + k as the k-th bit field of lane j, two fields at a time multiply-added into 4 rows' accumulators and
+//     interleaved back to natural order at the end; INT8 (and the other group sizes): the codes of 2W channels of a
+//     position converted to FP32 once and multiply-added into 4 rows' accumulators. Either way each channel's sum
+//     runs over t in order, one FMA per position;
 //   float pages and the tail: converted in registers (F16C for FP16, a shift for BF16), FMA into 4 rows.
 // Pages whose scale / zero could reach the FP16 clamp, and value groups that are not a multiple of W channels, go
 // through the scalar dequantization (block_to_float) and the float kernels.
@@ -21,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kvprec/cpu_exp_poly.h"
 #include "kvprec/cpu_kernels.h"
 
 namespace {
@@ -52,6 +58,24 @@ bool clamp_cannot_bind(const float* sf, const float* zf, int64_t n, float qmax) 
 // ---------------------------------------------------------------------------------------------------------------
 // Softmax helpers.
 
+// e^x for x <= 0, lane by lane: the polynomial of kvprec/cpu_exp_poly.h (that of the scalar path's exp_nonpositive),
+// with fused multiply-adds. -inf -> 0; below ln(FLT_MIN) -> 0.
+inline typename V::F simd_exp_nonpos(typename V::F x) {
+  namespace ep = kvprec::cpu::exp_poly;
+  using F = typename V::F;
+  const F lowest = V::set1(ep::kMin);
+  const typename V::M under = V::lt(x, lowest);
+  const F xc = V::select(under, lowest, x);
+  F n = V::round_nearest(V::mul(xc, V::set1(ep::kLog2e)));
+  n = V::min(V::max(n, V::set1(ep::kMinExponent)), V::set1(ep::kMaxExponent));
+  F r = V::fnmadd(n, V::set1(ep::kLn2Hi), xc);
+  r = V::fnmadd(n, V::set1(ep::kLn2Lo), r);
+  F y = V::set1(ep::kPoly[0]);
+  for (int i = 1; i < 6; ++i) y = V::fmadd(y, r, V::set1(ep::kPoly[i]));
+  y = V::add(V::fmadd(y, V::mul(r, r), r), V::set1(1.0f));
+  return V::zero_where(under, V::mul(y, V::pow2(n)));
+}
+
 float simd_max(const float* x, int64_t n) {
   typename V::F m = V::set1(kNegInfSimd);
   int64_t t = 0;
@@ -65,13 +89,13 @@ float simd_exp_sum(float* x, int64_t n, float ref) {
   typename V::F acc = V::zero();
   int64_t t = 0;
   for (; t + V::W <= n; t += V::W) {
-    const typename V::F e = V::exp_nonpos(V::sub(V::load(x + t), r));
+    const typename V::F e = simd_exp_nonpos(V::sub(V::load(x + t), r));
     V::store(x + t, e);
     acc = V::add(acc, e);
   }
   if (t < n) {
     const int m = static_cast<int>(n - t);
-    const typename V::F e = V::exp_nonpos(V::sub(V::load_n_fill(x + t, m, kNegInfSimd), r));  // e^-inf = 0
+    const typename V::F e = simd_exp_nonpos(V::sub(V::load_n_fill(x + t, m, kNegInfSimd), r));  // e^-inf = 0
     V::store_n(x + t, e, m);
     acc = V::add(acc, e);
   }
@@ -244,8 +268,11 @@ inline typename V::I load_bytes(const uint8_t* p, int64_t m) {
 }
 
 // dots [RB, T] int32 scratch: the integer dot products are written per position (one horizontal sum for RB rows),
-// then turned into scores a vector of positions at a time.
-template <int PER, int RB>
+// then turned into scores a vector of positions at a time. FULL: every chunk lies inside its row (row_bytes is a
+// multiple of the chunk), so no chunk needs the bounds check of a row's end.
+// INT4 / INT2 (PER > 1): the u8 x s8 products of up to V::part_chunks<PER>() chunks add up in V::A (int16 lanes without
+// VNNI, below 32767: see part_chunks) before one widening to int32, which keeps the widening out of the chunk loop.
+template <int PER, int RB, bool FULL>
 void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
                      int64_t lds, int32_t* dots) {
   const int64_t row_bytes = D / PER, end = k.n * k.ld;
@@ -256,19 +283,26 @@ void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, i
     const uint8_t* row = k.data + t * k.ld;
     typename V::I acc[RB];
     for (int i = 0; i < RB; ++i) acc[i] = V::zero_i();
-    for (int64_t j = 0; j < chunks; ++j) {
-      const int64_t off = t * k.ld + j * kChunk;
-      // Bytes past the row belong to the next row (their query bytes are 0): read them, unless past the page.
-      const int64_t avail = end - off;
-      if constexpr (PER == 1) {
-        const typename V::I x = V::widen_u8(row + j * kChunk, avail);
+    if constexpr (PER == 1) {
+      for (int64_t j = 0; j < chunks; ++j) {
+        // Bytes past the row belong to the next row (their query bytes are 0): read them, unless past the page.
+        const typename V::I x = V::widen_u8(row + j * kChunk, FULL ? kChunk : end - (t * k.ld + j * kChunk));
         for (int i = 0; i < RB; ++i)
           acc[i] = V::dot_s16(acc[i], x, V::load_i(kq.qi + i * kq.qbytes + j * V::IB));
-      } else {
-        typename V::I u[PER];
-        V::template unpack<PER>(load_bytes(row + j * kChunk, avail), u);
-        for (int i = 0; i < RB; ++i)
-          acc[i] = V::template dot_u8s8<PER>(acc[i], u, kq.qi + i * kq.qbytes + j * PER * V::IB);
+      }
+    } else {
+      constexpr int64_t kPart = V::template part_chunks<PER>();
+      for (int64_t j0 = 0; j0 < chunks; j0 += kPart) {
+        typename V::A part[RB];
+        for (int i = 0; i < RB; ++i) part[i] = V::zero_a();
+        for (int64_t j = j0; j < imin(chunks, j0 + kPart); ++j) {
+          typename V::I u[PER];
+          V::template unpack<PER>(FULL ? V::load_i(row + j * kChunk)
+                                       : load_bytes(row + j * kChunk, end - (t * k.ld + j * kChunk)), u);
+          for (int i = 0; i < RB; ++i)
+            part[i] = V::template dot_part<PER>(part[i], u, kq.qi + i * kq.qbytes + j * PER * V::IB);
+        }
+        for (int i = 0; i < RB; ++i) acc[i] = V::add_i(acc[i], V::part_to_i32(part[i]));
       }
     }
     if constexpr (RB == 4) {
@@ -281,6 +315,14 @@ void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, i
   }
   for (int i = 0; i < RB; ++i)
     V::affine_i32(dots + i * k.n + t0, t1 - t0, scale * kq.qs[i], scale * kq.zq[i], s + i * lds + t0);
+}
+
+template <int PER, int RB>
+void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
+                     int64_t lds, int32_t* dots) {
+  constexpr int64_t kChunk = PER == 1 ? V::IB / 2 : V::IB;
+  if ((D / PER) % kChunk == 0) scores_int_rows<PER, RB, true>(kq, D, k, t0, t1, scale, s, lds, dots);
+  else scores_int_rows<PER, RB, false>(kq, D, k, t0, t1, scale, s, lds, dots);
 }
 
 // Work layout of the SIMD kernels (within work_floats): fallback block, its scales / zeros (3 [T, D]); then the
@@ -350,10 +392,54 @@ void values_int_chunk(const float* wg, int64_t ldw, const float* zs, int64_t ldz
   }
 }
 
+// INT4 / INT2, strided channels: one load of W code bytes as u32 lanes holds PER codes per lane; field k of lane j
+// is channel c + PER j + k. A pass takes the fields K0 and K0 + 1 (2 RB accumulators), PER / 2 passes cover the PER W
+// channels of those bytes, and the sums are interleaved back to natural order once at the end. Per position this
+// is one widening load and 2 shifts / masks / conversions per 2W channels (the unpack to bytes of codes_to_float and
+// its extra widenings are not needed). Requires PER W | D and PER W | VG (the channels of a pass share a group).
+template <int PER, int RB, int K0>
+void values_int_strided(const float* wg, int64_t ldw, const float* zs, int64_t ldz, int64_t D, const Rows& v,
+                        int64_t t0, int64_t t1, int64_t c, float* pv) {
+  constexpr int kBits = 8 / PER;
+  typename V::F acc[RB][2];
+  for (int i = 0; i < RB; ++i) acc[i][0] = acc[i][1] = V::zero();
+  const uint8_t* base = v.data + c / PER;
+  for (int64_t t = t0; t < t1; ++t) {
+    const typename V::I x = V::load_u8_u32(base + t * v.ld);
+    const typename V::F a = V::template field<K0 * kBits, kBits>(x), b = V::template field<(K0 + 1) * kBits, kBits>(x);
+    for (int i = 0; i < RB; ++i) {
+      const typename V::F w = V::set1(wg[i * ldw + t]);
+      acc[i][0] = V::fmadd(w, a, acc[i][0]);
+      acc[i][1] = V::fmadd(w, b, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    const typename V::F z = V::set1(zs[i * ldz]);
+    if constexpr (PER == 2) {
+      V::store_interleaved(pv + i * D + c, V::add(acc[i][0], z), V::add(acc[i][1], z));
+    } else {
+      alignas(64) float pair[2 * V::W];
+      V::store_interleaved(pair, V::add(acc[i][0], z), V::add(acc[i][1], z));
+      for (int j = 0; j < V::W; ++j) std::memcpy(pv + i * D + c + PER * j + K0, pair + 2 * j, 2 * sizeof(float));
+    }
+  }
+}
+
 template <int PER, int RB>
 void values_int_rows(const float* w, const float* zs, int64_t groups, int64_t T, int64_t D, int64_t VG,
                      const Rows& v, int64_t t0, int64_t t1, float* pv) {
   // w [RB][groups][T], zs [RB][groups]
+  if constexpr (PER > 1) {
+    constexpr int64_t kSpan = PER * V::W;
+    if (D % kSpan == 0 && VG % kSpan == 0) {
+      for (int64_t c = 0; c < D; c += kSpan) {
+        const int64_t g = c / VG;
+        values_int_strided<PER, RB, 0>(w + g * T, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
+        if constexpr (PER == 4) values_int_strided<PER, RB, 2>(w + g * T, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
+      }
+      return;
+    }
+  }
   const bool two = VG % (2 * V::W) == 0;
   for (int64_t c = 0; c < D;) {
     const int64_t g = c / VG;

@@ -63,26 +63,17 @@ struct V {
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
   }
-  // e^x for x <= 0: the polynomial of attention_cpu_scalar.cpp's exp_nonpositive, with fused multiply-adds.
-  static F exp_nonpos(F x) {
-    const F kMin = _mm512_set1_ps(-87.3365447505531f);
-    const __mmask16 under = _mm512_cmp_ps_mask(x, kMin, _CMP_LT_OQ);
-    const F xc = _mm512_mask_blend_ps(under, x, kMin);
-    F n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    n = _mm512_min_ps(_mm512_max_ps(n, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(127.0f));
-    F r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    F y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    const F two_n = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_mul_ps(y, two_n));
+  // What simd_exp_nonpos (kvprec/cpu_attention_simd.h) needs beyond the above: lane masks, rounding, 2^n.
+  using M = __mmask16;
+  static M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static F select(M m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }  // a where m, else b
+  static F zero_where(M m, F x) { return _mm512_maskz_mov_ps(static_cast<__mmask16>(~m), x); }
+  static F round_nearest(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  // 2^n for integral n in [-126, 127].
+  static F pow2(F n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
   }
   static void f16_to_f32(const uint16_t* h, float* dst, int64_t n) {
     int64_t i = 0;
@@ -121,22 +112,32 @@ struct V {
     const __mmask32 m = avail >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << avail) - 1u);
     return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, p));
   }
+  static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  // Partial u8 x s8 dot products (scores_int_rows; the bound of part_chunks: see attention_cpu_avx2.cpp).
 #ifdef KVPREC_AVX512_VNNI
   static I dot_s16(I acc, I a, I b) { return _mm512_dpwssd_epi32(acc, a, b); }
+  using A = __m512i;  // int32 lanes: vpdpbusd adds 4 products to each
   template <int PER>
-  static I dot_u8s8(I acc, const I* u, const int8_t* q) {
+  static constexpr int64_t part_chunks() { return int64_t{1} << 40; }
+  static A zero_a() { return _mm512_setzero_si512(); }
+  template <int PER>
+  static A dot_part(A acc, const I* u, const int8_t* q) {
     for (int v = 0; v < PER; ++v) acc = _mm512_dpbusd_epi32(acc, u[v], load_i(q + v * IB));
     return acc;
   }
+  static I part_to_i32(A a) { return a; }
 #else
   static I dot_s16(I acc, I a, I b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
-  // The PER s16 partial sums stay below 15240 (see attention_cpu_avx2.cpp): no saturation.
+  using A = __m512i;  // int16 lanes
   template <int PER>
-  static I dot_u8s8(I acc, const I* u, const int8_t* q) {
-    I s = _mm512_maddubs_epi16(u[0], load_i(q));
-    for (int v = 1; v < PER; ++v) s = _mm512_add_epi16(s, _mm512_maddubs_epi16(u[v], load_i(q + v * IB)));
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(s, _mm512_set1_epi16(1)));
+  static constexpr int64_t part_chunks() { return 32767 / (PER * 2 * ((1 << (8 / PER)) - 1) * 127); }
+  static A zero_a() { return _mm512_setzero_si512(); }
+  template <int PER>
+  static A dot_part(A s, const I* u, const int8_t* q) {
+    for (int v = 0; v < PER; ++v) s = _mm512_add_epi16(s, _mm512_maddubs_epi16(u[v], load_i(q + v * IB)));
+    return s;
   }
+  static I part_to_i32(A s) { return _mm512_madd_epi16(s, _mm512_set1_epi16(1)); }
 #endif
   template <int PER>
   static void unpack(I x, I* u) {
@@ -169,6 +170,21 @@ struct V {
     const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(half_i(a), half_i(b)), _mm256_hadd_epi32(half_i(c), half_i(d)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
                      _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+  }
+  // Values from their codes, strided channels (see attention_cpu_avx2.cpp).
+  static I load_u8_u32(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  template <int SHIFT, int BITS>
+  static F field(I x) {
+    if constexpr (SHIFT > 0) x = _mm512_srli_epi32(x, SHIFT);
+    if constexpr (SHIFT + BITS < 8) x = _mm512_and_si512(x, _mm512_set1_epi32((1 << BITS) - 1));
+    return _mm512_cvtepi32_ps(x);
+  }
+  static void store_interleaved(float* dst, F a, F b) {
+    // per 128-bit lane L: lo = a4L b4L a4L+1 b4L+1, hi = a4L+2 b4L+2 a4L+3 b4L+3; out = lo.0 hi.0 lo.1 hi.1 | lo.2 ...
+    const F lo = _mm512_unpacklo_ps(a, b), hi = _mm512_unpackhi_ps(a, b);
+    const F x = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0)), y = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));
+    store(dst, _mm512_shuffle_f32x4(x, x, _MM_SHUFFLE(3, 1, 2, 0)));
+    store(dst + 16, _mm512_shuffle_f32x4(y, y, _MM_SHUFFLE(3, 1, 2, 0)));
   }
   template <int PER, int NV>
   static void codes_to_float(const uint8_t* p, F* out) {

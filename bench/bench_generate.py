@@ -22,10 +22,12 @@ of head_dim 64; its package must be installed, nothing is downloaded), one threa
 
 Per (weights dtype, context): FP32 at 4096 and 8192 (KVPREC_BENCH_CONTEXTS), BF16 at 4096
 (KVPREC_BENCH_BF16_CONTEXTS: this CPU class has no native BF16 arithmetic, so BF16 runs several times slower), the
-caches DynamicCache(), QuantizedCache quanto int4 and AdaptiveCache uniform FP32 / INT8 / INT4 and sink_window, one
-after the other in the same process on the same random prompt of context - steps - 2 tokens (prompt and decoded
-tokens stay inside SmolLM2's 8192 positions). The prompt is prefilled in chunks of 1024, each chunk timed; then 2
-untimed and KVPREC_BENCH_STEPS (default 16) timed greedy decode steps (median, p20, p80). The JSON (bench/results/,
+caches DynamicCache(), QuantizedCache quanto int4 and AdaptiveCache uniform FP32 / INT8 / INT4 and sink_window in
+the same process on the same random prompt of context - steps - 2 tokens (prompt and decoded tokens stay inside
+SmolLM2's 8192 positions), interleaved: each 1024-token prefill chunk, then each of 2 untimed and
+KVPREC_BENCH_STEPS (default 16) timed greedy decode steps, goes through every cache in turn (the order rotating),
+so that the load of a shared machine falls on all caches alike; every forward is timed (prefill: the sum of its
+chunks; decode: median, p20, p80). The JSON (bench/results/,
 through results_file.py) holds the processor, its flags, the kvprec CPU kernel path, threads, versions, a
 streaming-read bandwidth probe of the same run, each cache's bytes (AdaptiveCache: its own accounting; the others:
 the bytes of every tensor their layers hold), an estimate of the bytes a decode step reads (weights + cache) with
@@ -41,7 +43,7 @@ import pytest
 import torch
 
 import kvprec
-from decode_timing import mode, prefill, sync, time_decode, timed_prefill, timed_steps
+from decode_timing import interleaved_cpu_runs, mode, prefill, sync, time_decode
 from results_file import cpu_info, cpu_read_bandwidth, write_results
 
 CPU = os.environ.get("KVPREC_BENCH_CPU") == "1"
@@ -291,7 +293,8 @@ def _targets(rows: list) -> list:
                          ids=lambda v: str(v).replace("torch.", ""))
 @torch.no_grad()
 def test_cpu_smollm2(smollm2, dtype, context):
-    """Every cache of CPU_CACHES on one (dtype, context), in turn: prefill timed per chunk, decode steps timed."""
+    """Every cache of CPU_CACHES on one (dtype, context), interleaved (decode_timing.interleaved_cpu_runs): prefill
+    timed per chunk, decode steps timed."""
     if context <= CPU_STEPS + CPU_WARMUP:
         raise ValueError(f"context {context}: must exceed the {CPU_STEPS + CPU_WARMUP} decoded tokens")
     model = smollm2(dtype)
@@ -300,24 +303,29 @@ def test_cpu_smollm2(smollm2, dtype, context):
     ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     model.set_attn_implementation("sdpa")  # one untimed chunk first: the first cache must not pay one-time costs
     model(input_ids=ids[:, :CPU_CHUNK], use_cache=False, logits_to_keep=1)
-    rows = []
+    runs = []
     for name in CPU_CACHES:
         cache, attn = _cpu_cache(model, name)
-        guard = kvprec.enabled(model) if attn == "kvprec" else contextlib.nullcontext()
-        if attn != "kvprec":
-            model.set_attn_implementation(attn)
-        with guard:
-            token, chunks = timed_prefill(model, cache, ids, CPU_CHUNK)
-            timing = timed_steps(model, cache, token, CPU_STEPS, CPU_WARMUP)
-        cache_bytes = _cache_bytes(cache)
-        rows.append({"dtype": str(dtype), "context": context, "prompt_tokens": prompt, "cache": name,
-                     "prefill_s": sum(chunks), "prefill_chunk_s": chunks, **timing, "cache_bytes": cache_bytes,
-                     "weight_bytes": weights, "decode_bytes_estimate": weights + cache_bytes,
+        scope = (lambda: kvprec.enabled(model)) if attn == "kvprec" else (lambda attn=attn: _attention(model, attn))
+        runs.append((name, cache, scope))
+    timings = interleaved_cpu_runs(model, runs, ids, CPU_CHUNK, CPU_STEPS, CPU_WARMUP)
+    rows = []
+    for name, cache, _ in runs:
+        timing, cache_bytes = timings[name], _cache_bytes(cache)
+        rows.append({"dtype": str(dtype), "context": context, "prompt_tokens": prompt, "cache": name, **timing,
+                     "cache_bytes": cache_bytes, "weight_bytes": weights, "decode_bytes_estimate": weights + cache_bytes,
                      "decode_gbps_estimate": (weights + cache_bytes) / timing["median_s"] / 1e9})
-        print(f"\n{dtype} {context} {name}: prefill {sum(chunks):.2f} s, decode median {timing['median_s'] * 1e3:.1f} "
-              f"ms (p20 {timing['p20_s'] * 1e3:.1f}, p80 {timing['p80_s'] * 1e3:.1f}), {cache_bytes / 2 ** 20:.1f} MiB",
-              flush=True)
-        del cache
-        gc.collect()
+        print(f"\n{dtype} {context} {name}: prefill {timing['prefill_s']:.2f} s, decode median "
+              f"{timing['median_s'] * 1e3:.1f} ms (p20 {timing['p20_s'] * 1e3:.1f}, p80 {timing['p80_s'] * 1e3:.1f}), "
+              f"{cache_bytes / 2 ** 20:.1f} MiB", flush=True)
+    del runs
+    gc.collect()
     _ratios(rows)
     _CPU_RESULTS["cases"].extend(rows)
+
+
+@contextlib.contextmanager
+def _attention(model, attn: str):
+    """Run the model's forwards under transformers' ``attn`` implementation (the stock caches' SDPA)."""
+    model.set_attn_implementation(attn)
+    yield

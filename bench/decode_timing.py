@@ -33,31 +33,46 @@ def prefill(model, cache, batch: int, context: int, chunk: int, device: str) -> 
     return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-def timed_prefill(model, cache, ids: torch.Tensor, chunk: int):
-    """``ids`` [B, n] through ``model`` into ``cache`` in chunks of ``chunk`` (CPU: no synchronisation needed); returns
-    (next token [B, 1], seconds of each chunk)."""
-    seconds = []
-    for s in range(0, ids.shape[1], chunk):
-        t0 = time.perf_counter()
-        out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        seconds.append(time.perf_counter() - t0)
-    return out.logits[:, -1].argmax(-1, keepdim=True), seconds
+def interleaved_cpu_runs(model, runs: list, ids: torch.Tensor, chunk: int, steps: int, warmup: int = 2) -> dict:
+    """Prefill and decode several caches on the CPU in turn, so that the load of a shared machine falls on all of them
+    alike: ``runs`` is a list of (name, cache, context) where ``context()`` gives the context manager a forward of that
+    cache runs under (its attention implementation). Chunk i of ``ids`` [B, n] (``chunk`` tokens) goes through every
+    cache before chunk i + 1, and so do the decode steps (``warmup`` untimed, then ``steps`` timed greedy steps); the
+    order of the caches rotates by one each round. Each forward is timed alone (perf_counter, inside its context).
 
+    Returns name -> {"prefill_s", "prefill_chunk_s", "median_s", "p20_s", "p80_s" (linear interpolation), "step_s",
+    "tokens_per_s" (rows / median step)}."""
+    chunks = {name: [] for name, _, _ in runs}
+    times = {name: [] for name, _, _ in runs}
+    tokens = {}
 
-def timed_steps(model, cache, token: torch.Tensor, steps: int, warmup: int = 2) -> dict:
-    """``warmup`` untimed then ``steps`` timed greedy decode steps on the CPU (perf_counter around each forward);
-    returns median / p20 / p80 seconds (linear interpolation), every step's seconds and tokens/s (rows / median)."""
-    times = []
+    def forward(name, cache, context, input_ids):
+        with context():
+            t0 = time.perf_counter()
+            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            seconds = time.perf_counter() - t0
+        tokens[name] = out.logits[:, -1].argmax(-1, keepdim=True)
+        return seconds
+
+    def rotated(i):
+        return runs[i % len(runs):] + runs[:i % len(runs)]
+
+    for i, s in enumerate(range(0, ids.shape[1], chunk)):
+        for name, cache, context in rotated(i):
+            chunks[name].append(forward(name, cache, context, ids[:, s:s + chunk]))
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    t = torch.tensor(times, dtype=torch.float64)
-    median = statistics.median(times)
-    return {"median_s": median, "p20_s": float(t.quantile(0.2)), "p80_s": float(t.quantile(0.8)), "step_s": times,
-            "tokens_per_s": token.shape[0] / median}
+        for name, cache, context in rotated(i):
+            seconds = forward(name, cache, context, tokens[name])
+            if i >= warmup:
+                times[name].append(seconds)
+    out = {}
+    for name, _, _ in runs:
+        t = torch.tensor(times[name], dtype=torch.float64)
+        median = statistics.median(times[name])
+        out[name] = {"prefill_s": sum(chunks[name]), "prefill_chunk_s": chunks[name], "median_s": median,
+                     "p20_s": float(t.quantile(0.2)), "p80_s": float(t.quantile(0.8)), "step_s": times[name],
+                     "tokens_per_s": ids.shape[0] / median}
+    return out
 
 
 def time_decode(benchmark, model, cache, token: torch.Tensor, steps: int, device: str) -> dict:

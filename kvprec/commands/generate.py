@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     add_tp_argument(p, "the text and the memory report of all ranks")
 
+
 def check_backend(backend: str, device: torch.device, config) -> None:
     """``--backend triton`` where Triton runs (a CUDA device, or TRITON_INTERPRET=1 on CPU) and takes the model's
     head_dim; the other backends run everywhere the cache does."""

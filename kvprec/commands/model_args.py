@@ -201,7 +201,7 @@ def tensor_parallel(args, config) -> Optional[int]:
     when ``--tp N`` (N > 1) was given outside a launch (it has finished), else None: this process runs, a rank of a
     launch (its model loads sharded; :func:`launch_world`) or the only process. The heads must split over the
     ranks either way."""
-    rank, world = launch_world()
+    world = launch_world()[1]
     if world > 1:
         check_tensor_parallel(config, world, args.model, flag="torchrun's WORLD_SIZE")
         return None

@@ -17,7 +17,7 @@ import torch
 PROMPT = [1, 5, 9, 13, 2, 7]  # short: a long prefill briefly holds its whole chunk in the tail, over the budget
 NEW_TOKENS = 26  # past the sliding windows of 12 (Mistral, Gemma 2)
 BLOCK = 4
-#: (name, policy spec or "dynamic", key rotation); the budget case's bytes are set per model in run_cases
+#: (name, policy spec or "dynamic", key rotation); the budget cases' budgets are set per model in run_cases
 POLICIES = (("dynamic", "dynamic", None), ("fp32", "uniform:fp32", None), ("int4", "uniform:int4", None),
             ("int2", "uniform:int2", None), ("int2 rotated", "uniform:int2", "orthogonal"),
             ("sink_window", "sink_window:sinks=4,window=8,rest=int4,recent=fp16", None),
@@ -82,22 +82,13 @@ def run_cases(models: dict, tensor_parallel: bool) -> dict:
 CALIBRATION_TOKENS = 23  # a partial last block
 
 
-def _sum_over_ranks(value: float, tensor_parallel: bool) -> float:
-    import torch.distributed as dist
-
-    if not tensor_parallel:
-        return value
-    total = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(total)
-    return float(total)
-
-
 def run_calibration(models: dict, tensor_parallel: bool) -> dict:
     """Curvature.calibrate on every family in each mode: threshold; a byte budget halfway between every block at
     INT4 and every block at FP16 (the knapsack over every layer, head and block of the model); quality with half
     the predicted error of the threshold map (summed over the ranks). Records each map's rows (this rank's heads)
     and, for the budget map, the tokens the policy generates."""
     import kvprec
+    from kvprec.hf.distributed import sum_over_ranks
     from kvprec.storage.formats import BlockGeometry, Tier
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +108,7 @@ def run_calibration(models: dict, tensor_parallel: bool) -> dict:
             warnings.simplefilter("ignore")  # sliding windows / softcaps are outside the closed form: warned
             maps = {"threshold": calibrate(model, ids, mode="threshold", block_size=BLOCK),
                     "budget": calibrate(model, ids, mode="budget", budget_bytes=budget, block_size=BLOCK)}
-            error = _sum_over_ranks(maps["threshold"].map.predicted_error, tensor_parallel)
+            error = sum_over_ranks(maps["threshold"].map.predicted_error)  # the whole model's
             maps["quality"] = calibrate(model, ids, mode="quality", max_error=error / 2, block_size=BLOCK)
         for mode, policy in maps.items():
             m = policy.map

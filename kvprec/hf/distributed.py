@@ -60,15 +60,16 @@ def head_share(cache, layer) -> float:
     return local / total
 
 
-def sum_over_ranks(value: int) -> int:
-    """``value`` summed over the ranks (all_reduce): every rank must call it; ``value`` itself on one process."""
+def sum_over_ranks(value):
+    """``value`` (an int, or a float summed in FP64) summed over the ranks (all_reduce): every rank must call it;
+    ``value`` itself on one process."""
     import torch.distributed as dist
 
     if rank_and_world()[1] == 1:
         return value
-    total = torch.tensor([value], dtype=torch.int64)
+    total = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.int64)
     dist.all_reduce(total)
-    return int(total)
+    return type(value)(total.item())
 
 
 def gather_memory_reports(cache) -> List:

@@ -13,8 +13,8 @@
 // query heads of h times those queries (row r = g * n + i - i0, n = i1 - i0), at most kTileRows of them (more only
 // when G alone is larger). Decode (Q = 1) is one tile per (b, h); a prefill chunk is cut into tiles, so that a
 // tile's scores stay in cache and a causal tile stops at the block of its last query. Tiles of one (b, h) are
-// ordered 0, last, 1, last - 1, ... so that the contiguous ranges parallel_for hands out mix cheap early tiles
-// with expensive late ones. When there are fewer (b, h, tile) than threads (batch 1 with few KV heads on many
+// ordered 0, last, 1, last - 1, ... so that the workers, which take items in turn from a shared counter
+// (run_items), each get a mix of cheap early tiles and expensive late ones. When there are fewer (b, h, tile) than threads (batch 1 with few KV heads on many
 // cores), each one's blocks are cut into S contiguous ranges (flash-decoding split); each range keeps its own
 // (m, l, acc) and a second pass merges them in range order:
 //   M = max_j m_j;  l = sum_j l_j e^(m_j - M);  acc = sum_j acc_j e^(m_j - M);  lse = M + log l.
@@ -22,7 +22,7 @@
 // the result is the same bits for a given thread count (and for any thread count while S = 1). at::parallel_for
 // is header code: it runs on ATen's OpenMP pool only where this file is compiled with OpenMP, else serially.
 //
-// What a thread holds, allocated once per parallel_for range (FP32): q [rows, D] the item's query rows; s [rows, T]
+// What a worker holds, allocated once per call (FP32): q [rows, D] the item's query rows; s [rows, T]
 // the block's scores, then p; pv [rows, D]; m, l, alpha, psum, lo, hi [rows], acc [rows, D] the online-softmax state
 // and each row's visible range; sums, refs [rows, nchunks] per-block sum_t p_t and reference max, for block_mass;
 // and the kernels' scratch (cpu::work_floats: a few [T, D] arrays).
@@ -43,6 +43,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -288,11 +289,18 @@ void tile_queries(const Problem& p, int64_t k, int64_t* i0, int64_t* i1) {
   *i1 = std::min(p.Q, *i0 + p.tile_q);
 }
 
+// Items are handed out one at a time from a shared counter (each worker takes the next one when done), not as the
+// fixed contiguous ranges of parallel_for: on a machine shared with other work a worker that loses its core for a
+// while no longer holds back the items it was given. What an item computes does not depend on which worker runs
+// it, so the result stays the same bits for a given thread count.
 void run_items(const Problem& p) {
   const int64_t units = p.B * p.Hkv * p.tiles;  // (b, h, tile)
-  at::parallel_for(0, units * p.splits, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = units * p.splits;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     Scratch w(p, p.rows_max);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = next.fetch_add(1, std::memory_order_relaxed); item < items;
+         item = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t unit = item / p.splits, j = item % p.splits;
       const int64_t bh = unit / p.tiles, b = bh / p.Hkv, h = bh % p.Hkv;
       int64_t i0, i1;

@@ -149,12 +149,10 @@ struct V {
       u[3] = _mm256_unpackhi_epi16(c, d);
     }
   }
-  // Partial u8 x s8 dot products (scores_int_rows): int16 lanes, each the sum of 2 products per maddubs. A lane
-  // gains at most PER * 2 * cmax * 127 per chunk (cmax = 15 for INT4, 3 for INT2: 7620 / 3048), so part_chunks
-  // chunks stay below 32767: vpmaddubsw never saturates and the int16 adds never wrap.
+  // Partial u8 x s8 dot products (scores_int_rows): int16 lanes (kPartInt16), each the sum of 2 products per
+  // vpmaddubsw, widened to int32 by part_to_i32.
   using A = __m256i;
-  template <int PER>
-  static constexpr int64_t part_chunks() { return 32767 / (PER * 2 * ((1 << (8 / PER)) - 1) * 127); }
+  static constexpr bool kPartInt16 = true;
   static A zero_a() { return _mm256_setzero_si256(); }
   template <int PER>
   static A dot_part(A s, const I* u, const int8_t* q) {

@@ -267,11 +267,19 @@ inline typename V::I load_bytes(const uint8_t* p, int64_t m) {
   return V::load_i(buf);
 }
 
+// Chunks whose u8 x s8 products one V::A lane may hold. Int16 lanes: a lane gains at most PER * 2 * cmax * 127 per
+// chunk (cmax = 15 for INT4, 3 for INT2: 7620 / 3048), so 32767 / that many chunks never saturate vpmaddubsw nor
+// wrap the int16 adds; int32 lanes (VNNI) hold any row.
+template <int PER>
+constexpr int64_t part_chunks() {
+  return V::kPartInt16 ? 32767 / (PER * 2 * ((1 << (8 / PER)) - 1) * 127) : int64_t{1} << 40;
+}
+
 // dots [RB, T] int32 scratch: the integer dot products are written per position (one horizontal sum for RB rows),
 // then turned into scores a vector of positions at a time. FULL: every chunk lies inside its row (row_bytes is a
 // multiple of the chunk), so no chunk needs the bounds check of a row's end.
-// INT4 / INT2 (PER > 1): the u8 x s8 products of up to V::part_chunks<PER>() chunks add up in V::A (int16 lanes without
-// VNNI, below 32767: see part_chunks) before one widening to int32, which keeps the widening out of the chunk loop.
+// INT4 / INT2 (PER > 1): the u8 x s8 products of up to part_chunks<PER>() chunks add up in V::A (int16 lanes without
+// VNNI) before one widening to int32, which keeps the widening out of the chunk loop.
 template <int PER, int RB, bool FULL>
 void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
                      int64_t lds, int32_t* dots) {
@@ -291,7 +299,7 @@ void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, i
           acc[i] = V::dot_s16(acc[i], x, V::load_i(kq.qi + i * kq.qbytes + j * V::IB));
       }
     } else {
-      constexpr int64_t kPart = V::template part_chunks<PER>();
+      constexpr int64_t kPart = part_chunks<PER>();
       for (int64_t j0 = 0; j0 < chunks; j0 += kPart) {
         typename V::A part[RB];
         for (int i = 0; i < RB; ++i) part[i] = V::zero_a();

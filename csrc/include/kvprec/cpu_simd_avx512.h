@@ -113,12 +113,11 @@ struct V {
     return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, p));
   }
   static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
-  // Partial u8 x s8 dot products (scores_int_rows; the bound of part_chunks: see attention_cpu_avx2.cpp).
+  // Partial u8 x s8 dot products (scores_int_rows): int32 lanes with VNNI, else int16 lanes as on AVX2.
 #ifdef KVPREC_AVX512_VNNI
   static I dot_s16(I acc, I a, I b) { return _mm512_dpwssd_epi32(acc, a, b); }
   using A = __m512i;  // int32 lanes: vpdpbusd adds 4 products to each
-  template <int PER>
-  static constexpr int64_t part_chunks() { return int64_t{1} << 40; }
+  static constexpr bool kPartInt16 = false;
   static A zero_a() { return _mm512_setzero_si512(); }
   template <int PER>
   static A dot_part(A acc, const I* u, const int8_t* q) {
@@ -128,9 +127,8 @@ struct V {
   static I part_to_i32(A a) { return a; }
 #else
   static I dot_s16(I acc, I a, I b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
-  using A = __m512i;  // int16 lanes
-  template <int PER>
-  static constexpr int64_t part_chunks() { return 32767 / (PER * 2 * ((1 << (8 / PER)) - 1) * 127); }
+  using A = __m512i;
+  static constexpr bool kPartInt16 = true;
   static A zero_a() { return _mm512_setzero_si512(); }
   template <int PER>
   static A dot_part(A s, const I* u, const int8_t* q) {

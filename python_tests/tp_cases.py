@@ -25,6 +25,16 @@ POLICIES = (("dynamic", "dynamic", None), ("fp32", "uniform:fp32", None), ("int4
             ("budget bytes", "budget", None), ("budget bits", "budget", None))
 
 
+def load(path: str, tensor_parallel: bool):
+    """The FP32 model at ``path``; sharded over the launch's ranks by transformers' "auto" plan (the
+    DistributedConfig of transformers 5; its tp_plan= argument is deprecated)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    kwargs = {"distributed_config": DistributedConfig(tp_plan="auto")} if tensor_parallel else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
 def cache_head_dim(config) -> int:
     text = config.get_text_config(decoder=True)
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -34,15 +44,14 @@ def run_cases(models: dict, tensor_parallel: bool) -> dict:
     import kvprec
     from kvprec.hf.cache import Int2KeysWarning
     from kvprec.hf.distributed import global_memory_report
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
     torch.manual_seed(0)
     out = {}
     for family, path in models.items():
         if family == "tiny-hf":
             continue  # kvprec eval's model (eval_argv)
-        kwargs = {"tp_plan": "auto"} if tensor_parallel else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+        model = load(path, tensor_parallel)
         ids = torch.tensor([PROMPT])
         for name, spec, rotation in POLICIES:
             if spec == "dynamic":
@@ -90,15 +99,13 @@ def run_calibration(models: dict, tensor_parallel: bool) -> dict:
     import kvprec
     from kvprec.hf.distributed import sum_over_ranks
     from kvprec.storage.formats import BlockGeometry, Tier
-    from transformers import AutoModelForCausalLM
 
     out = {}
     ids = torch.tensor([[(7 * i + 3) % 64 for i in range(CALIBRATION_TOKENS)]])
     for family, path in models.items():
         if family == "tiny-hf":
             continue
-        kwargs = {"tp_plan": "auto"} if tensor_parallel else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+        model = load(path, tensor_parallel)
         text = model.config.get_text_config(decoder=True)
         g = BlockGeometry(BLOCK, cache_head_dim(model.config))
         items = text.num_hidden_layers * text.num_key_value_heads * -(-CALIBRATION_TOKENS // BLOCK)
@@ -140,7 +147,7 @@ def main() -> int:
 
     models, out_dir = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     torch.set_num_threads(1)
-    result = run_cases(models, tensor_parallel=True)  # from_pretrained(tp_plan=...) sets up the process group
+    result = run_cases(models, tensor_parallel=True)  # the sharded from_pretrained sets up the process group
     result["calibration"] = run_calibration(models, tensor_parallel=True)
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     if cli(eval_argv(models, str(out_dir / "eval_tp.json"))) != 0:  # under torchrun: each rank is one of the ranks

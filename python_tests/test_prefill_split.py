@@ -203,10 +203,10 @@ def _assert_same(ref, new):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gemma3", "gpt2"])
 def test_generate_with_a_long_prompt_is_token_exact(tiny_model, split_counter, family):
-    """Left-padded batch of 2 x 90 (the default threshold takes the split on the prompt): every tier FP32 gives
+    """Left-padded batch of 2 x 260 (the default threshold takes the split on the prompt): every tier FP32 gives
     DynamicCache's tokens. Gemma 2 (softcap) stays on the block kernel, every other family takes the split."""
     model = tiny_model(family)
-    ids = _ids(90, batch=2)
+    ids = _ids(260, batch=2)
     mask = torch.ones_like(ids)
     mask[0, :13] = 0
     ref = _generate(model, ids, mask, DynamicCache(config=model.config))
@@ -217,9 +217,11 @@ def test_generate_with_a_long_prompt_is_token_exact(tiny_model, split_counter, f
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
 def test_chunked_prefill_then_verify_chunk_is_token_exact(tiny_model, split_counter, monkeypatch, family):
-    """A 150-token prompt prefilled in chunks of 70 / 70 / 10 (earlier pages under the later chunks; 10 < the
-    threshold, so the block kernel), then a 5-query verify chunk with the threshold lowered to 2 (earlier pages
-    through the split), each forward's logits against DynamicCache's to 1e-4 and the same argmax."""
+    """With the threshold at 64: a 150-token prompt prefilled in chunks of 70 / 70 / 10 (earlier pages under the
+    later chunks; 10 < the threshold, so the block kernel), then a 5-query verify chunk with the threshold lowered
+    to 2 (earlier pages through the split), each forward's logits against DynamicCache's to 1e-4 and the same
+    argmax."""
+    monkeypatch.setattr(prefill, "MIN_QUERIES", 64)
     model = tiny_model(family)
     ids = _ids(155, seed=1)
     caches = [DynamicCache(config=model.config), AdaptiveCache(model.config, policy="uniform:fp32", block_size=8)]
@@ -238,8 +240,9 @@ def test_chunked_prefill_then_verify_chunk_is_token_exact(tiny_model, split_coun
 
 
 def test_rotated_keys_through_the_split_match_the_block_kernel(tiny_model, monkeypatch):
-    """key_rotation stores k R and the layer rotates q before either path: INT4 logits of the split and of the
-    block kernel (threshold raised past the prompt) agree to the integer tiers' score bound."""
+    """key_rotation stores k R and the layer rotates q before either path: INT4 logits of the split (threshold 64)
+    and of the block kernel (threshold raised past the prompt) agree to the integer tiers' score bound."""
+    monkeypatch.setattr(prefill, "MIN_QUERIES", 64)
     model = tiny_model("llama")
     ids = _ids(140, seed=2)
 

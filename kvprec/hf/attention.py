@@ -15,8 +15,10 @@ prefill or speculative verify):
 * key is a :class:`~kvprec.hf.cache.KVHandle`: attention over the layer's buffer, reading each sealed block in its
   own tier (native ``attend`` or the pure-torch reference), with the HF mask ([B, 1, Q, N] bool, or None =
   causal bottom-right), GQA, ``scaling``, ``sliding_window``, ``softcap``; the per-block attention mass goes
-  to the layer's policy when it asks for it. Attention weights, only when requested, come from a dense pass
-  over the gathered K/V (that case only).
+  to the layer's policy when it asks for it. On the CPU a prefill chunk (Q >= kvprec.hf.prefill.MIN_QUERIES, no
+  softcap, no block mass wanted) reads the same stored K/V back part by part through torch's flash-attention kernel
+  and merges the parts by log-sum-exp (kvprec/hf/prefill.py; bench/bench_prefill_attention.py times both).
+  Attention weights, only when requested, come from a dense pass over the gathered K/V (that case only).
 * key is a tensor (no cache, a DynamicCache, training): ``sdpa_attention_forward``, or a dense FP32 pass when
   the call needs softcap or weights, which SDPA cannot give.
 """

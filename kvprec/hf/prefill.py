@@ -1,9 +1,14 @@
 """Prefill attention over an AdaptiveLayer with torch's fused SDPA kernel, part by part, merged by log-sum-exp.
 
 A prefill chunk (query length Q >= :data:`MIN_QUERIES`) through the block kernel (``MixedPrecisionBuffer.attend``)
-costs what a matrix-vector loop costs per query: measured on SmolLM2-135M-Instruct shapes (9 query / 3 KV heads,
-head_dim 64, Q = 1024 after 3k-7k positions, FP32, 1 thread) 1.5-2.5x torch's flash-attention CPU kernel on the
-same K/V, and 2.3x DynamicCache + SDPA end to end. Here the chunk reads the same stored K/V through that GEMM kernel:
+costs what a matrix-vector loop costs per query. Here the chunk reads the same stored K/V through torch's GEMM-based
+flash-attention CPU kernel. bench/bench_prefill_attention.py, at SmolLM2-135M-Instruct's heads (9 query / 3 KV,
+head_dim 64), Q = 1024 after 3072 or 7168 positions, FP32 model, 1 thread: the split takes 0.57-0.71x the block
+kernel's time (FP32 and INT4 blocks) and 0.79-0.92x what DynamicCache's attention takes (SDPA over dense K/V with
+the causal mask). Below Q = 128 (FP32 blocks) or 256 (INT4) the block kernel is faster: ``buffer.gather`` of the
+past (integer blocks are dequantized block by block) then costs more than the kernel's reads.
+
+How:
 
 * the positions are cut into parts: the earlier positions [e0, s0) (s0 = N - Q, the chunk's first position; e0
   the first one any query's window reaches and not evicted) in segments of :data:`SEGMENT` positions, then the
@@ -35,9 +40,9 @@ from typing import Optional
 
 import torch
 
-#: query lengths from which a CPU prefill chunk takes this path (below: the block kernel; the gather of the past
-#: costs about as much as the block kernel's reads for ~30 queries at these shapes)
-MIN_QUERIES = 64
+#: query lengths from which a CPU prefill chunk takes this path (below: the block kernel, faster there; see the
+#: module docstring)
+MIN_QUERIES = 256
 #: earlier positions gathered and attended at once (bounds the dequantized copy alive per layer)
 SEGMENT = 4096
 

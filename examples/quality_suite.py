@@ -70,52 +70,102 @@ def windows(encode, text: str, count: int, length: int) -> torch.Tensor:
     return torch.tensor(ids[:count * length]).view(count, length)
 
 
+def kv_shape(config) -> tuple:
+    """(layers L, KV heads H, head_dim D) of a transformers config."""
+    c = config.get_text_config(decoder=True)
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return c.num_hidden_layers, heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
 def kv_elements(config, batch: int, tokens: int) -> int:
-    """K and V elements of a cache holding ``tokens`` positions of every layer: 2 * L * B * Hkv * N * D."""
-    c = config.get_text_config(decoder=True)
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * batch * heads * tokens * head_dim
+    """K and V elements of a cache holding ``tokens`` positions of every layer: 2 * L * B * H * N * D."""
+    layers, heads, head_dim = kv_shape(config)
+    return 2 * layers * batch * heads * tokens * head_dim
 
 
-def floor_bits(config, batch: int, tokens: int, block_size: int, dtype_bytes: int) -> float:
-    """The fewest whole-cache bits per element any policy can reach with ``tokens`` held: every sealed block at
-    INT2 (codes, FP16 scales and zeros), the unsealed tail in the model dtype, and one rotation matrix per layer."""
-    c = config.get_text_config(decoder=True)
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    geometry = kvprec.BlockGeometry(block_size, head_dim)
-    sealed, tail = divmod(tokens, block_size)
-    per_row_head = sealed * geometry.page_bytes(kvprec.Tier.INT2) + 2 * tail * head_dim * dtype_bytes
-    total = c.num_hidden_layers * (batch * heads * per_row_head + head_dim * head_dim * 4)
-    return total * 8 / kv_elements(config, batch, tokens)
+def floor_bits(config, batch: int, tokens: int, block_size: int, dtype_bytes: int, group_size=None) -> dict:
+    """What the fewest whole-cache bits per K/V element any policy can reach with ``tokens`` held are made of:
+    every sealed block at INT2 and key rotation on. Bits per element, each part over all 2 L B H N D elements:
+
+    * codes: 2 bits per sealed element;
+    * scales_zeros: FP16 scale + zero per key channel per block (32 / T bits per key element) and per value group
+      per token (32 / G bits per value element), over the sealed elements;
+    * tail: the unsealed tail, allocated as a whole block of T positions in the model dtype whatever its fill
+      (T * dtype bits / N per element);
+    * rotation: one D x D FP32 key rotation per layer (D * 32 / (2 B H N));
+    * total (the block table, a few bytes per block, is left out: ~0.1% at these sizes)."""
+    layers, heads, head_dim = kv_shape(config)
+    geometry = kvprec.BlockGeometry(block_size, head_dim, group_size)
+    sealed = tokens // block_size * block_size
+    rows = layers * batch * heads
+    parts = {"codes": rows * sealed * head_dim * 2 * 2 / 8,
+             "scales_zeros": rows * sealed // block_size * geometry.metadata_bytes(kvprec.Tier.INT2),
+             "tail": rows * 2 * block_size * head_dim * dtype_bytes,
+             "rotation": layers * head_dim * head_dim * 4}
+    elements = kv_elements(config, batch, tokens)
+    out = {name: b * 8 / elements for name, b in parts.items()}
+    out["total"] = sum(out.values())
+    return out
 
 
-def caches(config, batch: int, tokens: int, block_size: int, hf_specs, dtype_bytes: int, skipped: list):
-    """Row name -> cache factory. Key rotation (kvprec/storage/rotation.py) is on for every row below 4 bits. Budgets
-    below :func:`floor_bits` are skipped (appended to ``skipped`` with the reason): no policy can meet them."""
-    def make(policy, rotation=None):
+def bits_parts(memory, block_size: int, head_dim: int) -> dict:
+    """A kvprec cache's measured whole-cache bits per element split as :func:`floor_bits` splits them: codes
+    (the page bytes of every tier's data), scales_zeros (the rest of the page bytes), tail, table, rotation."""
+    elements = int(memory.elements.sum())
+    pages = memory.precision_map.sum(dim=(0, 1))  # sealed blocks per tier, every layer, head and batch row
+    codes = sum(int(n) * 2 * block_size * head_dim * t.bits // 8 for t, n in zip(kvprec.Tier, pages.tolist()))
+    byte_parts = {"codes": codes, "scales_zeros": int(memory.tier_bytes.sum()) - codes,
+                  "tail": int(memory.tail_bytes.sum()), "table": int(memory.table_bytes.sum()),
+                  "rotation": int(memory.rotation_bytes.sum())}
+    return {name: b * 8 / elements for name, b in byte_parts.items()}
+
+
+#: name -> (policy spec, block size, key rotation). Chosen on SmolLM2-135M-Instruct, code, against the rows of
+#: LEVERS (README "Quality on a real model"), applied unchanged to every model and kind.
+ROWS = {
+    "uniform:int8": ("uniform:int8", 64, None),
+    "uniform:int4": ("uniform:int4", 64, None),
+    "uniform:int4 rot": ("uniform:int4", 64, "orthogonal"),
+    "uniform:int2 rot": ("uniform:int2", 64, "orthogonal"),
+    "attention_mass 1/4 int4, rest int2, rot": ("attention_mass:keep=0.25,high=int4,low=int2", 64, "orthogonal"),
+}
+#: the other levers tried (``--levers``): block size T, rotation kind, sinks and window.
+LEVERS = {
+    "uniform:int4 T32": ("uniform:int4", 32, None),
+    "uniform:int4 T128": ("uniform:int4", 128, None),
+    "uniform:int4 rot:hadamard": ("uniform:int4", 64, "hadamard"),
+    "uniform:int4 T32 rot:hadamard": ("uniform:int4", 32, "hadamard"),
+    "sinks 64 int8, rest int4": ("sink_window:sinks=64,window=0,rest=int4,recent=int8", 64, None),
+    "uniform:int2 rot:hadamard": ("uniform:int2", 64, "hadamard"),
+    "uniform:int2 T32 rot": ("uniform:int2", 32, "orthogonal"),
+    "sinks 64 + recent 256 int4, rest int2, rot": ("sink_window:sinks=64,window=256,rest=int2,recent=int4", 64,
+                                                   "orthogonal"),
+    "sinks 64 + recent 256 int8, rest int2, rot": ("sink_window:sinks=64,window=256,rest=int2,recent=int8", 64,
+                                                   "orthogonal"),
+}
+
+
+def caches(config, batch: int, tokens: int, hf_specs, dtype_bytes: int, skipped: list, levers: bool = False):
+    """Row name -> (cache factory, block size or None for a stock cache). Budgets below :func:`floor_bits` (at
+    T = 64) are skipped (appended to ``skipped`` with the reason): no policy can meet them."""
+    def make(policy, block_size, rotation):
         return lambda: kvprec.AdaptiveCache(config, policy=policy, block_size=block_size, key_rotation=rotation)
 
-    rows = {"uniform:int8": make("uniform:int8"), "uniform:int4": make("uniform:int4"),
-            "uniform:int2 rot": make("uniform:int2", "orthogonal"),
-            "recent 256 int4, rest int2, rot": make("sink_window:sinks=0,window=256,rest=int2,recent=int4",
-                                                     "orthogonal")}
+    chosen = {**ROWS, **(LEVERS if levers else {})}
+    rows = {name: (make(*row), row[1]) for name, row in chosen.items()}
     elements = kv_elements(config, batch, tokens)
-    floor = floor_bits(config, batch, tokens, block_size, dtype_bytes)
+    floor = floor_bits(config, batch, tokens, 64, dtype_bytes)["total"]
     for bits, _, _ in TARGETS:
         if bits < floor * 1.01:  # 1%: the block table, which the floor leaves out
             skipped.append(f"budget {bits:g} bits: below the {floor:.2f} bits of every block at INT2 plus the "
                            f"model-dtype tail and rotation matrices at {tokens} tokens; no policy can meet it")
             continue
         budget = int(bits * elements / 8)  # whole-cache bytes: at most `bits` per element once `tokens` are held
-        rows[f"budget {bits:g}b over int4, rot"] = make(kvprec.policy.budget("uniform:int4", bytes=budget),
-                                                        "orthogonal")
-        rows[f"budget {bits:g}b over sink4+recent, rot"] = make(
-            kvprec.policy.budget("sink_window:sinks=4,window=128,rest=int4", bytes=budget), "orthogonal")
+        rows[f"budget {bits:g}b over attention_mass int8/int4, rot"] = (make(kvprec.policy.budget(
+            "attention_mass:keep=0.25,high=int8,low=int4", bytes=budget), 64, "orthogonal"), 64)
     for spec in hf_specs:
         try:
-            rows[hf_cache_name(spec)] = hf_cache(spec, config)
+            rows[hf_cache_name(spec)] = (hf_cache(spec, config), None)
         except ValueError as exc:
             print(f"skipped {spec}: {exc}", file=sys.stderr)
     return rows
@@ -126,7 +176,7 @@ def verdict(row) -> tuple:
     name, ppl, top1, bits = row["cache"], row["ppl_change"], row["top1_agreement"], row["bits_per_element"]
     if row.get("page_bits_per_element") is None:
         return "-", None
-    if name == "uniform:int4":
+    if name.split(" ")[0] == "uniform:int4":  # every uniform INT4 variant (block size, rotation)
         return "int4: <= +0.5%, >= 97%", ppl <= 0.005 and top1 >= 0.97
     for limit, max_ppl, min_top1 in TARGETS:
         if bits <= limit:
@@ -171,7 +221,8 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=256, help="teacher-forced predictions per window")
-    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--levers", action="store_true",
+                   help="add the rows of every lever tried (LEVERS: block size, rotation kind, sinks, attention mass)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--hf-caches", default="quanto:4,quanto:2,hqq:4,hqq:2",
                    help="transformers QuantizedCache rows (kvprec.hf.eval.hf_cache specs), comma-separated")
@@ -192,20 +243,29 @@ def main() -> int:
     result = {"command": " ".join(["python"] + sys.argv), "args": vars(args), "model": name,
               "versions": {"torch": torch.__version__, "kvprec": kvprec.__version__, "python": platform.python_version()},
               "kinds": {}}
+    dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    head_dim = kv_shape(config)[2]
+    # The floor of the whole-cache bits (every block INT2, rotation on) and its parts, per block size.
+    result["floor_bits"] = {str(t): floor_bits(config, args.windows, length - 1, t, dtype_bytes) for t in (32, 64, 128)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
         tokens = windows(loaded.encode, kind_text(kind), args.windows, length)
         skipped = []
-        every = caches(config, args.windows, length - 1, args.block_size, [s for s in args.hf_caches.split(",") if s],
-                       torch.finfo(getattr(torch, args.dtype)).bits // 8, skipped)
+        every = caches(config, args.windows, length - 1, [s for s in args.hf_caches.split(",") if s], dtype_bytes,
+                       skipped, args.levers)
         for note in skipped:
             print(f"{kind}: {note}", file=sys.stderr)
         start = time.perf_counter()
-        comparison = compare(loaded.model, tokens, args.prefill, every, progress=True)
+        comparison = compare(loaded.model, tokens, args.prefill, {n: make for n, (make, _) in every.items()},
+                             progress=True)
         rows = comparison.rows()
         for row in rows[1:]:
             row["target"], row["meets_target"] = verdict(row)
+            block_size = every[row["cache"]][1]
+            if block_size is not None:
+                row["block_size"] = block_size
+                row["bits_parts"] = bits_parts(comparison.results[row["cache"]].memory, block_size, head_dim)
         result["kinds"][kind] = {"predictions": int(comparison.reference.nll.numel()),
                                  "reference_perplexity": comparison.reference.perplexity, "rows": rows,
                                  "skipped": skipped,

@@ -1,0 +1,96 @@
+"""Named cache rows on one model and one kind of text, as examples/quality_suite.py measures them: the tuning runs
+that chose the suite's rows (README "Quality on a real model").
+
+    python examples/quality_rows.py --model smollm2-135m --kind code \\
+        "uniform:int4|64|none" "uniform:int4|64|orthogonal" hf:hqq:4 --out runs/rows.json
+
+A row is ``policy|block_size|rotation`` (a kvprec.policy spec, a power-of-two block size, none / hadamard /
+orthogonal key rotation) or ``hf:<spec>`` for a transformers QuantizedCache (kvprec.hf.eval.hf_cache), and is
+named by its text. ``--policy-file NAME=FILE`` registers FILE's only ``Policy`` subclass under NAME, e.g. an
+earlier version of a policy taken with ``git show <commit>:kvprec/hf/policy/attention_mass.py``, to measure a
+change on the same windows.
+The windows are the suite's: ``--windows`` x (``--prefill`` + ``--tokens``) tokens of the kind's text.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import kvprec
+from kvprec.hf.eval import compare, hf_cache
+from kvprec.hf.policy import registry
+from kvprec.models import load
+from quality_suite import KINDS, kind_text, windows
+
+ROTATIONS = {"none": None, "hadamard": "hadamard", "orthogonal": "orthogonal"}
+
+
+def parse_row(text: str, config):
+    """'policy|T|rotation' or 'hf:spec' -> a cache factory (the row is named by its text)."""
+    if text.startswith("hf:"):
+        return hf_cache(text[3:], config)
+    parts = text.split("|")
+    if len(parts) != 3 or parts[2] not in ROTATIONS or not parts[1].isdigit():
+        raise ValueError(f"row {text!r}: expected policy|block_size|rotation (rotation one of "
+                         f"{', '.join(ROTATIONS)}) or hf:<spec>")
+    policy, block_size, rotation = parts[0], int(parts[1]), ROTATIONS[parts[2]]
+
+    def make():
+        return kvprec.AdaptiveCache(config, policy=policy, block_size=block_size, key_rotation=rotation)
+
+    make()  # a bad policy spec or block size fails here, before any pass runs
+    return make
+
+
+def register_file(text: str) -> None:
+    """'NAME=FILE': register the Policy subclass defined in FILE under NAME."""
+    name, _, path = text.partition("=")
+    if not name or not Path(path).is_file():
+        raise ValueError(f"--policy-file {text!r}: expected NAME=FILE with an existing FILE")
+    spec = importlib.util.spec_from_file_location(f"kvprec.hf.policy._file_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = [c for c in vars(module).values() if inspect.isclass(c) and issubclass(c, kvprec.policy.Policy)
+               and c.__module__ == module.__name__]
+    if len(classes) != 1:
+        raise ValueError(f"--policy-file {text!r}: {path} defines {len(classes)} Policy subclasses, expected one")
+    registry.register(name, classes[0])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("rows", nargs="+", help="policy|block_size|rotation or hf:spec")
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--policy-file", action="append", default=[], help="NAME=FILE (repeatable)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load(args.model)
+    try:
+        for text in args.policy_file:
+            register_file(text)
+        rows = {text: parse_row(text, loaded.model.config) for text in args.rows}
+    except ValueError as exc:
+        p.error(str(exc))
+    tokens = windows(loaded.encode, kind_text(args.kind), args.windows, args.prefill + args.tokens)
+    comparison = compare(loaded.model, tokens, args.prefill, rows, progress=True)
+    print(comparison.format())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "args": vars(args),
+                                          "rows": comparison.rows()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

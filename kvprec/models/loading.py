@@ -71,7 +71,10 @@ def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
         if tp_plan is not None:
-            model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype, tp_plan=tp_plan).eval()
+            from transformers.distributed import DistributedConfig  # tp_plan= is deprecated in transformers 5
+
+            model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype,
+                                                         distributed_config=DistributedConfig(tp_plan=tp_plan)).eval()
         else:
             model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype).to(device).eval()
     except (OSError, ValueError, KeyError) as exc:  # what transformers raises for a folder it cannot read

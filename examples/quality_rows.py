@@ -1,7 +1,7 @@
 """Named cache rows on one model and one kind of text, as examples/quality_suite.py measures them: the tuning runs
 that chose the suite's rows (README "Quality on a real model").
 
-    python examples/quality_rows.py --model smollm2-135m --kind code \\
+    python examples/quality_rows.py --model smollm2-135m --kinds code \\
         "uniform:int4|64|none" "uniform:int4|64|orthogonal" hf:hqq:4 --out runs/rows.json
 
 A row is ``policy|block_size|rotation`` (a kvprec.policy spec, a power-of-two block size, none / hadamard /
@@ -66,7 +66,7 @@ def register_file(text: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--kinds", required=True, help=f"comma-separated, of {', '.join(KINDS)}")
     p.add_argument("rows", nargs="+", help="policy|block_size|rotation or hf:spec")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--prefill", type=int, default=2048)
@@ -75,6 +75,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or any(k not in KINDS for k in kinds):
+        p.error(f"--kinds {args.kinds!r}: accepted a comma-separated list of {', '.join(KINDS)}")
     torch.set_num_threads(args.threads)
     loaded = load(args.model)
     try:
@@ -83,12 +86,14 @@ def main() -> int:
         rows = {text: parse_row(text, loaded.model.config) for text in args.rows}
     except ValueError as exc:
         p.error(str(exc))
-    tokens = windows(loaded.encode, kind_text(args.kind), args.windows, args.prefill + args.tokens)
-    comparison = compare(loaded.model, tokens, args.prefill, rows, progress=True)
-    print(comparison.format())
+    result = {"command": " ".join(["python"] + sys.argv), "args": vars(args), "kinds": {}}
+    for kind in kinds:
+        tokens = windows(loaded.encode, kind_text(kind), args.windows, args.prefill + args.tokens)
+        comparison = compare(loaded.model, tokens, args.prefill, rows, progress=True)
+        print(f"\n== {kind}\n{comparison.format()}")
+        result["kinds"][kind] = comparison.rows()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "args": vars(args),
-                                          "rows": comparison.rows()}, indent=1))
+    Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -24,9 +24,11 @@ Rows are held to the targets by their whole-cache bits: uniform INT4 <= +0.5% an
 <= +1.5% and >= 95%; <= 2.6 bits <= +5%; <= 2.2 bits <= +10%. Budgets are whole-cache byte budgets (the policy's
 ``bytes=``) sized so that the cache at the end of the pass holds at most the target bits per element.
 
-The policy settings below were chosen on one kind and one model (the held-out standard-library code on
-examples/models/small_llama_stdlib.safetensors, examples/quality_vs_bits.py) and are applied unchanged to every
-model and kind here. ``--plot`` writes the Pareto plot (perplexity change against whole-cache bits, one panel per
+The rows (``ROWS``: policy, block size, key rotation) were chosen on one model and one kind, SmolLM2-135M-Instruct
+on code, against the other levers tried (``LEVERS``, added by ``--levers``), and are applied unchanged to every
+model and kind here. Each kvprec row also records its whole-cache bits split into codes, scales and zeros, tail,
+block table and rotation (``bits_parts``), and the JSON the parts of the floor (every block at INT2) at
+T = 32 / 64 / 128 (``floor_bits``). ``--plot`` writes the Pareto plot (perplexity change against whole-cache bits, one panel per
 kind) beside the JSON.
 """
 from __future__ import annotations

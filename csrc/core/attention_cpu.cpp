@@ -14,8 +14,8 @@
 // when G alone is larger). Decode (Q = 1) is one tile per (b, h); a prefill chunk is cut into tiles, so that a
 // tile's scores stay in cache and a causal tile stops at the block of its last query. Tiles of one (b, h) are
 // ordered 0, last, 1, last - 1, ... so that the workers, which take items in turn from a shared counter
-// (run_items), each get a mix of cheap early tiles and expensive late ones. When there are fewer (b, h, tile) than threads (batch 1 with few KV heads on many
-// cores), each one's blocks are cut into S contiguous ranges (flash-decoding split); each range keeps its own
+// (run_items), each get a mix of cheap early tiles and expensive late ones. When there are fewer (b, h, tile) than
+// threads (batch 1 with few KV heads on many cores), each one's blocks are cut into S contiguous ranges (flash-decoding split); each range keeps its own
 // (m, l, acc) and a second pass merges them in range order:
 //   M = max_j m_j;  l = sum_j l_j e^(m_j - M);  acc = sum_j acc_j e^(m_j - M);  lse = M + log l.
 // S depends only on the shape and the thread count (split_count), and nothing else is merged across threads, so

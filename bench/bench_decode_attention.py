@@ -406,7 +406,8 @@ def _cpu_summary(cases):
         one, big = by.get((b1, tier, 1)), by.get((b8, tier, 1))
         if one and big and b8 != b1 and "thread_cpu" in one and "thread_cpu" in big:
             out["batch_ratio_over_batch1_thread_cpu"][tier] = {
-                k: big["thread_cpu"][k] / one["thread_cpu"][k] for k in ("speedup_vs_sdpa_fp32", "speedup_vs_sdpa_bf16")}
+                k: big["thread_cpu"][k] / one["thread_cpu"][k]
+                for k in ("speedup_vs_sdpa_fp32", "speedup_vs_sdpa_bf16")}
         if tier in CPU_TARGETS and one and "thread_cpu" in one:
             got = {w: one["thread_cpu"]["pct_of_probe" if w == "pct_of_probe" else f"speedup_vs_{w}"]
                    for w in CPU_TARGETS[tier]}

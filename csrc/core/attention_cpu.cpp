@@ -15,8 +15,8 @@
 // tile's scores stay in cache and a causal tile stops at the block of its last query. Tiles of one (b, h) are
 // ordered 0, last, 1, last - 1, ... so that the workers, which take items in turn from a shared counter
 // (run_items), each get a mix of cheap early tiles and expensive late ones. When there are fewer (b, h, tile) than
-// threads (batch 1 with few KV heads on many cores), each one's blocks are cut into S contiguous ranges (flash-decoding split); each range keeps its own
-// (m, l, acc) and a second pass merges them in range order:
+// threads (batch 1 with few KV heads on many cores), each one's blocks are cut into S contiguous ranges
+// (flash-decoding split); each range keeps its own (m, l, acc) and a second pass merges them in range order:
 //   M = max_j m_j;  l = sum_j l_j e^(m_j - M);  acc = sum_j acc_j e^(m_j - M);  lse = M + log l.
 // S depends only on the shape and the thread count (split_count), and nothing else is merged across threads, so
 // the result is the same bits for a given thread count (and for any thread count while S = 1). at::parallel_for

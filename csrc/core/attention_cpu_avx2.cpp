@@ -174,7 +174,9 @@ struct V {
   }
   // Values from their codes, strided channels (values_int_strided): W code bytes as W u32 lanes; a field of each
   // lane as FP32 (x < 256: the top field needs no mask); dst[2j] = a[j], dst[2j + 1] = b[j] for j < W.
-  static I load_u8_u32(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static I load_u8_u32(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
   template <int SHIFT, int BITS>
   static F field(I x) {
     if constexpr (SHIFT > 0) x = _mm256_srli_epi32(x, SHIFT);
@@ -182,7 +184,8 @@ struct V {
     return _mm256_cvtepi32_ps(x);
   }
   static void store_interleaved(float* dst, F a, F b) {
-    const F lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // per 128-bit lane: a0 b0 a1 b1 | a2 b2 a3 b3
+    // per 128-bit lane: lo = a0 b0 a1 b1, hi = a2 b2 a3 b3
+    const F lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
     store(dst, _mm256_permute2f128_ps(lo, hi, 0x20));
     store(dst + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
   }

@@ -443,7 +443,8 @@ void values_int_rows(const float* w, const float* zs, int64_t groups, int64_t T,
       for (int64_t c = 0; c < D; c += kSpan) {
         const int64_t g = c / VG;
         values_int_strided<PER, RB, 0>(w + g * T, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
-        if constexpr (PER == 4) values_int_strided<PER, RB, 2>(w + g * T, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
+        if constexpr (PER == 4)
+          values_int_strided<PER, RB, 2>(w + g * T, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
       }
       return;
     }

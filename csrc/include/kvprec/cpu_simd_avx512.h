@@ -170,7 +170,9 @@ struct V {
                      _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
   }
   // Values from their codes, strided channels (see attention_cpu_avx2.cpp).
-  static I load_u8_u32(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I load_u8_u32(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   template <int SHIFT, int BITS>
   static F field(I x) {
     if constexpr (SHIFT > 0) x = _mm512_srli_epi32(x, SHIFT);
@@ -180,7 +182,8 @@ struct V {
   static void store_interleaved(float* dst, F a, F b) {
     // per 128-bit lane L: lo = a4L b4L a4L+1 b4L+1, hi = a4L+2 b4L+2 a4L+3 b4L+3; out = lo.0 hi.0 lo.1 hi.1 | lo.2 ...
     const F lo = _mm512_unpacklo_ps(a, b), hi = _mm512_unpackhi_ps(a, b);
-    const F x = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0)), y = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));
+    const F x = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));
+    const F y = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));
     store(dst, _mm512_shuffle_f32x4(x, x, _MM_SHUFFLE(3, 1, 2, 0)));
     store(dst + 16, _mm512_shuffle_f32x4(y, y, _MM_SHUFFLE(3, 1, 2, 0)));
   }

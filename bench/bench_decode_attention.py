@@ -239,7 +239,7 @@ def cpu_run():
     """The run's processor, kvprec CPU path and streaming-read probe per thread count; writes the JSON at the end."""
     _CPU.update(cpu_info())
     _CPU["probe"] = {str(t): cpu_read_bandwidth(t) for t in CPU_THREADS}
-    _CPU["probe_thread_cpu"] = _thread_cpu_probe()
+    _CPU["probe_thread_cpu"] = cpu_read_bandwidth(1, clock="thread_cpu")
     _CPU.update({"block_size": BLOCK_SIZE, "model_dtype": "float32", "rounds": CPU_ROUNDS, "smoke": SMOKE})
     yield _CPU
     _CPU["summary"] = _cpu_summary(_CPU["cases"])
@@ -288,26 +288,6 @@ def _interleaved(fns, rounds):
             c.append((time.thread_time() - c0) * 1e6)
             t.append((time.perf_counter() - t0) * 1e6)
     return times, cpu
-
-
-def _thread_cpu_probe(nbytes=None, rounds=7):
-    """The streaming-read probe of results_file.cpu_read_bandwidth on 1 thread, timed in thread CPU time."""
-    nbytes = nbytes or max(4 * _CPU["llc_bytes"], 2 ** 28)
-    x = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x.amax()
-        times = []
-        for _ in range(rounds):
-            c0 = time.thread_time()
-            x.amax()
-            times.append((time.thread_time() - c0) * 1e6)
-    finally:
-        torch.set_num_threads(old)
-    q = quantiles(times)
-    return {**q, "bytes": nbytes, "gbps": nbytes / (q["median_us"] * 1e-6) / 1e9, "threads": 1,
-            "how": "torch.amax over a uint8 tensor, thread CPU time"}
 
 
 @pytest.mark.parametrize("threads", CPU_THREADS)

@@ -3,9 +3,9 @@
 A prefill chunk (query length Q >= :data:`MIN_QUERIES`) through the block kernel (``MixedPrecisionBuffer.attend``)
 costs what a matrix-vector loop costs per query. Here the chunk reads the same stored K/V through torch's GEMM-based
 flash-attention CPU kernel. bench/bench_prefill_attention.py, at SmolLM2-135M-Instruct's heads (9 query / 3 KV,
-head_dim 64), Q = 1024 after 3072 or 7168 positions, FP32 model, 1 thread: the split takes 0.57-0.71x the block
-kernel's time (FP32 and INT4 blocks) and 0.79-0.92x what DynamicCache's attention takes (SDPA over dense K/V with
-the causal mask). Below Q = 128 (FP32 blocks) or 256 (INT4) the block kernel is faster: ``buffer.gather`` of the
+head_dim 64), Q = 1024 after 3072 or 7168 positions, FP32 model, 1 thread: the split takes 0.67-0.72x the block
+kernel's time (FP32 and INT4 blocks) and 0.80-0.90x what DynamicCache's attention takes (SDPA over dense K/V with
+the causal mask). Below Q = 64-128 (FP32 blocks) or 256 (INT4) the block kernel is faster: ``buffer.gather`` of the
 past (integer blocks are dequantized block by block) then costs more than the kernel's reads.
 
 How:

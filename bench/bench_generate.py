@@ -21,8 +21,9 @@ of head_dim 64; its package must be installed, nothing is downloaded), one threa
     KVPREC_BENCH_CPU=1 OMP_NUM_THREADS=1 python -m pytest bench/bench_generate.py -k cpu -q -s
 
 Per (weights dtype, context): FP32 at 4096 and 8192 (KVPREC_BENCH_CONTEXTS), BF16 at 4096
-(KVPREC_BENCH_BF16_CONTEXTS: this CPU class has no native BF16 arithmetic, so BF16 runs several times slower), the
-caches DynamicCache(), QuantizedCache quanto int4 and AdaptiveCache uniform FP32 / INT8 / INT4 and sink_window in
+(KVPREC_BENCH_BF16_CONTEXTS: this CPU class has no native BF16 arithmetic, so BF16 runs several times slower; an
+empty list runs none), the caches DynamicCache(), QuantizedCache quanto int4 and AdaptiveCache uniform FP32 / INT8 /
+INT4 and sink_window (KVPREC_BENCH_CACHES: a subset that keeps the first two and uniform:int4) in
 the same process on the same random prompt of context - steps - 2 tokens (prompt and decoded tokens stay inside
 SmolLM2's 8192 positions), interleaved: each 1024-token prefill chunk, then each of 2 untimed and
 KVPREC_BENCH_STEPS (default 16) timed greedy decode steps, goes through every cache in turn (the order rotating),
@@ -172,24 +173,38 @@ def test_generate_decode(benchmark, model, batch, context, cache_name):
 
 # ---- CPU mode: SmolLM2-135M-Instruct, one thread ----------------------------------------------------------------
 
-def _env_ints(name: str, default: str) -> list:
+def _env_ints(name: str, default: str, allow_empty: bool = False) -> list:
     text = os.environ.get(name, default)
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise ValueError(f"{name}={text!r}: expected positive integers separated by commas, e.g. {default!r}")
+        values = [0]
+    if (not values and not allow_empty) or any(v <= 0 for v in values):
+        raise ValueError(f"{name}={text!r}: expected positive integers separated by commas, e.g. {default!r}"
+                         + (" (or empty for none)" if allow_empty else ""))
     return values
 
 
-CPU_CONTEXTS = {torch.float32: _env_ints("KVPREC_BENCH_CONTEXTS", "4096,8192") if CPU else [],
-                torch.bfloat16: _env_ints("KVPREC_BENCH_BF16_CONTEXTS", "4096") if CPU else []}
+def _env_caches(default: tuple) -> tuple:
+    """KVPREC_BENCH_CACHES: a comma-separated subset of ``default`` (the baselines and kvprec uniform:int4 required)."""
+    text = os.environ.get("KVPREC_BENCH_CACHES")
+    if text is None:
+        return default
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    needed = {"DynamicCache", "QuantizedCache quanto int4", "kvprec uniform:int4"}
+    if set(names) - set(default) or needed - set(names):
+        raise ValueError(f"KVPREC_BENCH_CACHES={text!r}: expected a comma-separated subset of {', '.join(default)} "
+                         f"that includes {', '.join(sorted(needed))}")
+    return tuple(n for n in default if n in names)
+
+
+CPU_CONTEXTS = {torch.float32: _env_ints("KVPREC_BENCH_CONTEXTS", "4096,8192", True) if CPU else [],
+                torch.bfloat16: _env_ints("KVPREC_BENCH_BF16_CONTEXTS", "4096", True) if CPU else []}
 CPU_STEPS = _env_ints("KVPREC_BENCH_STEPS", "16")[0] if CPU else 0
 CPU_WARMUP = 2
 CPU_CHUNK = 1024
-CPU_CACHES = ("DynamicCache", "QuantizedCache quanto int4", "kvprec uniform:fp32", "kvprec uniform:int8",
-              "kvprec uniform:int4", "kvprec sink_window")
+CPU_CACHES = _env_caches(("DynamicCache", "QuantizedCache quanto int4", "kvprec uniform:fp32", "kvprec uniform:int8",
+                           "kvprec uniform:int4", "kvprec sink_window"))
 #: the issue's end-to-end targets (FP32 weights at the largest context; BF16 within 20%: x 0.8 for speed-ups,
 #: x 1.2 for the prefill time ratio)
 TARGETS = {"int4_decode_vs_dynamic": 2.0, "int4_decode_vs_quanto": 3.0, "prefill_vs_dynamic": 1.1}

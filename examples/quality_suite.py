@@ -198,8 +198,9 @@ def plot(result: dict, path: Path) -> None:
     for ax, kind in zip(axes[0], kinds):
         for row in result["kinds"][kind]["rows"][1:]:
             stock = row.get("page_bits_per_element") is None
+            met = row.get("meets_target")
             ax.scatter(row["bits_per_element"], 100 * row["ppl_change"], marker="s" if stock else "o",
-                       color="tab:gray" if stock else ("tab:green" if row.get("meets_target") else "tab:red"))
+                       color="tab:gray" if stock else {True: "tab:green", False: "tab:red", None: "tab:blue"}[met])
             ax.annotate(row["cache"], (row["bits_per_element"], 100 * row["ppl_change"]), fontsize=6,
                         xytext=(3, 2), textcoords="offset points")
         for bits, max_ppl, _ in TARGETS:
@@ -209,8 +210,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_title(f"{result['model']}: {kind}")
         ax.grid(alpha=0.3)
-    fig.suptitle("green: meets its target, red: misses it, gray squares: transformers QuantizedCache; "
-                 "dotted: targets", fontsize=8)
+    fig.suptitle("green: meets its target, red: misses it, blue: no target at its bits, gray squares: transformers "
+                 "QuantizedCache; dotted: targets", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -73,8 +73,16 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--policy-file", action="append", default=[], help="NAME=FILE (repeatable)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prefill-attention", choices=("auto", "block-kernel"), default="auto",
+                   help="auto: CPU prefill chunks of >= kvprec.hf.prefill.MIN_QUERIES queries attend through the "
+                        "SDPA split (kvprec/hf/prefill.py); block-kernel: every chunk through the block kernel, as "
+                        "before the split existed (the same attention to ~1e-6, other rounding)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.prefill_attention == "block-kernel":
+        from kvprec.hf import prefill
+
+        prefill.MIN_QUERIES = 2 ** 62  # no chunk is that long: the split never applies
     kinds = [k for k in args.kinds.split(",") if k]
     if not kinds or any(k not in KINDS for k in kinds):
         p.error(f"--kinds {args.kinds!r}: accepted a comma-separated list of {', '.join(KINDS)}")

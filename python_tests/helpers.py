@@ -1,4 +1,6 @@
-"""Shared test helpers: parametrize by available device (CPU always, CUDA where present)."""
+"""Shared test helpers: parametrize by available device (CPU always, CUDA where present), compare bits, build awkward
+blocks, and check that a study refuses bad arguments before writing anything."""
+import pytest
 import torch
 
 
@@ -44,3 +46,15 @@ def evicted_view(paged, count: int):
     tiers[..., :count] = -1
     pages[..., :count] = -1
     return replace(paged, tiers=tiers, pages=pages, evicted_blocks=count)
+
+
+def assert_refused_before_writing(main, argv: list, cases: list, tmp_path, capsys) -> None:
+    """Each (extra arguments, message) of ``cases``: ``main(argv + extra + ["--out", DIR])`` exits with status 2,
+    its error names ``message``, and DIR was never created (a study checks every argument before writing)."""
+    for i, (extra, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        with pytest.raises(SystemExit) as exc:
+            main(argv + extra + ["--out", str(out)])
+        assert exc.value.code == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not out.exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, TINY_VOCAB
+from helpers import assert_refused_before_writing
 from kvprec.hf.cache import AdaptiveCache
 from kvprec.models.loading import LoadedModel
 from kvprec.storage.formats import Tier
@@ -450,12 +451,7 @@ def test_command_line_refusals_name_the_argument(tmp_path, capsys):
              (["--dataset", str(tmp_path / "missing.json")], "--dataset"), (["--dataset", str(bad)], "problem 0"),
              (["--key-rotation", "spin"], "--key-rotation"), (["--adapt-fraction", "0"], "--adapt-fraction"),
              (["--problems", "0"], "--problems")]
-    for i, (extra, message) in enumerate(cases):
-        with pytest.raises(SystemExit) as exc:
-            main(TINY_RUN + extra + ["--out", str(tmp_path / f"run{i}")])
-        assert exc.value.code == 2, extra
-        assert message in capsys.readouterr().err, extra
-        assert not (tmp_path / f"run{i}").exists()
+    assert_refused_before_writing(main, TINY_RUN, cases, tmp_path, capsys)
 
 
 def test_problems_batched_together_measure_as_alone(tiny_model):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kvprec
+from helpers import assert_refused_before_writing
 from kvprec.studies.recall import data, prompt, recall, stats, study
 from kvprec.studies.recall.attention import MaskedRows, OracleRecorder, attend_scores, scores, study_attention
 from kvprec.studies.recall.policies import H2O, TOVA, PrefillStats, SnapKV, StreamingLLM, evict_lowest, make
@@ -509,12 +510,7 @@ def test_command_line_refusals_name_the_argument(tmp_path, capsys):
              (["--dataset", str(tmp_path / "missing.jsonl")], "--dataset"), (["--dataset", str(bad)], "line 1"),
              (["--etr-bases", "lru"], "--etr-bases"), (["--kvprec-policy", "uniform:int4"], "--kvprec-policy"),
              (["--entropy-bins", "2,1"], "--entropy-bins"), (["--device", "tpu"], "--device")]
-    for i, (extra, message) in enumerate(cases):
-        with pytest.raises(SystemExit) as exc:
-            main(TINY_RUN + extra + ["--out", str(tmp_path / f"run{i}")])
-        assert exc.value.code == 2, extra
-        assert message in capsys.readouterr().err, extra
-        assert not (tmp_path / f"run{i}").exists()
+    assert_refused_before_writing(main, TINY_RUN, cases, tmp_path, capsys)
 
 
 def test_choose_base_reads_phase_one():

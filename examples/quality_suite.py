@@ -30,6 +30,10 @@ model and kind here. Each kvprec row also records its whole-cache bits split int
 block table and rotation (``bits_parts``), and the JSON the parts of the floor (every block at INT2) at
 T = 32 / 64 / 128 (``floor_bits``). ``--plot`` writes the Pareto plot (perplexity change against whole-cache bits, one panel per
 kind) beside the JSON.
+
+Each row also carries its figures per window (``per_window``), a 95% interval across windows (``interval_95``,
+:func:`window_interval`) and whether its target is met, not met or not settled by that interval (``settled``,
+:func:`settled`): a verdict from one run is not a measurement when rounding alone moves it by about a point.
 """
 from __future__ import annotations
 
@@ -147,17 +151,21 @@ LEVERS = {
 }
 
 
-def caches(config, batch: int, tokens: int, hf_specs, dtype_bytes: int, skipped: list, levers: bool = False):
-    """Row name -> (cache factory, block size or None for a stock cache). Budgets below :func:`floor_bits` (at
-    T = 64) are skipped (appended to ``skipped`` with the reason): no policy can meet them."""
+def caches(config, batch: int, tokens: int, hf_specs, dtype_bytes: int, skipped: list, levers: bool = False,
+           names=None):
+    """Row name -> (cache factory, block size or None for a stock cache). ``names``: only these rows of ROWS and
+    LEVERS (and no budget rows); None: ROWS (with LEVERS if ``levers``) and the budget rows. Budgets below
+    :func:`floor_bits` (at T = 64) are skipped (appended to ``skipped`` with the reason): no policy can meet them."""
     def make(policy, block_size, rotation):
         return lambda: kvprec.AdaptiveCache(config, policy=policy, block_size=block_size, key_rotation=rotation)
 
     chosen = {**ROWS, **(LEVERS if levers else {})}
+    if names is not None:
+        chosen = {name: {**ROWS, **LEVERS}[name] for name in names}
     rows = {name: (make(*row), row[1]) for name, row in chosen.items()}
     elements = kv_elements(config, batch, tokens)
     floor = floor_bits(config, batch, tokens, 64, dtype_bytes)["total"]
-    for bits, _, _ in TARGETS:
+    for bits, _, _ in TARGETS if names is None else ():
         if bits < floor * 1.01:  # 1%: the block table, which the floor leaves out
             skipped.append(f"budget {bits:g} bits: below the {floor:.2f} bits of every block at INT2 plus the "
                            f"model-dtype tail and rotation matrices at {tokens} tokens; no policy can meet it")
@@ -173,18 +181,73 @@ def caches(config, batch: int, tokens: int, hf_specs, dtype_bytes: int, skipped:
     return rows
 
 
-def verdict(row) -> tuple:
-    """(target, met) by the row's whole-cache bits; uniform INT4 by name; stock caches are held to none."""
-    name, ppl, top1, bits = row["cache"], row["ppl_change"], row["top1_agreement"], row["bits_per_element"]
+def target(row) -> tuple:
+    """(label, max perplexity change, min top-1 or None) of the row's target, by its whole-cache bits; uniform INT4
+    by name; ("-", None, None) where none applies (stock caches, sub-4-bit rows above 3.0 bits)."""
     if row.get("page_bits_per_element") is None:
-        return "-", None
-    if name.split(" ")[0] == "uniform:int4":  # every uniform INT4 variant (block size, rotation)
-        return "int4: <= +0.5%, >= 97%", ppl <= 0.005 and top1 >= 0.97
+        return "-", None, None
+    if row["cache"].split(" ")[0] == "uniform:int4":  # every uniform INT4 variant (block size, rotation)
+        return "int4: <= +0.5%, >= 97%", 0.005, 0.97
     for limit, max_ppl, min_top1 in TARGETS:
-        if bits <= limit:
+        if row["bits_per_element"] <= limit:
             label = f"<= {limit:g} bits: <= +{max_ppl:.1%}" + (f", >= {min_top1:.0%}" if min_top1 else "")
-            return label, ppl <= max_ppl and (min_top1 is None or top1 >= min_top1)
-    return "-", None
+            return label, max_ppl, min_top1
+    return "-", None, None
+
+
+def verdict(row) -> tuple:
+    """(target, met) of the row's figures over all windows together; met is None where no target applies."""
+    label, max_ppl, min_top1 = target(row)
+    if max_ppl is None:
+        return label, None
+    return label, row["ppl_change"] <= max_ppl and (min_top1 is None or row["top1_agreement"] >= min_top1)
+
+
+def per_window(comparison, name: str) -> dict:
+    """One cache's figures per window (row b of the batch): perplexity change exp(d_b) - 1 with d_b the mean NLL
+    difference to the reference over the window's predictions, and top-1 agreement a_b. With the same number of
+    predictions per window, the row's overall figures are exp(mean_b d_b) - 1 and mean_b a_b."""
+    ref, res = comparison.reference, comparison.results[name]
+    diff = (res.nll.double() - ref.nll.double()).mean(1)
+    agree = (res.argmax == ref.argmax).double().mean(1)
+    return {"ppl_change": torch.expm1(diff).tolist(), "top1_agreement": agree.tolist()}
+
+
+def window_interval(figures: dict, confidence: float = 0.95):
+    """A ``confidence`` interval across windows from :func:`per_window`'s figures, or None for one window.
+
+    Student-t over the n windows as independent samples (the predictions inside one window are not: a rounding
+    flip early in the window moves every later one): mean +- t_{(1+confidence)/2, n-1} s / sqrt(n), with s the
+    windows' sample standard deviation; for perplexity on the mean NLL difference d_b = log1p(ppl change), mapped
+    back by exp(.) - 1; top-1 clipped to [0, 1]. Returns {"ppl_change": [lo, hi], "top1_agreement": [lo, hi]}."""
+    from scipy.stats import t as student_t
+
+    n = len(figures["top1_agreement"])
+    if n < 2:
+        return None
+    half = student_t.ppf((1 + confidence) / 2, n - 1) / n ** 0.5
+    d = torch.log1p(torch.tensor(figures["ppl_change"], dtype=torch.float64))
+    a = torch.tensor(figures["top1_agreement"], dtype=torch.float64)
+    ppl = torch.expm1(d.mean() + half * d.std() * torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    top1 = (a.mean() + half * a.std() * torch.tensor([-1.0, 1.0], dtype=torch.float64)).clamp(0, 1)
+    return {"ppl_change": ppl.tolist(), "top1_agreement": top1.tolist()}
+
+
+def settled(row):
+    """Whether the row's interval settles its target: "met" (every bound on the good side of every limit), "not
+    met" (some interval wholly on the bad side), "not settled" (an interval straddles a limit and none is wholly
+    bad); None where no target applies or the row has no interval."""
+    _, max_ppl, min_top1 = target(row)
+    interval = row.get("interval_95")
+    if max_ppl is None or interval is None:
+        return None
+    (ppl_lo, ppl_hi), (top1_lo, top1_hi) = interval["ppl_change"], interval["top1_agreement"]
+    checks = [(ppl_hi <= max_ppl, ppl_lo > max_ppl)]  # (surely met, surely missed)
+    if min_top1 is not None:
+        checks.append((top1_lo >= min_top1, top1_hi < min_top1))
+    if any(missed for _, missed in checks):
+        return "not met"
+    return "met" if all(met for met, _ in checks) else "not settled"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -221,7 +284,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="what kvprec.models.load accepts: tiny, smollm2-135m, a path")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
-    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--windows", type=int, default=2,
+                   help="disjoint windows per kind (>= 2 for the interval across windows)")
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=256, help="teacher-forced predictions per window")
     p.add_argument("--levers", action="store_true",
@@ -229,6 +293,8 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--hf-caches", default="quanto:4,quanto:2,hqq:4,hqq:2",
                    help="transformers QuantizedCache rows (kvprec.hf.eval.hf_cache specs), comma-separated")
+    p.add_argument("--row", action="append", dest="rows", metavar="NAME",
+                   help="run only this row of ROWS or LEVERS, by name (repeatable; no budget rows then)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="JSON file; the Pareto plot goes beside it (.png)")
     args = p.parse_args()
@@ -238,6 +304,11 @@ def main() -> int:
             p.error(f"--kinds: unknown kind {k!r}; accepted: {', '.join(KINDS)}")
     if args.prefill < 1024:
         p.error(f"--prefill {args.prefill}: the suite measures long contexts, use >= 1024")
+    if args.windows < 1:
+        p.error(f"--windows {args.windows}: use >= 1 (>= 2 for an interval across windows)")
+    for row in args.rows or ():
+        if row not in {**ROWS, **LEVERS}:
+            p.error(f"--row {row!r}: accepted: {'; '.join({**ROWS, **LEVERS})}")
     torch.set_num_threads(args.threads)
     loaded = load(args.model, dtype=getattr(torch, args.dtype))
     config = loaded.model.config
@@ -252,24 +323,35 @@ def main() -> int:
     result["floor_bits"] = {str(t): floor_bits(config, args.windows, length - 1, t, dtype_bytes) for t in (32, 64, 128)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    texts = {}
+    for kind in kinds:  # every kind's windows before the first pass: too short a text fails at once
+        try:
+            texts[kind] = windows(loaded.encode, kind_text(kind), args.windows, length)
+        except (ValueError, FileNotFoundError) as exc:
+            p.error(f"--kinds {kind} --windows {args.windows}: {exc}")
     for kind in kinds:
-        tokens = windows(loaded.encode, kind_text(kind), args.windows, length)
+        tokens = texts[kind]
         skipped = []
         every = caches(config, args.windows, length - 1, [s for s in args.hf_caches.split(",") if s], dtype_bytes,
-                       skipped, args.levers)
+                       skipped, args.levers, args.rows)
         for note in skipped:
             print(f"{kind}: {note}", file=sys.stderr)
         start = time.perf_counter()
         comparison = compare(loaded.model, tokens, args.prefill, {n: make for n, (make, _) in every.items()},
                              progress=True)
         rows = comparison.rows()
+        rows[0]["per_window"] = {"perplexity": torch.exp(comparison.reference.nll.double().mean(1)).tolist()}
         for row in rows[1:]:
             row["target"], row["meets_target"] = verdict(row)
+            row["per_window"] = per_window(comparison, row["cache"])
+            row["interval_95"] = window_interval(row["per_window"])
+            row["settled"] = settled(row)
             block_size = every[row["cache"]][1]
             if block_size is not None:
                 row["block_size"] = block_size
                 row["bits_parts"] = bits_parts(comparison.results[row["cache"]].memory, block_size, head_dim)
-        result["kinds"][kind] = {"predictions": int(comparison.reference.nll.numel()),
+        result["kinds"][kind] = {"predictions": int(comparison.reference.nll.numel()), "windows": args.windows,
+                                 "interval": "95%, Student-t across windows (window_interval)",
                                  "reference_perplexity": comparison.reference.perplexity, "rows": rows,
                                  "skipped": skipped,
                                  "seconds": time.perf_counter() - start}
@@ -277,7 +359,10 @@ def main() -> int:
         print(comparison.format())
         for row in rows[1:]:
             met = "-" if row["meets_target"] is None else ("yes" if row["meets_target"] else "NO")
-            print(f"  {row['cache']:40s} {row['target']:30s} {met}")
+            ci = row["interval_95"]
+            ci = "" if ci is None else ("95%: {:+.2f}..{:+.2f}% / {:.1f}..{:.1f}%".format(
+                *(100 * v for v in ci["ppl_change"] + ci["top1_agreement"])))
+            print(f"  {row['cache']:40s} {row['target']:30s} {met:4s} {ci} {row['settled'] or ''}")
         # written after every kind (whole, through a temporary file), so a long run keeps what it has measured
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))

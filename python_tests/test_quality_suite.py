@@ -1,5 +1,6 @@
-"""examples/quality_suite.py's bits arithmetic against a live cache's memory report, its verdicts, and
-examples/quality_rows.py's row parsing."""
+"""examples/quality_suite.py's bits arithmetic against a live cache's memory report, its verdicts, its figures per
+window and the interval across windows that settles a verdict, and examples/quality_rows.py's row parsing."""
+import math
 import sys
 from pathlib import Path
 
@@ -61,3 +62,64 @@ def test_verdicts():
 def test_quality_rows_refuses_bad_rows(tiny_model, text, error):
     with pytest.raises(ValueError, match=error.replace("|", r"\|")):
         quality_rows.parse_row(text, tiny_model("llama").config)
+
+
+def teacher_forced(nll, argmax):
+    from kvprec.hf.eval import TeacherForced
+
+    return TeacherForced(nll, argmax, 0.0, 32.0)
+
+
+def test_per_window_figures_make_up_the_overall_row():
+    from kvprec.hf.eval import Comparison
+
+    gen = torch.Generator().manual_seed(0)
+    nll = torch.rand(5, 7, generator=gen) * 4  # 5 windows x 7 predictions: awkward sizes
+    argmax = torch.randint(0, 3, (5, 7), generator=gen)
+    comparison = Comparison(teacher_forced(nll, argmax))
+    shifted = nll + torch.linspace(-0.2, 0.3, 5)[:, None]  # window b's mean NLL moves by its own d_b
+    flipped = argmax.clone()
+    flipped[1, :3] += 1  # window 1 disagrees on 3 of 7 predictions
+    comparison.results["x"] = teacher_forced(shifted, flipped)
+    figures = quality_suite.per_window(comparison, "x")
+    assert figures["ppl_change"] == pytest.approx(torch.expm1(torch.linspace(-0.2, 0.3, 5)).tolist(), abs=1e-6)
+    assert figures["top1_agreement"] == pytest.approx([1, 4 / 7, 1, 1, 1])
+    overall = torch.expm1(torch.log1p(torch.tensor(figures["ppl_change"], dtype=torch.float64)).mean())
+    assert float(overall) == pytest.approx(comparison.ppl_change("x"), abs=1e-6)
+    assert sum(figures["top1_agreement"]) / 5 == pytest.approx(comparison.agreement("x"), abs=1e-7)
+
+
+def test_window_interval_is_student_t_across_windows():
+    figures = {"ppl_change": [0.01, -0.005, 0.02, 0.0], "top1_agreement": [0.96, 0.98, 0.95, 0.99]}
+    interval = quality_suite.window_interval(figures)
+    t3 = 3.182446305284263  # t_{0.975, 3}
+    d = [0.00995033085, -0.00501254182, 0.0198026273, 0.0]  # log1p of the changes
+    mean = sum(d) / 4
+    sd = (sum((x - mean) ** 2 for x in d) / 3) ** 0.5
+    assert interval["ppl_change"] == pytest.approx([math.expm1(mean - t3 * sd / 2), math.expm1(mean + t3 * sd / 2)],
+                                                   rel=1e-8)
+    a_sd = (sum((a - 0.97) ** 2 for a in figures["top1_agreement"]) / 3) ** 0.5
+    assert interval["top1_agreement"] == pytest.approx([0.97 - t3 * a_sd / 2, 0.97 + t3 * a_sd / 2], rel=1e-12)
+    # a wider confidence, a wider interval; equal windows, no width; top-1 clipped to [0, 1]; one window, none
+    wide = quality_suite.window_interval(figures, confidence=0.99)
+    assert wide["ppl_change"][0] < interval["ppl_change"][0] and wide["ppl_change"][1] > interval["ppl_change"][1]
+    same = quality_suite.window_interval({"ppl_change": [0.01] * 3, "top1_agreement": [0.9] * 3})
+    assert same["ppl_change"] == pytest.approx([0.01, 0.01]) and same["top1_agreement"] == pytest.approx([0.9, 0.9])
+    assert quality_suite.window_interval({"ppl_change": [0, 0], "top1_agreement": [0.5, 1.0]})["top1_agreement"] \
+        == [0.0, 1.0]
+    assert quality_suite.window_interval({"ppl_change": [0.01], "top1_agreement": [1.0]}) is None
+
+
+@pytest.mark.parametrize("name, bits, ppl, top1, expected", [
+    ("uniform:int4", 5.3, (-0.01, 0.004), (0.97, 0.99), "met"),
+    ("uniform:int4", 5.3, (-0.01, 0.006), (0.97, 0.99), "not settled"),  # perplexity straddles +0.5%
+    ("uniform:int4 rot", 5.4, (-0.01, 0.004), (0.96, 0.98), "not settled"),  # top-1 straddles 97%
+    ("uniform:int4 rot", 5.4, (-0.01, 0.006), (0.95, 0.969), "not met"),  # top-1 wholly below, ppl open
+    ("uniform:int4 T32", 5.2, (0.0051, 0.02), (0.98, 0.99), "not met"),  # perplexity wholly above
+    ("x", 2.5, (0.0, 0.04), (0.1, 0.2), "met"),  # <= 2.6 bits: no top-1 limit
+    ("attention_mass", 3.9, (0.0, 0.1), (0.5, 0.9), None),  # no target above 3 bits
+])
+def test_settled_by_the_interval(name, bits, ppl, top1, expected):
+    r = {**row(name, bits, sum(ppl) / 2, sum(top1) / 2), "interval_95": {"ppl_change": ppl, "top1_agreement": top1}}
+    assert quality_suite.settled(r) == expected
+    assert quality_suite.settled({**r, "interval_95": None}) is None

@@ -2,10 +2,10 @@
 a local Hugging Face model directory, and one clear line (exit 2, no traceback) for every bad argument. The tiny
 model's end-to-end run is test_eval.py::test_demo_runs_end_to_end."""
 import importlib.metadata
-import string
 
 import pytest
 
+from helpers import chat_tokenizer
 from kvprec.cli import main
 from kvprec.models import smollm2
 
@@ -24,27 +24,11 @@ def _refused(capsys, argv, *needles):
     return err
 
 
-def _chat_tokenizer():
-    """A character-level tokenizer with a ChatML-like chat template, 103 ids (the tiny model has 256)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, **{c: i + 3 for i, c in enumerate(string.printable)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return tok
-
-
 @pytest.fixture
 def model_dir(tmp_path, tiny_model):
     path = tmp_path / "tiny-chat"
     tiny_model("llama").save_pretrained(path)
-    _chat_tokenizer().save_pretrained(path)
+    chat_tokenizer().save_pretrained(path)
     return path
 
 
@@ -84,7 +68,7 @@ def test_demo_refuses_bad_arguments_in_one_line(capsys, tmp_path, model_dir):
     opt = tmp_path / "opt"
     OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=32, num_hidden_layers=1,
                              num_attention_heads=2, word_embed_proj_dim=32)).save_pretrained(opt)
-    _chat_tokenizer().save_pretrained(opt)
+    chat_tokenizer().save_pretrained(opt)
     _refused(capsys, ["demo", "--model", str(opt)], "does not support model_type 'opt'")
     no_tokenizer = tmp_path / "no-tokenizer"
     (model_dir / "tokenizer.json").unlink()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import kvprec
-from helpers import assert_refused_before_writing
+from helpers import assert_refused_before_writing, chat_tokenizer
 from kvprec.studies.recall import data, prompt, recall, stats, study
 from kvprec.studies.recall.attention import MaskedRows, OracleRecorder, attend_scores, scores, study_attention
 from kvprec.studies.recall.policies import H2O, TOVA, PrefillStats, SnapKV, StreamingLLM, evict_lowest, make
@@ -326,23 +326,8 @@ def test_prompt_spans_point_at_the_supporting_facts_and_survive_truncation():
         prompt.encode(s, None, max_tokens=20)
 
 
-def _chat_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<|im_start|>", "<|im_end|>", "[UNK]"] + [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {w: i for i, w in enumerate(words)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="<|im_end|>",
-                                  additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return tok
-
-
 def test_chat_formatting_for_instruct_models():
-    tok = _chat_tokenizer()
+    tok = chat_tokenizer()
     s = data.normalize(HOTPOT)
     enc = prompt.encode(s, tok)
     text = tok.apply_chat_template([{"role": "user", "content": prompt.user_message(s, "reason")}], tokenize=False,

@@ -192,6 +192,7 @@ def _run_chat(args, loaded, config, prefill: int, tokens: int, generate: int) ->
     import kvprec
     from kvprec.hf.cache import Int2KeysWarning
     from kvprec.hf.eval import compare, hf_cache, hf_cache_name
+    from kvprec.models.chat import has_chat_template, prompt_token_ids
     from transformers import DynamicCache
 
     model, tok = loaded.model, loaded.tokenizer
@@ -218,16 +219,11 @@ def _run_chat(args, loaded, config, prefill: int, tokens: int, generate: int) ->
 
     if generate:
         prompt = args.prompt or CHAT_PROMPT
-        if tok.chat_template:
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = torch.tensor([loaded.encode(prompt)])
-        ids = ids.to(model.device)
+        ids = torch.tensor([prompt_token_ids(tok, loaded.encode, prompt)], device=model.device)
         check_positions(config, args.model, ids.shape[1] + generate - 1,
                         f"the prompt's {ids.shape[1]} tokens + --generate {generate} - 1")
         shown = list(caches)[:2] if not args.policy else list(caches)
-        print(f"chat prompt ({ids.shape[1]} tokens{' through the chat template' if tok.chat_template else ''}): "
+        print(f"chat prompt ({ids.shape[1]} tokens{' through the chat template' if has_chat_template(tok) else ''}): "
               f"{prompt!r}\ngreedy answers of up to {generate} tokens; a block is compressed when its "
               f"{args.block_size} positions are full, the newest positions wait in an uncompressed tail\n")
         ref, seconds = _generate(model, ids, DynamicCache(), generate, "DynamicCache", False, pad)

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", metavar="TEXT", help="prompt text")
     g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this file")
+    p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
+                   help="put the prompt through the tokenizer's chat template as one user turn (auto: when the "
+                        "model has one, e.g. SmolLM2-135M-Instruct; off: the text as it is)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                    help="tokens to generate (default 64)")
     p.add_argument("--block-size", type=power_of_two, default=64, metavar="T", help="positions per block (default 64)")
@@ -81,6 +84,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from kvprec.hf.distributed import gather_memory_reports, sum_reports
+    from kvprec.models.chat import prompt_token_ids, uses_chat
 
     check_model_name(args.model)
     device = check_device(args.device)
@@ -92,7 +96,9 @@ def run(args) -> int:
     check_backend(args.backend, device, config)
     if args.tp > 1 and launch_world()[1] == 1:  # the ranks could only refuse the prompt each: check it here
         check_tensor_parallel(config, args.tp, args.model)
-        check_prompt_tokens(config, args, len(encode_without_model(args.model, prompt)))
+        check_prompt_tokens(config, args, len(encode_without_model(args.model, prompt, args.chat)))
+    elif args.chat == "on":  # refused before the weights load where the tokenizer has no template
+        encode_without_model(args.model, prompt, args.chat)
     code = tensor_parallel(args, config)
     if code is not None:
         return code
@@ -100,7 +106,11 @@ def run(args) -> int:
 
     loaded = load_model(args, dtype, device, tp_plan="auto" if world > 1 else None)
     model = loaded.model
-    ids = torch.tensor([loaded.encode(prompt)], device=device)
+    try:  # --chat on for a model without a template is refused here
+        templated = uses_chat(loaded.tokenizer, args.chat)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    ids = torch.tensor([prompt_token_ids(loaded.tokenizer, loaded.encode, prompt, args.chat)], device=device)
     check_prompt_tokens(config, args, ids.shape[1])
     cache = kvprec.AdaptiveCache(model.config, policy=policy, block_size=args.block_size,
                                  shadow=None if args.shadow == "none" else args.shadow, backend=args.backend,
@@ -123,10 +133,13 @@ def run(args) -> int:
     if rank > 0:
         return 0
     new = out[0, ids.shape[1]:].tolist()
-    print(loaded.decode(new))
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    print(loaded.decode(new[:-1] if new and new[-1] in eos else new))  # the stop token is not text
     print(f"\n[{loaded.name}, {str(dtype).removeprefix('torch.')}] prompt {ids.shape[1]} tokens prefilled in "
           f"{t_prefill:.2f} s; {len(new)} new tokens in {t_decode:.2f} s = {len(new) / t_decode:.1f} tokens/s "
-          f"(policy {args.policy})", file=sys.stderr)
+          f"(policy {args.policy}"
+          f"{', through the chat template' if templated else ''})", file=sys.stderr)
     if world > 1:
         per_rank = " + ".join(f"{r.resident_bytes:,}" for r in reports)
         print(f"tensor parallel over {world} ranks: resident bytes per rank {per_rank} = {report.resident_bytes:,}, "

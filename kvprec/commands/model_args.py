@@ -211,21 +211,29 @@ def tensor_parallel(args, config) -> Optional[int]:
     return None
 
 
-def encode_without_model(model: str, text: str) -> list:
+def encode_without_model(model: str, text: str, chat: str = "off") -> list:
     """The token ids of ``text`` for ``--model``, from its tokenizer alone (the weights are not loaded): what a
-    command checks before it launches ranks that would each refuse the same text."""
+    command checks before it launches ranks that would each refuse the same text. ``chat``: as --chat
+    (kvprec/models/chat.py)."""
     from kvprec.models import smollm2
+    from kvprec.models.chat import prompt_token_ids
 
     if is_tiny(model):
-        return list(text.encode("utf-8"))  # the tiny model's tokens are bytes (kvprec/models/loading.py)
-    from transformers import AutoTokenizer
+        tokenizer, encode = None, lambda s: list(s.encode("utf-8"))  # bytes (kvprec/models/loading.py)
+    else:
+        from transformers import AutoTokenizer
 
-    directory = smollm2.checkpoint() if model == smollm2.NAME else Path(model)
+        directory = smollm2.checkpoint() if model == smollm2.NAME else Path(model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UsageError(f"--model {model}: no tokenizer transformers can load offline ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0]})") from exc
+        encode = lambda s: tokenizer(s)["input_ids"]  # noqa: E731
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)(text)["input_ids"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"--model {model}: no tokenizer transformers can load offline ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0]})") from exc
+        return prompt_token_ids(tokenizer, encode, text, chat)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def launch_tensor_parallel(args) -> int:

@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import Dict, List
 
+from ...models.chat import has_chat_template
 from .data import Problem, ProblemSet
 
 NOISE_KINDS = ("shuffled", "random")
@@ -35,11 +36,6 @@ class PromptParts:
     text_len: Dict[str, int]
 
 
-def _chat_template(loaded) -> bool:
-    tok = getattr(loaded, "tokenizer", None)
-    return tok is not None and bool(getattr(tok, "chat_template", None))
-
-
 def _encode(loaded, text: str) -> List[int]:
     tok = getattr(loaded, "tokenizer", None)
     if tok is not None:
@@ -50,7 +46,7 @@ def _encode(loaded, text: str) -> List[int]:
 def _frame(loaded, problems: ProblemSet, problem: Problem):
     """(text before the problem text, text after it)."""
     head = "".join(part + "\n\n" for part in (problems.instruction, problem.context) if part)
-    if _chat_template(loaded):
+    if has_chat_template(getattr(loaded, "tokenizer", None)):
         messages = []
         for question, reply in problems.examples:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ...models.chat import prompt_token_ids
 from .rundir import StudyInputError
 
 #: prompt type -> instruction (the suite of ``--suite``): prose explanation, code generation, mixed content,
@@ -126,12 +127,7 @@ def prompt_ids(loaded, text: str, *, chat: bool = True, max_tokens: Optional[int
         ids = loaded.encode(text)
         if len(ids) > max_tokens:
             text = loaded.decode(ids[:max_tokens])
-    if chat and tok is not None and getattr(tok, "chat_template", None):
-        out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-            out = out["input_ids"]
-        return [int(i) for i in out]
-    return list(loaded.encode(text + "\n\n"))
+    return prompt_token_ids(tok, loaded.encode, text, "auto" if chat else "off", plain_suffix="\n\n")
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):

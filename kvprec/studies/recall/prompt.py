@@ -21,6 +21,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ...models.chat import chat_text, uses_chat
 from .data import MultiHopSample
 
 INSTRUCTIONS = {
@@ -49,15 +50,6 @@ def user_message(sample: MultiHopSample, style: str) -> str:
             f"Question: {sample.question}\nAnswer:")
 
 
-def uses_chat(tokenizer, chat: str) -> bool:
-    if chat not in ("auto", "on", "off"):
-        raise ValueError(f"--chat {chat!r}: accepted auto, on, off")
-    has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
-    if chat == "on" and not has_template:
-        raise ValueError("--chat on: the model's tokenizer has no chat template")
-    return bool(has_template) and chat != "off"
-
-
 def _tokens_with_offsets(text: str, tokenizer) -> Tuple[List[int], List[Tuple[int, int]]]:
     """Token ids and each token's character range [a, b) in ``text``."""
     if tokenizer is None:  # byte-level: one token per UTF-8 byte
@@ -82,8 +74,7 @@ def encode(sample: MultiHopSample, tokenizer=None, *, chat: str = "auto", style:
     """The prompt of ``sample`` as token ids, with the token ranges of its context and supporting facts."""
     message = user_message(sample, style)
     use_chat = uses_chat(tokenizer, chat)
-    text = (tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                          add_generation_prompt=True) if use_chat else message)
+    text = chat_text(tokenizer, message) if use_chat else message
     c0 = text.find(sample.context)
     ids, offsets = _tokens_with_offsets(text, tokenizer)
     context = _span(offsets, c0, c0 + len(sample.context))

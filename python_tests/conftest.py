@@ -66,6 +66,17 @@ def tiny_model():
     return build_tiny
 
 
+@pytest.fixture
+def chat_model_dir(tmp_path, tiny_model):
+    """A local Hugging Face directory: the tiny Llama and a character-level tokenizer with a ChatML-like template."""
+    from helpers import chat_tokenizer
+
+    path = tmp_path / "tiny-chat"
+    tiny_model("llama").save_pretrained(path)
+    chat_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def prompts():
     """Token ids: one [1, 21] prompt and a left-padded [2, 21] batch (row 0 has 5 pad positions)."""

@@ -31,14 +31,6 @@ def test_prompt_ids_go_through_the_template_only_when_used():
     assert prompt_token_ids(None, _bytes, "hi") == _bytes("hi")
 
 
-@pytest.fixture
-def chat_model_dir(tmp_path, tiny_model):
-    path = tmp_path / "tiny-chat"
-    tiny_model("llama").save_pretrained(path)
-    chat_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("chat, templated", [("auto", True), ("on", True), ("off", False)])
 def test_generate_puts_the_prompt_through_the_template(capsys, chat_model_dir, chat, templated):
     assert main(["generate", "--model", str(chat_model_dir), "--prompt", "hi", "--chat", chat,

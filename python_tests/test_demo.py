@@ -24,18 +24,10 @@ def _refused(capsys, argv, *needles):
     return err
 
 
-@pytest.fixture
-def model_dir(tmp_path, tiny_model):
-    path = tmp_path / "tiny-chat"
-    tiny_model("llama").save_pretrained(path)
-    chat_tokenizer().save_pretrained(path)
-    return path
-
-
-def test_demo_on_a_local_model_directory(capsys, model_dir):
+def test_demo_on_a_local_model_directory(capsys, chat_model_dir):
     """The chat path on any local Hugging Face directory: the answers side by side, the quality table with every
     default row (the QuantizedCache one where optimum-quanto is installed) and the memory summary."""
-    assert main(["demo", "--model", str(model_dir), "--prefill", "48", "--tokens", "8", "--generate", "6",
+    assert main(["demo", "--model", str(chat_model_dir), "--prefill", "48", "--tokens", "8", "--generate", "6",
                  "--block-size", "16", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "tiny-chat (2 layers, 4 query / 2 KV heads of dim 32" in out and "through the chat template" in out
@@ -47,9 +39,9 @@ def test_demo_on_a_local_model_directory(capsys, model_dir):
     assert "48 tokens prefilled, 8 scored" in out
 
 
-def test_demo_without_generation_and_with_given_policies(capsys, model_dir):
+def test_demo_without_generation_and_with_given_policies(capsys, chat_model_dir):
     pytest.importorskip("optimum.quanto")
-    assert main(["demo", "--model", str(model_dir), "--prefill", "32", "--tokens", "4", "--generate", "0",
+    assert main(["demo", "--model", str(chat_model_dir), "--prefill", "32", "--tokens", "4", "--generate", "0",
                  "--policy", "uniform:int8", "--key-rotation", "hadamard", "--hf-cache", "quanto:4",
                  "--block-size", "16"]) == 0
     out = capsys.readouterr().out
@@ -57,7 +49,7 @@ def test_demo_without_generation_and_with_given_policies(capsys, model_dir):
     assert "\nQuantizedCache quanto int4 " in out and "\nuniform:int4" not in out
 
 
-def test_demo_refuses_bad_arguments_in_one_line(capsys, tmp_path, model_dir):
+def test_demo_refuses_bad_arguments_in_one_line(capsys, tmp_path, chat_model_dir):
     _refused(capsys, ["demo", "--model", str(tmp_path / "missing")], "--model", "smollm2-135m")
     (tmp_path / "notes.txt").write_text("not a model")
     _refused(capsys, ["demo", "--model", str(tmp_path / "notes.txt")], "--model")
@@ -71,8 +63,8 @@ def test_demo_refuses_bad_arguments_in_one_line(capsys, tmp_path, model_dir):
     chat_tokenizer().save_pretrained(opt)
     _refused(capsys, ["demo", "--model", str(opt)], "does not support model_type 'opt'")
     no_tokenizer = tmp_path / "no-tokenizer"
-    (model_dir / "tokenizer.json").unlink()
-    model_dir.rename(no_tokenizer)
+    (chat_model_dir / "tokenizer.json").unlink()
+    chat_model_dir.rename(no_tokenizer)
     _refused(capsys, ["demo", "--model", str(no_tokenizer)], "--model")
     for argv, needle in ((["--block-size", "48"], "argument --block-size: 48 is not accepted; use a power of two"),
                          (["--prefill", "0"], "argument --prefill: 0 is not accepted"),

@@ -58,10 +58,29 @@ def test_verdicts():
     ("uniform:int4|48|none", "block_size 48 is not accepted"),
     ("nope:int4|64|none", "unknown policy 'nope'"),
     ("hf:quanto:3", "accepted 'dynamic'"),
+    ("uniform:int4|64|none|rot", "expected policy|block_size|rotation[|value_rotation]"),
+    ("uniform:int4|64|none|none|none", "expected policy|block_size|rotation[|value_rotation]"),
+    ("curvature:bits=3|64|none", "a curvature row needs the model to calibrate on"),
 ])
 def test_quality_rows_refuses_bad_rows(tiny_model, text, error):
-    with pytest.raises(ValueError, match=error.replace("|", r"\|")):
+    with pytest.raises(ValueError, match=error.replace("|", r"\|").replace("[", r"\[")):
         quality_rows.parse_row(text, tiny_model("llama").config)
+
+
+def test_quality_rows_value_rotation_field(tiny_model):
+    """A fourth field rotates values; left out, values are stored as given."""
+    config = tiny_model("llama").config
+    cache = quality_rows.parse_row("uniform:int4|64|orthogonal|hadamard", config)()
+    assert (cache.key_rotation, cache.value_rotation) == ("orthogonal", "hadamard")
+    assert quality_rows.parse_row("uniform:int4|64|orthogonal", config)().value_rotation is None
+
+
+@pytest.mark.parametrize("spec, error", [("curvature:bit=3", "expected curvature:bits=B"),
+                                         ("curvature:bits=x", "bits='x' is not a number"),
+                                         ("curvature:candidates=int2+int4", "expected curvature:bits=B")])
+def test_quality_rows_refuses_bad_curvature_specs(tiny_model, spec, error):
+    with pytest.raises(ValueError, match=error):
+        quality_rows.curvature_policy(spec, tiny_model("llama"), torch.zeros(1, 8, dtype=torch.long), 8)
 
 
 def teacher_forced(nll, argmax):
@@ -123,3 +142,19 @@ def test_settled_by_the_interval(name, bits, ppl, top1, expected):
     r = {**row(name, bits, sum(ppl) / 2, sum(top1) / 2), "interval_95": {"ppl_change": ppl, "top1_agreement": top1}}
     assert quality_suite.settled(r) == expected
     assert quality_suite.settled({**r, "interval_95": None}) is None
+
+
+def test_quality_rows_curvature_row_calibrates_to_its_budget(tiny_model):
+    """'curvature:bits=B' calibrates kvprec.policy.Curvature on the given tokens with INT2 / INT4 candidates and a
+    page budget of B bits per element (a mix of both here); the row's caches share that policy."""
+    model = tiny_model("llama")
+    calibration = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    # T = 8, head_dim 32: INT2 pages take 2 + 16 / 8 + 16 / 32 = 4.5 bits per element, INT4 6.5
+    policy = quality_rows.curvature_policy("curvature:bits=5.5", model, calibration, 8)
+    assert isinstance(policy, kvprec.policy.Curvature)
+    assert 4.5 < policy.map.bits_per_element <= 5.5
+    tiers = torch.cat([t.flatten() for t in policy.map.tiers]).unique().tolist()
+    assert tiers == sorted([int(kvprec.Tier.INT4), int(kvprec.Tier.INT2)])  # both candidates, nothing else
+    make = quality_rows.parse_row("curvature:bits=5.5|8|orthogonal|orthogonal", model.config,
+                                  lambda spec, block_size: policy)
+    assert make().policy is policy

@@ -97,17 +97,20 @@ def config_head_dim(config) -> Optional[int]:
 
 
 def check_model_geometry(head_dim: int, block_size: int, group_size: Optional[int], key_rotation: Optional[str],
-                         backend: str, policy, where: str = "AdaptiveCache") -> BlockGeometry:
+                         backend: str, policy, where: str = "AdaptiveCache",
+                         value_rotation: Optional[str] = None) -> BlockGeometry:
     """What needs the model's head_dim: the block geometry (group_size must divide head_dim), the Hadamard
-    rotation (head_dim a power of two), the Triton kernel's head_dims, and the policy's own check (a budget below
-    what the floor tier's pages take at this geometry). ``where`` starts the messages. Returns the geometry."""
+    rotations of keys and values (head_dim a power of two), the Triton kernel's head_dims, and the policy's own
+    check (a budget below what the floor tier's pages take at this geometry). ``where`` starts the messages.
+    Returns the geometry."""
     try:
         geometry = BlockGeometry(block_size, head_dim, group_size)
     except ValueError as exc:
         raise ValueError(f"{where} (head_dim {head_dim}): {exc}") from None
-    if key_rotation == "hadamard" and head_dim & (head_dim - 1):
-        raise ValueError(f"{where}: key_rotation='hadamard': head_dim {head_dim} is not a power of two; use "
-                         "key_rotation='orthogonal', which takes any head_dim")
+    for argument, kind in (("key_rotation", key_rotation), ("value_rotation", value_rotation)):
+        if kind == "hadamard" and head_dim & (head_dim - 1):
+            raise ValueError(f"{where}: {argument}='hadamard': head_dim {head_dim} is not a power of two; use "
+                             f"{argument}='orthogonal', which takes any head_dim")
     if backend == "triton":
         from ..ops import TRITON_DECODE_HEAD_DIMS
 

@@ -31,7 +31,9 @@ position (studies that read all of them).
 ``key_rotation`` ("hadamard" or "orthogonal", kvprec/storage/rotation.py) stores every key as k R for a fixed
 orthogonal R per layer and rotates the queries the same way before attending, which leaves the scores unchanged and
 makes 2-bit keys far more accurate; ``gather()`` rotates the keys back, so everything outside the attention sees the
-model's keys.
+model's keys. ``value_rotation`` (same kinds, each layer its own matrix S) stores every value as v S; the attention
+over them gives o S, which ``AdaptiveLayer.attend`` rotates back (o S S^T = o) on every path (block kernel, CPU
+prefill split, the torch reference, Triton and CUDA), and ``gather()`` returns the model's values.
 
 What a layer shows of its contents: ``layer.keys`` / ``layer.values`` are dense copies in the model dtype (rotation
 undone), built at first read and reused until the layer changes, holding what ``DynamicCache(config=...)``'s layer
@@ -209,6 +211,8 @@ class AdaptiveLayer(CacheLayerMixin):
         self._tiers: Optional[torch.Tensor] = None
         #: FP32 [D, D] orthogonal matrix the keys are stored multiplied by (None: keys as the model gave them)
         self.rotation: Optional[torch.Tensor] = None
+        #: FP32 [D, D] orthogonal matrix the values are stored multiplied by (None: values as the model gave them)
+        self.value_rotation: Optional[torch.Tensor] = None
         #: the dense (K, V) that ``keys`` / ``values`` return, built at first read, dropped by any change
         self._dense: Optional[tuple] = None
         #: first position DynamicSlidingWindowLayer would still hold (sliding layers; 0 otherwise), see ``keys``
@@ -248,8 +252,7 @@ class AdaptiveLayer(CacheLayerMixin):
         if self.buffer is None:
             return None
         if self._dense is None:
-            k, v = self.buffer.gather(self._dense_start, self.get_seq_length())
-            self._dense = (k if self.rotation is None else unrotate(k, self.rotation), v)
+            self._dense = self._unrotated(*self.buffer.gather(self._dense_start, self.get_seq_length()))
         return self._dense
 
     def _follow_sliding_window(self) -> None:
@@ -326,14 +329,18 @@ class AdaptiveLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         c = self.cache
         self.geometry = check_model_geometry(d, c.block_size, c.group_size, c.key_rotation, c.backend, c.policy,
-                                             where=f"AdaptiveCache layer {self.layer_idx}")
+                                             where=f"AdaptiveCache layer {self.layer_idx}",
+                                             value_rotation=c.value_rotation)
         self.dtype, self.device = key_states.dtype, key_states.device
-        if self.cache.key_rotation is not None:
-            try:
-                self.rotation = rotation_matrix(self.cache.key_rotation, d, self.cache.rotation_seed,
-                                                self.layer_idx).to(key_states.device)
-            except ValueError as exc:
-                raise ValueError(f"AdaptiveCache layer {self.layer_idx}: {exc}") from exc
+        try:
+            if c.key_rotation is not None:
+                self.rotation = rotation_matrix(c.key_rotation, d, c.rotation_seed, self.layer_idx,
+                                                "keys").to(key_states.device)
+            if c.value_rotation is not None:
+                self.value_rotation = rotation_matrix(c.value_rotation, d, c.rotation_seed, self.layer_idx,
+                                                      "values").to(key_states.device)
+        except ValueError as exc:
+            raise ValueError(f"AdaptiveCache layer {self.layer_idx}: {exc}") from exc
         self.buffer = MixedPrecisionBuffer(batch=b, kv_heads=h, head_dim=d, block_size=self.cache.block_size,
                                            group_size=self.geometry.group_size, dtype=key_states.dtype,
                                            device=key_states.device, shadow=self.cache.shadow)
@@ -354,6 +361,8 @@ class AdaptiveLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.rotation is not None:
             key_states = rotate(key_states, self.rotation)
+        if self.value_rotation is not None:
+            value_states = rotate(value_states, self.value_rotation)
         if not self.record_past:  # before the append, so the seal can reuse the freed pages
             self._evict(self.get_seq_length())
         n = key_states.shape[-2]
@@ -417,12 +426,18 @@ class AdaptiveLayer(CacheLayerMixin):
         """All positions back in the model dtype, (K, V) [B, H_kv, seq_len, D]. Evicted positions read as zeros:
         they lie outside every later query's sliding window, so the model's sliding mask hides them."""
         start = self.evicted_blocks * self.block_size
-        k, v = self.buffer.gather(start, self.get_seq_length())
-        if self.rotation is not None:
-            k = unrotate(k, self.rotation)
+        k, v = self._unrotated(*self.buffer.gather(start, self.get_seq_length()))
         if start:
             pad = (0, 0, start, 0)
             k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+        return k, v
+
+    def _unrotated(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Stored K, V [B, H_kv, n, D] with the key and value rotations undone: the model's K, V."""
+        if self.rotation is not None:
+            k = unrotate(k, self.rotation)
+        if self.value_rotation is not None:
+            v = unrotate(v, self.value_rotation)
         return k, v
 
     # ---- sliding-window eviction ---------------------------------------------------------------------------
@@ -447,9 +462,18 @@ class AdaptiveLayer(CacheLayerMixin):
 
         On the "cpp" backend a CPU prefill chunk (Q >= prefill.MIN_QUERIES, no softcap, no block mass) reads the
         stored K/V back part by part through torch's flash-attention kernel, merged by log-sum-exp
-        (kvprec/hf/prefill.py); decode and short chunks go to the block kernel."""
+        (kvprec/hf/prefill.py); decode and short chunks go to the block kernel. With value rotation every path
+        attends over the stored v S and gives o S; it is rotated back here, once per call."""
         if self.rotation is not None:  # stored keys are k R: (q R) . (k R) = q . k
             q = rotate(q, self.rotation)
+        out, lse, mass = self._attend_stored(q, mask, scale, sliding_window, softcap, block_mass)
+        if self.value_rotation is not None:  # stored values are v S: sum_j p_j v_j S = o S
+            out = unrotate(out, self.value_rotation)
+        return out, lse, mass
+
+    def _attend_stored(self, q: torch.Tensor, mask: Optional[torch.Tensor], scale: float, sliding_window: int,
+                       softcap: float, block_mass: bool):
+        """:meth:`attend` over the K/V as stored (q already rotated as the keys are; the output as the values are)."""
         backend = self.cache.attention_backend(q)
         if backend == "cpp" and prefill.applies(q, softcap, block_mass):
             return prefill.attend_split(self, q, mask, scale, sliding_window)
@@ -482,6 +506,7 @@ class AdaptiveLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.buffer, self.stats, self.geometry, self.rows, self.rotation = None, None, None, 0, None
+        self.value_rotation = None
         self._dense_start = 0
         self._table_changed()
         self.is_initialized = False
@@ -585,7 +610,11 @@ class AdaptiveCache(Cache):
             (kvprec/storage/rotation.py). Recommended whenever blocks go below INT4 (without it, the first INT2 block
             warns once); float tiers then no longer hold the model's keys bit for bit (one FP32 rotation and a
             rounding to the model dtype).
-        rotation_seed: seeds the rotations (each layer draws its own from (seed, layer index)).
+        value_rotation: None (values stored as given), "hadamard" or "orthogonal" (as key_rotation): values are
+            stored as v S (each layer its own S, drawn apart from the keys' R) and the attention output is rotated
+            back (o S S^T = o) once per call; float tiers then hold the values to one FP32 rotation and back.
+        rotation_seed: seeds the rotations (each layer draws its own from (seed, layer index), keys and values
+            apart).
         backend: attention over the buffer: "cpp" (the native kernel, block by block with ATen ops), "cuda" (the
             CUDA flash-decoding kernel reading the packed tiers; built with KVPREC_CUDA, fp16/bf16, head_dim
             64/128/256, block_size >= 16), "triton" (the Triton flash-decoding kernel; head_dim 64/128/256; needs a
@@ -601,7 +630,8 @@ class AdaptiveCache(Cache):
 
     def __init__(self, config=None, policy="sink_window", block_size: int = 64, group_size: Optional[int] = None,
                  shadow: Optional[str] = None, backend: str = "auto", offloading: bool = False,
-                 evict_sliding: bool = True, key_rotation: Optional[str] = None, rotation_seed: int = 0):
+                 evict_sliding: bool = True, key_rotation: Optional[str] = None, rotation_seed: int = 0,
+                 value_rotation: Optional[str] = None):
         if offloading:
             raise NotImplementedError("AdaptiveCache does not support offloading=True: its pages live in the "
                                       "buffer's tier pools; use shadow='cpu' for a host copy instead")
@@ -622,6 +652,7 @@ class AdaptiveCache(Cache):
         self._warned_int2_keys = False
         self.evict_sliding = evict_sliding
         self.key_rotation, self.rotation_seed = check_kind(key_rotation), rotation_seed
+        self.value_rotation = check_kind(value_rotation, "value_rotation")
         #: the model's text config (None until bound); _config_detached: a copy from unpickling, not the model's;
         #: _bound_to: what bind() was given (model.config, the model, or a config)
         self.config, self._config_detached, self._bound_to = None, False, None
@@ -644,7 +675,7 @@ class AdaptiveCache(Cache):
         head_dim = config_head_dim(config)
         if head_dim is not None:
             check_model_geometry(head_dim, self.block_size, self.group_size, self.key_rotation, self.backend,
-                                 self.policy)
+                                 self.policy, value_rotation=self.value_rotation)
         n = config.num_hidden_layers
         held = {layer.buffer.head_dim for layer in self.layers if layer.buffer is not None}
         if (len(self.layers) > n or (self.config is not None and self.config.num_hidden_layers != n)
@@ -809,9 +840,10 @@ class CacheMemoryReport:
     tail_bytes, table_bytes, rotation_bytes, shadow_bytes, elements, tokens, evicted_tokens, sealed_elements:
     int64 [L] (elements count the held positions, tokens minus evicted_tokens, which sliding-window layers dropped;
     sealed_elements those of held sealed blocks, the elements the pages store);
-    precision_map: int64 [L, H_kv, n_tiers], sealed blocks per layer, KV head and tier (summed over batch rows).
-    Resident bytes = pages + tails + block tables + key rotation matrices (the shadow is host memory, reported
-    apart).
+    precision_map: int64 [L, H_kv, n_tiers], sealed blocks per layer, KV head and tier (summed over batch rows);
+    rotated: what ``rotation_bytes`` rotates, "key", "value", "key and value" or "" (for the text).
+    Resident bytes = pages + tails + block tables + key and value rotation matrices (the shadow is host memory,
+    reported apart).
     """
 
     policy: str
@@ -825,6 +857,7 @@ class CacheMemoryReport:
     evicted_tokens: torch.Tensor
     sealed_elements: torch.Tensor
     precision_map: torch.Tensor
+    rotated: str = ""
 
     @classmethod
     def of(cls, cache: AdaptiveCache) -> "CacheMemoryReport":
@@ -832,15 +865,18 @@ class CacheMemoryReport:
         heads = max((layer.tiers().shape[1] for layer in cache.layers), default=0)
         out = cls(cache.policy.describe(), torch.zeros(n_layers, n_tiers, dtype=torch.int64),
                   *(torch.zeros(n_layers, dtype=torch.int64) for _ in range(8)),
-                  torch.zeros(n_layers, heads, n_tiers, dtype=torch.int64))
+                  torch.zeros(n_layers, heads, n_tiers, dtype=torch.int64),
+                  " and ".join(name for name, kind in (("key", cache.key_rotation), ("value", cache.value_rotation))
+                               if kind is not None))
         for i, layer in enumerate(cache.layers):
             if layer.buffer is None:
                 continue
             r = layer.memory()
             out.tier_bytes[i] = torch.tensor([r.tier_bytes[str(t)] for t in Tier], dtype=torch.int64)
             out.tail_bytes[i], out.table_bytes[i], out.shadow_bytes[i] = r.tail_bytes, r.table_bytes, r.shadow_bytes
-            if layer.rotation is not None:
-                out.rotation_bytes[i] = layer.rotation.numel() * layer.rotation.element_size()
+            for matrix in (layer.rotation, layer.value_rotation):
+                if matrix is not None:
+                    out.rotation_bytes[i] += matrix.numel() * matrix.element_size()
             out.elements[i], out.tokens[i] = r.elements, r.tokens
             out.evicted_tokens[i] = layer.evicted_blocks * layer.block_size
             tiers = layer.tiers().to(torch.int64)
@@ -896,7 +932,7 @@ class CacheMemoryReport:
                      f" {self.resident_bytes:>10} {self.bits_per_element:>7.2f}")
         rotation = int(self.rotation_bytes.sum())
         lines.append(f"effective {self.bits_per_element:.2f} bits/element (scales, zeros, tail, block table"
-                     + (f" and {rotation} bytes of key rotations" if rotation else "")
+                     + (f" and {rotation} bytes of {self.rotated} rotations" if rotation else "")
                      + f" included; sealed pages alone {self.page_bits_per_element:.2f}), compression vs FP16 "
                      f"{self.compression_vs_fp16:.2f}x; host shadow {int(self.shadow_bytes.sum())} bytes")
         lines.append("precision map (sealed blocks per KV head, summed over batch rows):")

@@ -105,7 +105,8 @@ def _attend_part(q, k, v, mask: Optional[torch.Tensor], is_causal: bool, scale: 
 
 def attend_split(layer, q: torch.Tensor, mask: Optional[torch.Tensor], scale: float, sliding_window: int):
     """Attention of q [B, Hq, Q, D] (the Q newest positions of ``layer``, keys stored as q expects: rotate q first
-    when the layer rotates keys) over the layer's buffer, by parts (module docstring).
+    when the layer rotates keys) over the layer's buffer, by parts (module docstring). The output is over the values
+    as stored: the caller rotates it back when the layer rotates values (``AdaptiveLayer.attend``).
 
     mask: bool [B, Q, N] (True = may attend) or None. Returns (out [B, Hq, Q, D] in q's dtype, lse FP32 [B, Hq, Q],
     an empty block-mass tensor), as ``AdaptiveLayer.attend``."""

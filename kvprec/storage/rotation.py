@@ -1,4 +1,5 @@
-"""Key rotation: store every key multiplied by a fixed orthogonal matrix, so 2-bit keys keep their quality.
+"""Key and value rotation: store every key (and optionally every value) multiplied by a fixed orthogonal matrix, so
+low-bit codes keep more of their quality.
 
 For an orthogonal R [D, D] (R R^T = I) and k' = k R, q' = q R:
 
@@ -12,6 +13,11 @@ from +20.2% to +2.3% perplexity ("orthogonal"; +2.8% "hadamard") with rotated ke
 (examples/quality_vs_bits.py, 4096 teacher-forced predictions at 512..1024 positions of context).
 QuaRot (arXiv:2404.00456) and QuIP# (arXiv:2402.04396) use the same identity for weights and activations.
 
+Values: for v' = v S (S orthogonal, its own matrix), attention over v' gives o' = softmax(.) V S = o S, so the
+output is rotated back once per call, o = o' S^T: the cost is one [Q, D] x [D, D] product per head and call,
+whatever the context length. Values are quantized per token in groups along head_dim, so S spreads a token's few
+large channels over the group, as R does for a key block's channels.
+
 Kinds:
 
 * ``"hadamard"``: R = diag(s) H_D / sqrt(D), H_D the Sylvester Hadamard matrix, s random signs (head_dim a power of
@@ -19,9 +25,10 @@ Kinds:
 * ``"orthogonal"``: R = Q diag(sign(diag(Rqr))) from the QR decomposition of a Gaussian D x D matrix (Haar
   distributed; any head_dim).
 
-Both are drawn from a ``torch.Generator`` seeded by (seed, layer index): a cache is reproducible, and its layers
-use different rotations. The matrix is FP32 on the cache's device (D^2 * 4 bytes per layer, counted in the memory
-report). Queries are rotated in FP32 and cast back to the model dtype before the attention kernel reads them.
+Both are drawn from a ``torch.Generator`` seeded by (seed, layer index, keys or values): a cache is reproducible,
+and its layers (and a layer's keys and values) use different rotations. The matrix is FP32 on the cache's device
+(D^2 * 4 bytes per layer, counted in the memory report). Queries are rotated in FP32 and cast back to the model
+dtype before the attention kernel reads them.
 """
 from __future__ import annotations
 
@@ -33,30 +40,40 @@ import torch
 KINDS = ("hadamard", "orthogonal")
 
 
-def check_kind(kind: Optional[str]) -> Optional[str]:
-    """None or one of KINDS; raises ValueError naming what is accepted."""
+#: what each stored tensor's rotations are drawn for: its offset in the generator's seed (see rotation_matrix)
+STREAMS = {"keys": 0, "values": 500_000}
+
+
+def check_kind(kind: Optional[str], argument: str = "key_rotation") -> Optional[str]:
+    """None or one of KINDS; raises ValueError naming ``argument`` and what is accepted."""
     if kind is not None and kind not in KINDS:
-        raise ValueError(f"key_rotation: {kind!r} is not accepted; use None, {', '.join(repr(k) for k in KINDS)}")
+        raise ValueError(f"{argument}: {kind!r} is not accepted; use None, {', '.join(repr(k) for k in KINDS)}")
     return kind
 
 
-def sylvester_hadamard(d: int) -> torch.Tensor:
+def sylvester_hadamard(d: int, argument: str = "key_rotation") -> torch.Tensor:
     """The Sylvester Hadamard matrix H_d (entries +-1, H H^T = d I), FP32 [d, d]; d a power of two."""
     if d <= 0 or d & (d - 1):
-        raise ValueError(f"key_rotation='hadamard': head_dim {d} is not a power of two; use "
-                         "key_rotation='orthogonal', which takes any head_dim")
+        raise ValueError(f"{argument}='hadamard': head_dim {d} is not a power of two; use "
+                         f"{argument}='orthogonal', which takes any head_dim")
     h = torch.ones(1, 1)
     while h.shape[0] < d:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
 
 
-def rotation_matrix(kind: str, head_dim: int, seed: int = 0, layer_idx: int = 0) -> torch.Tensor:
-    """An orthogonal FP32 [head_dim, head_dim] matrix R of ``kind`` (module docstring); keys are stored as k R."""
-    check_kind(kind)
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(layer_idx))
+def rotation_matrix(kind: str, head_dim: int, seed: int = 0, layer_idx: int = 0, stream: str = "keys") -> torch.Tensor:
+    """An orthogonal FP32 [head_dim, head_dim] matrix R of ``kind`` (module docstring); keys (``stream="keys"``) or
+    values (``"values"``) are stored as x R. The generator's seed is seed * 1,000,003 + layer_idx + STREAMS[stream]:
+    the keys' matrices are those of a cache without value rotation, and no two (seed, layer, stream) share a seed
+    below 500,000 layers."""
+    if stream not in STREAMS:
+        raise ValueError(f"rotation_matrix: stream {stream!r} is not accepted; use {', '.join(map(repr, STREAMS))}")
+    argument = "value_rotation" if stream == "values" else "key_rotation"
+    check_kind(kind, argument)
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(layer_idx) + STREAMS[stream])
     if kind == "hadamard":
-        h = sylvester_hadamard(head_dim)
+        h = sylvester_hadamard(head_dim, argument)
         signs = torch.randint(0, 2, (head_dim,), generator=generator, dtype=torch.float32) * 2 - 1
         return signs[:, None] * h / math.sqrt(head_dim)
     gauss = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)

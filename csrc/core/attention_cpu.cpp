@@ -218,6 +218,7 @@ void attend_range(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1
       const int64_t lo = w.lo[r], hi = w.hi[r];
       if (lo >= hi) {  // nothing of this block is visible to the row: its state is unchanged
         std::fill(s + t_lo, s + t_hi, 0.0f);
+        w.alpha[r] = 0.0f;  // (e^0, not used)
         continue;
       }
       const bool* mrow = p.mask ? p.mask + (b * p.Q + i0 + r % n) * p.L + start : nullptr;
@@ -227,7 +228,7 @@ void attend_range(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1
         for (int64_t t = lo; t < hi; ++t) s[t] = mrow[t] ? s[t] : kNegInf;
       const float m_new = std::max(w.m[r], K.max(s + lo, hi - lo));
       const float ref = std::isinf(m_new) ? 0.0f : m_new;  // m_new is -inf or finite
-      w.alpha[r] = exp_le0(K, w.m[r] - ref);
+      w.alpha[r] = w.m[r] - ref;  // its exponential below, all rows in one call
       w.psum[r] = K.exp_sum(s + lo, hi - lo, ref);
       w.m[r] = m_new;
       std::fill(s + t_lo, s + lo, 0.0f);
@@ -237,6 +238,7 @@ void attend_range(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1
         refs[r * p.nchunks + c] = ref;
       }
     }
+    K.exp_sum(w.alpha.data(), rows, 0.0f);  // alpha = e^(m - ref) (the same bits as one row at a time)
     // pv = p v over [t_lo, t_hi), then acc = acc * alpha + pv and l = l * alpha + psum for the rows that see the block.
     K.values(w.s.data(), p.T, rows, D, p.VG, block_rows(p, b, h, c, len, false), t_lo, t_hi, w.pv.data(), w.w);
     for (int64_t r = 0; r < rows; ++r) {

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kvprec/cpu_exp_poly.h"
 #include "kvprec/cpu_kernels.h"
@@ -119,44 +120,91 @@ inline typename V::F load_row_n(const uint8_t* row, int64_t c, int n) {
   else return V::load_bf16_n(reinterpret_cast<const uint16_t*>(row) + c, n);
 }
 
-// s[r, t] = scale * q_r . k_t for RB rows, float storage.
+// Positions per horizontal reduction in the score loops. RB = 4: one position, its 4 rows' sums through one V::hsum4.
+// Fewer rows: 4 positions, each row's 4 sums through one V::hsum4 (so rows < 4 do not pay a whole horizontal sum
+// per row and position, and the scores of a row come out as 4 consecutive values); the 4 positions' dot products
+// are also independent chains (a single row's chain of FMAs would wait on their latency).
+template <int RB>
+constexpr int positions_per_reduction() {
+  static_assert(RB >= 1 && RB <= 4, "register blocks of 1 to 4 rows");
+  return RB == 4 ? 1 : 4;
+}
+
+// The rows of one position's FP32 dot products (float storage): acc[i] = q_i . k (not yet summed across lanes).
+template <Elem E, int RB>
+inline void dot_float_position(const float* q, int64_t D, int64_t full, int rest, const uint8_t* row,
+                               typename V::F* acc) {
+  for (int i = 0; i < RB; ++i) acc[i] = V::zero();
+  for (int64_t c = 0; c < full; c += V::W) {
+    const typename V::F kv = load_row<E>(row, c);
+    for (int i = 0; i < RB; ++i) acc[i] = V::fmadd(V::load(q + i * D + c), kv, acc[i]);
+  }
+  if (rest) {
+    const typename V::F kv = load_row_n<E>(row, full, rest);
+    for (int i = 0; i < RB; ++i) acc[i] = V::fmadd(V::load_n(q + i * D + full, rest), kv, acc[i]);
+  }
+}
+
+// s[r, t] = scale * q_r . k_t for RB rows, float storage. Each dot product runs over the channels in order whatever
+// PB is, so the scores do not depend on how positions are grouped.
 template <Elem E, int RB>
 void scores_float_rows(const float* q, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
                        int64_t lds) {
+  constexpr int PB = positions_per_reduction<RB>();
   const int64_t full = D / V::W * V::W;
   const int rest = static_cast<int>(D - full);
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* row = k.data + t * k.ld;
-    typename V::F acc[RB];
-    for (int i = 0; i < RB; ++i) acc[i] = V::zero();
-    for (int64_t c = 0; c < full; c += V::W) {
-      const typename V::F kv = load_row<E>(row, c);
-      for (int i = 0; i < RB; ++i) acc[i] = V::fmadd(V::load(q + i * D + c), kv, acc[i]);
-    }
-    if (rest) {
-      const typename V::F kv = load_row_n<E>(row, full, rest);
-      for (int i = 0; i < RB; ++i) acc[i] = V::fmadd(V::load_n(q + i * D + full, rest), kv, acc[i]);
-    }
-    if constexpr (RB == 4) {
-      float out[4];
+  int64_t t = t0;
+  for (; t + PB <= t1; t += PB) {
+    typename V::F acc[PB * RB];
+    for (int j = 0; j < PB; ++j) dot_float_position<E, RB>(q, D, full, rest, k.data + (t + j) * k.ld, acc + j * RB);
+    float out[4];
+    if constexpr (PB == 1) {
       V::hsum4(acc[0], acc[1], acc[2], acc[3], out);
       for (int i = 0; i < 4; ++i) s[i * lds + t] = out[i] * scale;
     } else {
-      for (int i = 0; i < RB; ++i) s[i * lds + t] = V::hsum(acc[i]) * scale;
+      for (int i = 0; i < RB; ++i) {
+        V::hsum4(acc[i], acc[RB + i], acc[2 * RB + i], acc[3 * RB + i], out);
+        for (int j = 0; j < 4; ++j) s[i * lds + t + j] = out[j] * scale;
+      }
     }
+  }
+  for (; t < t1; ++t) {
+    typename V::F acc[RB];
+    dot_float_position<E, RB>(q, D, full, rest, k.data + t * k.ld, acc);
+    for (int i = 0; i < RB; ++i) s[i * lds + t] = V::hsum(acc[i]) * scale;
+  }
+}
+
+// Rows of the register blocks: 4 at a time, then one block of the 3, 2 or 1 left (a GQA group of 3 query heads is
+// one pass over the page, not 2 + 1). fn(std::integral_constant<int, RB>, first row).
+template <typename Fn>
+inline void for_row_blocks(int64_t rows, Fn&& fn) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) fn(std::integral_constant<int, 4>{}, r);
+  switch (rows - r) {
+    case 3: fn(std::integral_constant<int, 3>{}, r); break;
+    case 2: fn(std::integral_constant<int, 2>{}, r); break;
+    case 1: fn(std::integral_constant<int, 1>{}, r); break;
+    default: break;
   }
 }
 
 template <Elem E>
 void scores_float(const float* q, int64_t rows, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale,
                   float* s, int64_t lds) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) scores_float_rows<E, 4>(q + r * D, D, k, t0, t1, scale, s + r * lds, lds);
-  for (; r + 2 <= rows; r += 2) scores_float_rows<E, 2>(q + r * D, D, k, t0, t1, scale, s + r * lds, lds);
-  for (; r < rows; ++r) scores_float_rows<E, 1>(q + r * D, D, k, t0, t1, scale, s + r * lds, lds);
+  for_row_blocks(rows, [&](auto rb, int64_t r) {
+    scores_float_rows<E, decltype(rb)::value>(q + r * D, D, k, t0, t1, scale, s + r * lds, lds);
+  });
 }
 
-// pv[r, c] = sum_t p[r, t] v_t[c] for RB rows, float storage; channels 2W at a time, then W, then the rest.
+// Vectors of channels the value loops take per pass over the positions for RB rows: RB * NV accumulators, 8 to 12 of
+// them, so that the FMA chains (one per accumulator, one FMA per position) do not wait on each other's latency.
+template <int RB>
+constexpr int value_vectors() {
+  return RB == 1 ? 8 : RB == 4 ? 2 : 4;
+}
+
+// pv[r, c..c + NV W) = sum_t p[r, t] v_t[c..] for RB rows, float storage (rest > 0: the rest < W channels at c).
 template <Elem E, int RB, int NV>
 void values_float_chunk(const float* p, int64_t ldp, int64_t D, const Rows& v, int64_t t0, int64_t t1, int64_t c,
                         int rest, float* pv) {
@@ -181,9 +229,13 @@ void values_float_chunk(const float* p, int64_t ldp, int64_t D, const Rows& v, i
   }
 }
 
+// Channels value_vectors<RB>() W at a time, then 2W, W, the rest. Each channel's sum runs over t in order (one FMA
+// per position), however the channels are grouped.
 template <Elem E, int RB>
 void values_float_rows(const float* p, int64_t ldp, int64_t D, const Rows& v, int64_t t0, int64_t t1, float* pv) {
+  constexpr int kNV = value_vectors<RB>();
   int64_t c = 0;
+  for (; c + kNV * V::W <= D; c += kNV * V::W) values_float_chunk<E, RB, kNV>(p, ldp, D, v, t0, t1, c, 0, pv);
   for (; c + 2 * V::W <= D; c += 2 * V::W) values_float_chunk<E, RB, 2>(p, ldp, D, v, t0, t1, c, 0, pv);
   for (; c + V::W <= D; c += V::W) values_float_chunk<E, RB, 1>(p, ldp, D, v, t0, t1, c, 0, pv);
   if (c < D) values_float_chunk<E, RB, 1>(p, ldp, D, v, t0, t1, c, static_cast<int>(D - c), pv);
@@ -192,10 +244,9 @@ void values_float_rows(const float* p, int64_t ldp, int64_t D, const Rows& v, in
 template <Elem E>
 void values_float(const float* p, int64_t ldp, int64_t rows, int64_t D, const Rows& v, int64_t t0, int64_t t1,
                   float* pv) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) values_float_rows<E, 4>(p + r * ldp, ldp, D, v, t0, t1, pv + r * D);
-  for (; r + 2 <= rows; r += 2) values_float_rows<E, 2>(p + r * ldp, ldp, D, v, t0, t1, pv + r * D);
-  for (; r < rows; ++r) values_float_rows<E, 1>(p + r * ldp, ldp, D, v, t0, t1, pv + r * D);
+  for_row_blocks(rows, [&](auto rb, int64_t r) {
+    values_float_rows<E, decltype(rb)::value>(p + r * ldp, ldp, D, v, t0, t1, pv + r * D);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -275,51 +326,67 @@ constexpr int64_t part_chunks() {
   return V::kPartInt16 ? 32767 / (PER * 2 * ((1 << (8 / PER)) - 1) * 127) : int64_t{1} << 40;
 }
 
-// dots [RB, T] int32 scratch: the integer dot products are written per position (one horizontal sum for RB rows),
-// then turned into scores a vector of positions at a time. FULL: every chunk lies inside its row (row_bytes is a
+// The RB rows' integer dot products with the codes of one position (row: its codes; avail: bytes from there to the
+// end of the page), as int32 lanes not yet summed across. FULL: every chunk lies inside its row (row_bytes is a
 // multiple of the chunk), so no chunk needs the bounds check of a row's end.
 // INT4 / INT2 (PER > 1): the u8 x s8 products of up to part_chunks<PER>() chunks add up in V::A (int16 lanes without
-// VNNI) before one widening to int32, which keeps the widening out of the chunk loop.
-template <int PER, int RB, bool FULL>
-void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
-                     int64_t lds, int32_t* dots) {
-  const int64_t row_bytes = D / PER, end = k.n * k.ld;
+// VNNI) before one widening to int32, which keeps the widening out of the chunk loop. NCH > 0: the row is NCH
+// chunks (known at compile time, so the loops unroll and the accumulators stay in registers); 0: `chunks`.
+template <int PER, int RB, bool FULL, int NCH>
+inline void dot_int_position(const KeyQuery& kq, const uint8_t* row, int64_t avail, int64_t runtime_chunks,
+                             typename V::I* acc) {
+  const int64_t chunks = NCH > 0 ? NCH : runtime_chunks;
   // PER > 1: chunks of IB code bytes (PER * IB channels); PER == 1: IB / 2 code bytes widened to 16 bits.
   constexpr int64_t kChunk = PER == 1 ? V::IB / 2 : V::IB;
-  const int64_t chunks = (row_bytes + kChunk - 1) / kChunk;
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* row = k.data + t * k.ld;
-    typename V::I acc[RB];
-    for (int i = 0; i < RB; ++i) acc[i] = V::zero_i();
-    if constexpr (PER == 1) {
-      for (int64_t j = 0; j < chunks; ++j) {
-        // Bytes past the row belong to the next row (their query bytes are 0): read them, unless past the page.
-        const typename V::I x = V::widen_u8(row + j * kChunk, FULL ? kChunk : end - (t * k.ld + j * kChunk));
+  for (int i = 0; i < RB; ++i) acc[i] = V::zero_i();
+  if constexpr (PER == 1) {
+    for (int64_t j = 0; j < chunks; ++j) {
+      // Bytes past the row belong to the next row (their query bytes are 0): read them, unless past the page.
+      const typename V::I x = V::widen_u8(row + j * kChunk, FULL ? kChunk : avail - j * kChunk);
+      for (int i = 0; i < RB; ++i) acc[i] = V::dot_s16(acc[i], x, V::load_i(kq.qi + i * kq.qbytes + j * V::IB));
+    }
+  } else {
+    constexpr int64_t kPart = part_chunks<PER>();
+    for (int64_t j0 = 0; j0 < chunks; j0 += kPart) {
+      typename V::A part[RB];
+      for (int i = 0; i < RB; ++i) part[i] = V::zero_a();
+      for (int64_t j = j0; j < imin(chunks, j0 + kPart); ++j) {
+        typename V::I u[PER];
+        V::template unpack<PER>(FULL ? V::load_i(row + j * kChunk) : load_bytes(row + j * kChunk, avail - j * kChunk),
+                                u);
         for (int i = 0; i < RB; ++i)
-          acc[i] = V::dot_s16(acc[i], x, V::load_i(kq.qi + i * kq.qbytes + j * V::IB));
+          part[i] = V::template dot_part<PER>(part[i], u, kq.qi + i * kq.qbytes + j * PER * V::IB);
       }
-    } else {
-      constexpr int64_t kPart = part_chunks<PER>();
-      for (int64_t j0 = 0; j0 < chunks; j0 += kPart) {
-        typename V::A part[RB];
-        for (int i = 0; i < RB; ++i) part[i] = V::zero_a();
-        for (int64_t j = j0; j < imin(chunks, j0 + kPart); ++j) {
-          typename V::I u[PER];
-          V::template unpack<PER>(FULL ? V::load_i(row + j * kChunk)
-                                       : load_bytes(row + j * kChunk, end - (t * k.ld + j * kChunk)), u);
-          for (int i = 0; i < RB; ++i)
-            part[i] = V::template dot_part<PER>(part[i], u, kq.qi + i * kq.qbytes + j * PER * V::IB);
-        }
-        for (int i = 0; i < RB; ++i) acc[i] = V::add_i(acc[i], V::part_to_i32(part[i]));
-      }
+      for (int i = 0; i < RB; ++i) acc[i] = V::add_i(acc[i], V::part_to_i32(part[i]));
     }
-    if constexpr (RB == 4) {
-      int32_t d4[4];
-      V::hsum4_i(acc[0], acc[1], acc[2], acc[3], d4);
-      for (int i = 0; i < 4; ++i) dots[i * k.n + t] = d4[i];
+  }
+}
+
+// dots [RB, T] int32 scratch: the integer dot products of PB positions at a time (positions_per_reduction), summed
+// across lanes 4 at a time, then turned into scores a vector of positions at a time.
+template <int PER, int RB, bool FULL, int NCH>
+void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
+                     int64_t lds, int32_t* dots) {
+  constexpr int PB = positions_per_reduction<RB>();
+  constexpr int64_t kChunk = PER == 1 ? V::IB / 2 : V::IB;
+  const int64_t end = k.n * k.ld, chunks = (D / PER + kChunk - 1) / kChunk;
+  int64_t t = t0;
+  for (; t + PB <= t1; t += PB) {
+    typename V::I acc[PB * RB];
+    for (int j = 0; j < PB; ++j)
+      dot_int_position<PER, RB, FULL, NCH>(kq, k.data + (t + j) * k.ld, end - (t + j) * k.ld, chunks, acc + j * RB);
+    if constexpr (PB == 1) {
+      int32_t d[4];
+      V::hsum4_i(acc[0], acc[1], acc[2], acc[3], d);
+      for (int i = 0; i < 4; ++i) dots[i * k.n + t] = d[i];
     } else {
-      for (int i = 0; i < RB; ++i) dots[i * k.n + t] = V::hsum_i(acc[i]);
+      for (int i = 0; i < RB; ++i) V::hsum4_i(acc[i], acc[RB + i], acc[2 * RB + i], acc[3 * RB + i], dots + i * k.n + t);
     }
+  }
+  for (; t < t1; ++t) {
+    typename V::I acc[RB];
+    dot_int_position<PER, RB, FULL, NCH>(kq, k.data + t * k.ld, end - t * k.ld, chunks, acc);
+    for (int i = 0; i < RB; ++i) dots[i * k.n + t] = V::hsum_i(acc[i]);
   }
   for (int i = 0; i < RB; ++i)
     V::affine_i32(dots + i * k.n + t0, t1 - t0, scale * kq.qs[i], scale * kq.zq[i], s + i * lds + t0);
@@ -329,8 +396,16 @@ template <int PER, int RB>
 void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
                      int64_t lds, int32_t* dots) {
   constexpr int64_t kChunk = PER == 1 ? V::IB / 2 : V::IB;
-  if ((D / PER) % kChunk == 0) scores_int_rows<PER, RB, true>(kq, D, k, t0, t1, scale, s, lds, dots);
-  else scores_int_rows<PER, RB, false>(kq, D, k, t0, t1, scale, s, lds, dots);
+  const int64_t chunks = (D / PER + kChunk - 1) / kChunk;
+  if ((D / PER) % kChunk != 0) return scores_int_rows<PER, RB, false, 0>(kq, D, k, t0, t1, scale, s, lds, dots);
+  // The usual head dims (64, 128 on AVX2) are 1 to 8 chunks.
+  switch (chunks) {
+    case 1: return scores_int_rows<PER, RB, true, 1>(kq, D, k, t0, t1, scale, s, lds, dots);
+    case 2: return scores_int_rows<PER, RB, true, 2>(kq, D, k, t0, t1, scale, s, lds, dots);
+    case 4: return scores_int_rows<PER, RB, true, 4>(kq, D, k, t0, t1, scale, s, lds, dots);
+    case 8: return scores_int_rows<PER, RB, true, 8>(kq, D, k, t0, t1, scale, s, lds, dots);
+    default: return scores_int_rows<PER, RB, true, 0>(kq, D, k, t0, t1, scale, s, lds, dots);
+  }
 }
 
 // Work layout of the SIMD kernels (within work_floats): fallback block, its scales / zeros (3 [T, D]); then the
@@ -364,21 +439,18 @@ bool scores_int(const float* q, int64_t rows, int64_t D, const Rows& k, int64_t 
   float* qs = reinterpret_cast<float*>(qi + 4 * round_up(qbytes, 64));
   KeyQuery kq{qi, qbytes, qs, qs + 4};
   auto* dots = reinterpret_cast<int32_t*>(qs + 8);
-  for (int64_t r = 0; r < rows;) {
-    const int64_t rb = rows - r >= 4 ? 4 : rows - r >= 2 ? 2 : 1;
-    prepare_key_query<PER>(q + r * D, rb, D, sw.sf, sw.zf, qmax, tmp, qp, kq);
-    if (rb == 4) scores_int_rows<PER, 4>(kq, D, k, t0, t1, scale, s + r * lds, lds, dots);
-    else if (rb == 2) scores_int_rows<PER, 2>(kq, D, k, t0, t1, scale, s + r * lds, lds, dots);
-    else scores_int_rows<PER, 1>(kq, D, k, t0, t1, scale, s + r * lds, lds, dots);
-    r += rb;
-  }
+  for_row_blocks(rows, [&](auto rb, int64_t r) {
+    prepare_key_query<PER>(q + r * D, decltype(rb)::value, D, sw.sf, sw.zf, qmax, tmp, qp, kq);
+    scores_int_rows<PER, decltype(rb)::value>(kq, D, k, t0, t1, scale, s + r * lds, lds, dots);
+  });
   return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Values from their codes.
 
-// pv[r, c..c + NV W) for RB rows: sum_t w[r, t] code_t + zs[r] (the channels lie in one group).
+// pv[r, c..c + NV W) for RB rows: sum_t w[r, t] code_t + zs[r] (the channels lie in one group). The codes of 2W
+// channels are converted to FP32 at once (codes_to_float), W for an odd last vector.
 template <int PER, int RB, int NV>
 void values_int_chunk(const float* wg, int64_t ldw, const float* zs, int64_t ldz, int64_t D, const Rows& v,
                       int64_t t0, int64_t t1, int64_t c, float* pv) {
@@ -388,7 +460,8 @@ void values_int_chunk(const float* wg, int64_t ldw, const float* zs, int64_t ldz
   const uint8_t* base = v.data + c / PER;
   for (int64_t t = t0; t < t1; ++t) {
     typename V::F x[NV];
-    V::template codes_to_float<PER, NV>(base + t * v.ld, x);
+    for (int j = 0; j + 2 <= NV; j += 2) V::template codes_to_float<PER, 2>(base + t * v.ld + j * V::W / PER, x + j);
+    if constexpr (NV % 2 == 1) V::template codes_to_float<PER, 1>(base + t * v.ld + (NV - 1) * V::W / PER, x + NV - 1);
     for (int i = 0; i < RB; ++i) {
       const typename V::F b = V::set1(wg[i * ldw + t]);
       for (int j = 0; j < NV; ++j) acc[i][j] = V::fmadd(b, x[j], acc[i][j]);
@@ -401,36 +474,53 @@ void values_int_chunk(const float* wg, int64_t ldw, const float* zs, int64_t ldz
 }
 
 // INT4 / INT2, strided channels: one load of W code bytes as u32 lanes holds PER codes per lane; field k of lane j
-// is channel c + PER j + k. A pass takes the fields K0 and K0 + 1 (2 RB accumulators), PER / 2 passes cover the PER W
-// channels of those bytes, and the sums are interleaved back to natural order once at the end. Per position this
-// is one widening load and 2 shifts / masks / conversions per 2W channels (the unpack to bytes of codes_to_float and
-// its extra widenings are not needed). Requires PER W | D and PER W | VG (the channels of a pass share a group).
-template <int PER, int RB, int K0>
-void values_int_strided(const float* wg, int64_t ldw, const float* zs, int64_t ldz, int64_t D, const Rows& v,
-                        int64_t t0, int64_t t1, int64_t c, float* pv) {
+// is channel c + PER j + k. A pass takes the fields K0 and K0 + 1 of NS spans of PER W channels (c, c + PER W, ...;
+// 2 RB NS accumulators, enough independent FMA chains for few rows); PER / 2 passes cover the spans, and the sums
+// are interleaved back to natural order once at the end. Per position this is one widening load and 2 shifts /
+// masks / conversions per 2W channels (the unpack to bytes of codes_to_float and its extra widenings are not
+// needed). Requires PER W | D and PER W | VG (the channels of a span share a group; w, zs: those of the group of
+// each span, ldw / ldz between rows).
+template <int PER, int RB, int K0, int NS>
+void values_int_strided(const float* w, int64_t ldw, int64_t T, const float* zs, int64_t ldz, int64_t D, int64_t VG,
+                        const Rows& v, int64_t t0, int64_t t1, int64_t c, float* pv) {
   constexpr int kBits = 8 / PER;
-  typename V::F acc[RB][2];
-  for (int i = 0; i < RB; ++i) acc[i][0] = acc[i][1] = V::zero();
+  constexpr int64_t kSpan = PER * V::W;
+  const float* wg[NS];
+  for (int n = 0; n < NS; ++n) wg[n] = w + (c + n * kSpan) / VG * T;
+  typename V::F acc[RB][NS][2];
+  for (int i = 0; i < RB; ++i)
+    for (int n = 0; n < NS; ++n) acc[i][n][0] = acc[i][n][1] = V::zero();
   const uint8_t* base = v.data + c / PER;
   for (int64_t t = t0; t < t1; ++t) {
-    const typename V::I x = V::load_u8_u32(base + t * v.ld);
-    const typename V::F a = V::template field<K0 * kBits, kBits>(x), b = V::template field<(K0 + 1) * kBits, kBits>(x);
-    for (int i = 0; i < RB; ++i) {
-      const typename V::F w = V::set1(wg[i * ldw + t]);
-      acc[i][0] = V::fmadd(w, a, acc[i][0]);
-      acc[i][1] = V::fmadd(w, b, acc[i][1]);
+    for (int n = 0; n < NS; ++n) {
+      const typename V::I x = V::load_u8_u32(base + t * v.ld + n * V::W);
+      const typename V::F a = V::template field<K0 * kBits, kBits>(x);
+      const typename V::F b = V::template field<(K0 + 1) * kBits, kBits>(x);
+      for (int i = 0; i < RB; ++i) {
+        const typename V::F wt = V::set1(wg[n][i * ldw + t]);
+        acc[i][n][0] = V::fmadd(wt, a, acc[i][n][0]);
+        acc[i][n][1] = V::fmadd(wt, b, acc[i][n][1]);
+      }
     }
   }
-  for (int i = 0; i < RB; ++i) {
-    const typename V::F z = V::set1(zs[i * ldz]);
-    if constexpr (PER == 2) {
-      V::store_interleaved(pv + i * D + c, V::add(acc[i][0], z), V::add(acc[i][1], z));
-    } else {
-      alignas(64) float pair[2 * V::W];
-      V::store_interleaved(pair, V::add(acc[i][0], z), V::add(acc[i][1], z));
-      for (int j = 0; j < V::W; ++j) std::memcpy(pv + i * D + c + PER * j + K0, pair + 2 * j, 2 * sizeof(float));
+  for (int i = 0; i < RB; ++i)
+    for (int n = 0; n < NS; ++n) {
+      const int64_t cn = c + n * kSpan;
+      const typename V::F z = V::set1(zs[cn / VG + i * ldz]);
+      if constexpr (PER == 2) {
+        V::store_interleaved(pv + i * D + cn, V::add(acc[i][n][0], z), V::add(acc[i][n][1], z));
+      } else {
+        alignas(64) float pair[2 * V::W];
+        V::store_interleaved(pair, V::add(acc[i][n][0], z), V::add(acc[i][n][1], z));
+        for (int j = 0; j < V::W; ++j) std::memcpy(pv + i * D + cn + PER * j + K0, pair + 2 * j, 2 * sizeof(float));
+      }
     }
-  }
+}
+
+// Spans of PER W channels per pass of values_int_strided: 2 RB NS accumulators, 8 to 12.
+template <int RB>
+constexpr int value_spans() {
+  return value_vectors<RB>() / 2;
 }
 
 template <int PER, int RB>
@@ -439,27 +529,29 @@ void values_int_rows(const float* w, const float* zs, int64_t groups, int64_t T,
   // w [RB][groups][T], zs [RB][groups]
   if constexpr (PER > 1) {
     constexpr int64_t kSpan = PER * V::W;
+    constexpr int kNS = value_spans<RB>();
     if (D % kSpan == 0 && VG % kSpan == 0) {
-      for (int64_t c = 0; c < D; c += kSpan) {
-        const int64_t g = c / VG;
-        values_int_strided<PER, RB, 0>(w + g * T, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
+      auto pass = [&](auto ns, int64_t c) {
+        constexpr int NS = decltype(ns)::value;
+        values_int_strided<PER, RB, 0, NS>(w, groups * T, T, zs, groups, D, VG, v, t0, t1, c, pv);
         if constexpr (PER == 4)
-          values_int_strided<PER, RB, 2>(w + g * T, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
-      }
+          values_int_strided<PER, RB, 2, NS>(w, groups * T, T, zs, groups, D, VG, v, t0, t1, c, pv);
+      };
+      int64_t c = 0;
+      for (; c + kNS * kSpan <= D; c += kNS * kSpan) pass(std::integral_constant<int, kNS>{}, c);
+      for (; c < D; c += kSpan) pass(std::integral_constant<int, 1>{}, c);
       return;
     }
   }
-  const bool two = VG % (2 * V::W) == 0;
-  for (int64_t c = 0; c < D;) {
+  // Chunks of NV W channels inside one group: value_vectors<RB>() where the group size allows, else 2 or 1.
+  constexpr int kNV = value_vectors<RB>();
+  const int64_t step = VG % (kNV * V::W) == 0 ? kNV * V::W : VG % (2 * V::W) == 0 ? 2 * V::W : V::W;
+  for (int64_t c = 0; c < D; c += step) {
     const int64_t g = c / VG;
     const float* wg = w + g * T;
-    if (two) {
-      values_int_chunk<PER, RB, 2>(wg, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
-      c += 2 * V::W;
-    } else {
-      values_int_chunk<PER, RB, 1>(wg, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
-      c += V::W;
-    }
+    if (step == kNV * V::W) values_int_chunk<PER, RB, kNV>(wg, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
+    else if (step == 2 * V::W) values_int_chunk<PER, RB, 2>(wg, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
+    else values_int_chunk<PER, RB, 1>(wg, groups * T, zs + g, groups, D, v, t0, t1, c, pv);
   }
 }
 
@@ -469,7 +561,8 @@ bool values_int(const float* p, int64_t ldp, int64_t rows, int64_t D, int64_t VG
                 int64_t t1, float* pv, Work& work) {
   SimdWork sw(work, v.n, D);
   const int64_t groups = D / VG, T = v.n;
-  // Scales / zeros transposed to [groups, T] (sf, zf), then w [4][groups][T] and zs [4][groups] in rest.
+  // Scales / zeros of positions [t0, t1) as FP32 [t1 - t0, groups] (sf, zf), transposed to [groups, T] (st, zt;
+  // one group: sf, zf as they are), then w [4][groups][T] and zs [4][groups] in rest.
   float* st = sw.rest;
   float* zt = st + groups * T;
   float* w = zt + groups * T;
@@ -477,40 +570,38 @@ bool values_int(const float* p, int64_t ldp, int64_t rows, int64_t D, int64_t VG
   V::f16_to_f32(v.scale + t0 * groups, sw.sf, (t1 - t0) * groups);
   V::f16_to_f32(v.zero + t0 * groups, sw.zf, (t1 - t0) * groups);
   if (!clamp_cannot_bind(sw.sf, sw.zf, (t1 - t0) * groups, static_cast<float>((1 << (8 / PER)) - 1))) return false;
-  for (int64_t t = t0; t < t1; ++t)
-    for (int64_t g = 0; g < groups; ++g) {
-      st[g * T + t] = sw.sf[(t - t0) * groups + g];
-      zt[g * T + t] = sw.zf[(t - t0) * groups + g];
-    }
-  for (int64_t r = 0; r < rows;) {
-    const int64_t rb = rows - r >= 4 ? 4 : rows - r >= 2 ? 2 : 1;
-    for (int64_t i = 0; i < rb; ++i) {
+  if (groups > 1)
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t g = 0; g < groups; ++g) {
+        st[g * T + t] = sw.sf[(t - t0) * groups + g];
+        zt[g * T + t] = sw.zf[(t - t0) * groups + g];
+      }
+  for_row_blocks(rows, [&](auto rb, int64_t r) {
+    constexpr int RB = decltype(rb)::value;
+    for (int64_t i = 0; i < RB; ++i) {
       const float* pr = p + (r + i) * ldp;
       for (int64_t g = 0; g < groups; ++g) {
         float* wr = w + (i * groups + g) * T;
-        const float* sg = st + g * T;
-        const float* zg = zt + g * T;
+        const float* sg = groups > 1 ? st + g * T + t0 : sw.sf;  // [t - t0]
+        const float* zg = groups > 1 ? zt + g * T + t0 : sw.zf;
         typename V::F z = V::zero();
         int64_t t = t0;
         for (; t + V::W <= t1; t += V::W) {
           const typename V::F pt = V::load(pr + t);
-          V::store(wr + t, V::mul(pt, V::load(sg + t)));
-          z = V::fmadd(pt, V::load(zg + t), z);
+          V::store(wr + t, V::mul(pt, V::load(sg + (t - t0))));
+          z = V::fmadd(pt, V::load(zg + (t - t0)), z);
         }
         if (t < t1) {
           const int n = static_cast<int>(t1 - t);
           const typename V::F pt = V::load_n(pr + t, n);
-          V::store_n(wr + t, V::mul(pt, V::load_n(sg + t, n)), n);
-          z = V::fmadd(pt, V::load_n(zg + t, n), z);
+          V::store_n(wr + t, V::mul(pt, V::load_n(sg + (t - t0), n)), n);
+          z = V::fmadd(pt, V::load_n(zg + (t - t0), n), z);
         }
         zs[i * groups + g] = V::hsum(z);
       }
     }
-    if (rb == 4) values_int_rows<PER, 4>(w, zs, groups, T, D, VG, v, t0, t1, pv + r * D);
-    else if (rb == 2) values_int_rows<PER, 2>(w, zs, groups, T, D, VG, v, t0, t1, pv + r * D);
-    else values_int_rows<PER, 1>(w, zs, groups, T, D, VG, v, t0, t1, pv + r * D);
-    r += rb;
-  }
+    values_int_rows<PER, RB>(w, zs, groups, T, D, VG, v, t0, t1, pv + r * D);
+  });
   return true;
 }
 

@@ -48,7 +48,11 @@ import torch
 
 import kvprec
 from kvprec.hf.eval import compare, hf_cache, hf_cache_name
+from kvprec.hf.policy import LayerTiers, registry
 from kvprec.models import STDLIB_EVAL_FILES, load, stdlib_text
+
+if "layer_tiers" not in registry.names():  # per-layer tiers from examples/layer_sensitivity.py's ranking
+    registry.register("layer_tiers", LayerTiers)
 
 KINDS = ("prose", "code", "chat")
 CHAT_FILE = Path(__file__).resolve().parent / "data" / "chat_smollm2.txt"
@@ -126,7 +130,7 @@ def bits_parts(memory, block_size: int, head_dim: int) -> dict:
     return {name: b * 8 / elements for name, b in byte_parts.items()}
 
 
-#: name -> (policy spec, block size, key rotation). Chosen on SmolLM2-135M-Instruct, code, against the rows of
+#: name -> (policy spec, block size, key rotation[, value rotation]). Chosen on SmolLM2-135M-Instruct, code, against the rows of
 #: LEVERS (README "Quality on a real model"), applied unchanged to every model and kind.
 ROWS = {
     "uniform:int8": ("uniform:int8", 64, None),
@@ -156,8 +160,9 @@ def caches(config, batch: int, tokens: int, hf_specs, dtype_bytes: int, skipped:
     """Row name -> (cache factory, block size or None for a stock cache). ``names``: only these rows of ROWS and
     LEVERS (and no budget rows); None: ROWS (with LEVERS if ``levers``) and the budget rows. Budgets below
     :func:`floor_bits` (at T = 64) are skipped (appended to ``skipped`` with the reason): no policy can meet them."""
-    def make(policy, block_size, rotation):
-        return lambda: kvprec.AdaptiveCache(config, policy=policy, block_size=block_size, key_rotation=rotation)
+    def make(policy, block_size, rotation, value_rotation=None):
+        return lambda: kvprec.AdaptiveCache(config, policy=policy, block_size=block_size, key_rotation=rotation,
+                                            value_rotation=value_rotation)
 
     chosen = {**ROWS, **(LEVERS if levers else {})}
     if names is not None:

@@ -130,6 +130,13 @@ def test_path_against_reference(cpu_path, tier, d, n, group):
     hq = hkv * group
     buf = _filled(b, hkv, d, n, tier, group_size=d // 2 if d == 36 else 32)
     q = torch.randn(b, hq, 1, d, generator=torch.Generator().manual_seed(1)) * 1.5
+    _assert_matches_reference(buf, q, tier, cpu_path)
+
+
+def _assert_matches_reference(buf, q, tier, cpu_path, practical=True):
+    """attend(q) against FP64 attention over the dequantized cache, within the path's contract for the tier (and, with
+    `practical`, within the error the integer query adds in practice at the shapes of test_path_against_reference)."""
+    d, hkv, hq = buf.head_dim, buf.kv_heads, q.shape[1]
     scale = 1 / math.sqrt(d)
     out, lse, _ = buf.attend(q)
     k, v = buf.gather()
@@ -142,9 +149,34 @@ def test_path_against_reference(cpu_path, tier, d, n, group):
     vmax = v.double().abs().amax(2).repeat_interleave(hq // hkv, 1).unsqueeze(2)
     assert ((out.double() - want).abs() - (torch.exp(2 * e) - 1).unsqueeze(-1) * vmax).max() <= 1e-5
     assert ((lse.double() - want_lse).abs() - e).max() <= 1e-5
+    if not practical:
+        return
     # and not far from it in practice: the integer query adds little to the tier's own error (its rounding error
     # sums over the D channels of a score: INT2 keys at D = 128 measure 0.057)
     assert (out.double() - want).abs().max() <= 0.05 * max(1.0, d / 64) ** 0.5
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("cpu_path", PATHS, indirect=True)
+# (head_dim, value group): one group per head (64); a group per 16 channels, and a head_dim that is 5 such spans
+# (80: integer score rows that do not fill whole 32-byte chunks); groups of 8 (the narrowest value chunks); groups
+# that are not a multiple of 8 (36 / 12: values through the dequantized fallback, D % 8 == 4); 128 / 32
+def test_row_blocks_against_reference(cpu_path, tier):
+    """Every register block of query rows: 1 to 7 query heads per KV head (4 + 3, 4 + 2, 4 + 1, 3, 2, 1 rows), at
+    head dims and value groups that take each channel split of the value loops and each chunking of the scores.
+    Each against the reference within the contract, and against the same query heads attended one per KV head (one
+    row per block): a row's result does not depend on the rows beside it beyond FP32 rounding (2e-6; measured up to
+    1e-6, at 4 rows or more)."""
+    for d, group_size in [(64, 64), (80, 16), (40, 8), (36, 12), (128, 32)]:
+        buf = _filled(1, 2, d, 16 * 9 + 5, tier, seed=d, group_size=group_size)
+        for group in range(1, 8):
+            q = torch.randn(1, 2 * group, 1, d, generator=torch.Generator().manual_seed(group)) * 1.5
+            _assert_matches_reference(buf, q, tier, cpu_path, practical=False)
+            out, lse, _ = buf.attend(q)
+            for g in range(group):
+                one_out, one_lse, _ = buf.attend(q[:, g::group].contiguous())  # head g of each KV head's group
+                torch.testing.assert_close(out[:, g::group], one_out, atol=2e-6, rtol=0)
+                torch.testing.assert_close(lse[:, g::group], one_lse, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("cpu_path", PATHS, indirect=True)

@@ -143,9 +143,9 @@ int run_emulated(const char* name) {
   int cases = 0;
   for (Elem e : {Elem::F32, Elem::F16, Elem::BF16, Elem::U8, Elem::U4, Elem::U2})
     for (auto [D, VG] : {std::pair<int64_t, int64_t>{4, 4}, {12, 4}, {20, 20}, {36, 12}, {64, 32}, {64, 64},
-                         {128, 64}, {128, 16}, {256, 64}, {96, 48}})
+                         {128, 64}, {128, 16}, {256, 64}, {96, 48}, {80, 16}, {40, 8}})
       for (int64_t T : {1, 2, 16, 64})
-        for (int64_t rows : {1, 2, 3, 4, 5, 9})
+        for (int64_t rows : {1, 2, 3, 4, 5, 6, 7, 9})
           for (bool near_clamp : {false, true}) {
             if (near_clamp && (e == Elem::F32 || e == Elem::F16 || e == Elem::BF16 || rows != 4)) continue;
             const int64_t t0 = T > 2 ? T / 4 : 0, t1 = T > 2 ? T - 1 : T;

@@ -396,6 +396,18 @@ void test_fused_cpu_kernel() {
       stress(c);
     }
   }
+  // The register blocks of the SIMD kernels at real head dims: 3 rows (SmolLM2's groups of 3 query heads at D = 64, one
+  // value group per head) and 7 = 4 + 3 rows (D = 80: INT4 score rows of 40 code bytes, value groups of 16).
+  for (auto [Hq, Hkv, D, VG] : {std::array<int64_t, 4>{9, 3, 64, 64}, {7, 1, 80, 16}}) {
+    Stress c;
+    c.Hq = Hq;
+    c.Hkv = Hkv;
+    c.D = D;
+    c.VG = VG;
+    c.tiers = all;
+    c.L = 3 * c.T + 5;
+    stress(c);
+  }
   // Sliding windows that skip blocks for some tiles only (Q = 100: tiles of 32 queries), window edges on block
   // edges, with and without masks; softcap and an explicit scale.
   for (int64_t w : {1, 5, 16, 17, 47, 200}) {

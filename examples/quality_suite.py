@@ -48,11 +48,7 @@ import torch
 
 import kvprec
 from kvprec.hf.eval import compare, hf_cache, hf_cache_name
-from kvprec.hf.policy import LayerTiers, registry
 from kvprec.models import STDLIB_EVAL_FILES, load, stdlib_text
-
-if "layer_tiers" not in registry.names():  # per-layer tiers from examples/layer_sensitivity.py's ranking
-    registry.register("layer_tiers", LayerTiers)
 
 KINDS = ("prose", "code", "chat")
 CHAT_FILE = Path(__file__).resolve().parent / "data" / "chat_smollm2.txt"
@@ -138,6 +134,12 @@ ROWS = {
     "uniform:int4 rot": ("uniform:int4", 64, "orthogonal"),
     "uniform:int2 rot": ("uniform:int2", 64, "orthogonal"),
     "attention_mass 1/4 int4, rest int2, rot": ("attention_mass:keep=0.25,high=int4,low=int2", 64, "orthogonal"),
+    # values rotated too (chosen for the sub-4-bit rows on SmolLM2 code; it cost INT4 perplexity there)
+    "uniform:int2 rot k+v": ("uniform:int2", 64, "orthogonal", "orthogonal"),
+    "attention_mass 1/4 int4, rest int2, rot k+v": ("attention_mass:keep=0.25,high=int4,low=int2", 64, "orthogonal",
+                                                    "orthogonal"),
+    "attention_mass 1/32 int4, rest int2, rot k+v": ("attention_mass:keep=0.03125,high=int4,low=int2", 64,
+                                                     "orthogonal", "orthogonal"),
 }
 #: the other levers tried (``--levers``): block size T, rotation kind, sinks and window.
 LEVERS = {
@@ -152,6 +154,7 @@ LEVERS = {
                                                    "orthogonal"),
     "sinks 64 + recent 256 int8, rest int2, rot": ("sink_window:sinks=64,window=256,rest=int2,recent=int8", 64,
                                                    "orthogonal"),
+    "uniform:int4 rot k+v": ("uniform:int4", 64, "orthogonal", "orthogonal"),
 }
 
 

@@ -7,8 +7,6 @@ policy's parameters as in a Python call (positional first, a parameter given twi
 takes a policy object or name: ``budget("attention_mass", bits_per_element=4)``. New policies join with
 :func:`register`. The curvature policy needs a calibration run, so it has no name form: build it with
 ``Curvature.calibrate(model, input_ids, bits_per_element=...)`` (it can be wrapped by ``budget(...)`` as well).
-:class:`LayerTiers` (the layers a sensitivity run ranked first at a high tier, the rest low) is built from its class;
-examples/layer_sensitivity.py and examples/quality_rows.py register it as ``"layer_tiers:layers=0+3+7,..."``.
 """
 from __future__ import annotations
 
@@ -16,11 +14,10 @@ from .attention_mass import AttentionMass, attention_mass
 from .base import AttentionStats, Policy, SealStats, demote_to
 from .budget import Budget, BudgetError, budget
 from .curvature import Curvature
-from .layer_tiers import LayerTiers
 from .sink_window import SinkWindow, sink_window
 from .uniform import Uniform, uniform
 from .registry import get, names, register
 
 __all__ = ["Policy", "SealStats", "AttentionStats", "demote_to", "get", "register", "names", "Uniform", "uniform",
            "SinkWindow", "sink_window", "AttentionMass", "attention_mass", "Budget", "BudgetError", "budget",
-           "Curvature", "LayerTiers"]
+           "Curvature"]

@@ -157,16 +157,27 @@ cpu::Rows block_rows(const Problem& p, int64_t b, int64_t h, int64_t c, int64_t 
   return r;
 }
 
-// Ask for a block's data (and scales / zeros) to be brought into cache while the current block is computed.
+// One cache line at p asked into cache. An asm statement on x86: GCC 12 left no prefetch instruction of
+// __builtin_prefetch in this file's object (the loops below vanished), and a prefetch must not be optimized away.
+inline void prefetch_line(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
+// Ask for an integer block's codes, scales and zeros to be brought into cache while the current block is computed.
+// Float blocks are left to the hardware prefetcher: asking for FP32 pages too made (1, 32, 8, 128, 16384) FP32
+// decode about 7% slower, INT4 about 13% faster (1 thread, AVX2 path).
 void prefetch(const cpu::Rows& r, int64_t D, int64_t VG, bool keys) {
+  if (!r.scale) return;
   const int64_t bytes = r.n * r.ld;
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r.data + o, 0, 2);
-  if (r.scale) {
-    const int64_t meta = 2 * (keys ? D : r.n * (D / VG));
-    for (int64_t o = 0; o < meta; o += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(r.scale) + o, 0, 2);
-      __builtin_prefetch(reinterpret_cast<const char*>(r.zero) + o, 0, 2);
-    }
+  for (int64_t o = 0; o < bytes; o += 64) prefetch_line(r.data + o);
+  const int64_t meta = 2 * (keys ? D : r.n * (D / VG));
+  for (int64_t o = 0; o < meta; o += 64) {
+    prefetch_line(reinterpret_cast<const char*>(r.scale) + o);
+    prefetch_line(reinterpret_cast<const char*>(r.zero) + o);
   }
 }
 

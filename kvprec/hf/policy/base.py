@@ -87,9 +87,10 @@ class SealStats:
 
     batch, kv_heads, block_size: the layer's geometry; seq_len: the length after the append that seals;
     new_keys, new_values: the K/V being appended, [B, H_kv, n, D] (post-RoPE, model dtype; the keys as stored, i.e.
-    times the layer's rotation when the cache has ``key_rotation``: norms and inner products are the model's); the
-    blocks being sealed are the first ``len(blocks) * block_size`` positions of (old tail + new positions);
-    layer: the cache layer (``buffer``, ``stats``), for policies that read more.
+    times the layer's rotation when the cache has ``key_rotation``, the values likewise with ``value_rotation``: norms
+    and inner products are the model's); the blocks being sealed are the first ``len(blocks) * block_size``
+    positions of (old tail + new positions); layer: the cache layer (``buffer``, ``stats``), for policies that read
+    more.
     """
 
     batch: int

@@ -216,13 +216,14 @@ void attend_range(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1
       }
     }
     if (t_lo >= t_hi) continue;
-    for (int64_t f = c == c_begin ? c + 1 : c + kPrefetchAhead; f <= c + kPrefetchAhead; ++f) {
-      if (f >= c_end || f >= p.sealed) break;
-      prefetch(block_rows(p, b, h, f, p.T, true), D, p.VG, true);
-      prefetch(block_rows(p, b, h, f, p.T, false), D, p.VG, false);
-    }
+    // Keys ahead before the scores, values ahead after them: two shorter bursts of prefetches (a long one stalls on
+    // the cache's miss buffers).
+    const int64_t f_first = c == c_begin ? c + 1 : c + kPrefetchAhead, f_end = std::min({c + kPrefetchAhead + 1, c_end,
+                                                                                         p.sealed});
+    for (int64_t f = f_first; f < f_end; ++f) prefetch(block_rows(p, b, h, f, p.T, true), D, p.VG, true);
     // Scores of every row over the positions some row sees (a row's own range is applied below).
     K.scores(w.q.data(), rows, D, block_rows(p, b, h, c, len, true), t_lo, t_hi, p.scale, w.s.data(), p.T, w.w);
+    for (int64_t f = f_first; f < f_end; ++f) prefetch(block_rows(p, b, h, f, p.T, false), D, p.VG, false);
     // Softmax statistics per row; s becomes p over [t_lo, t_hi) (0 outside the row's range).
     for (int64_t r = 0; r < rows; ++r) {
       float* s = w.s.data() + r * p.T;

@@ -110,7 +110,7 @@ def test_per_window_figures_make_up_the_overall_row():
 
 def test_window_interval_is_student_t_across_windows():
     figures = {"ppl_change": [0.01, -0.005, 0.02, 0.0], "top1_agreement": [0.96, 0.98, 0.95, 0.99]}
-    interval = quality_suite.window_interval(figures)
+    interval = quality_suite.window_interval(figures, predictions=10 ** 6)  # the binomial floor far below
     t3 = 3.182446305284263  # t_{0.975, 3}
     d = [0.00995033085, -0.00501254182, 0.0198026273, 0.0]  # log1p of the changes
     mean = sum(d) / 4
@@ -119,14 +119,28 @@ def test_window_interval_is_student_t_across_windows():
                                                    rel=1e-8)
     a_sd = (sum((a - 0.97) ** 2 for a in figures["top1_agreement"]) / 3) ** 0.5
     assert interval["top1_agreement"] == pytest.approx([0.97 - t3 * a_sd / 2, 0.97 + t3 * a_sd / 2], rel=1e-12)
-    # a wider confidence, a wider interval; equal windows, no width; top-1 clipped to [0, 1]; one window, none
-    wide = quality_suite.window_interval(figures, confidence=0.99)
+    # a wider confidence, a wider interval; top-1 clipped to [0, 1]; one window, none
+    wide = quality_suite.window_interval(figures, 10 ** 6, confidence=0.99)
     assert wide["ppl_change"][0] < interval["ppl_change"][0] and wide["ppl_change"][1] > interval["ppl_change"][1]
-    same = quality_suite.window_interval({"ppl_change": [0.01] * 3, "top1_agreement": [0.9] * 3})
-    assert same["ppl_change"] == pytest.approx([0.01, 0.01]) and same["top1_agreement"] == pytest.approx([0.9, 0.9])
-    assert quality_suite.window_interval({"ppl_change": [0, 0], "top1_agreement": [0.5, 1.0]})["top1_agreement"] \
-        == [0.0, 1.0]
-    assert quality_suite.window_interval({"ppl_change": [0.01], "top1_agreement": [1.0]}) is None
+    assert quality_suite.window_interval({"ppl_change": [0, 0], "top1_agreement": [0.5, 1.0]}, 128)[
+        "top1_agreement"] == [0.0, 1.0]
+    assert quality_suite.window_interval({"ppl_change": [0.01], "top1_agreement": [1.0]}, 128) is None
+
+
+def test_window_interval_top1_spread_is_at_least_binomial():
+    """Windows that agree by chance (top-1 moves in steps of 1 / m) settle nothing: the spread is at least that of
+    m independent predictions. Perplexity has no floor; a sample spread above the floor is used as it is."""
+    same = quality_suite.window_interval({"ppl_change": [0.01, 0.01], "top1_agreement": [123 / 128] * 2}, 128)
+    t1 = 12.706204736174694  # t_{0.975, 1}
+    a = 123 / 128
+    half = t1 * (a * (1 - a) / 128) ** 0.5 / 2 ** 0.5
+    assert same["top1_agreement"] == pytest.approx([a - half, 1.0], rel=1e-12)
+    assert same["ppl_change"] == pytest.approx([0.01, 0.01])
+    spread = {"ppl_change": [0.0] * 3, "top1_agreement": [0.8, 0.86, 0.89]}
+    sd = float(torch.tensor(spread["top1_agreement"], dtype=torch.float64).std())
+    assert sd > (0.85 * 0.15 / 128) ** 0.5
+    lo, hi = quality_suite.window_interval(spread, 128)["top1_agreement"]
+    assert hi - lo == pytest.approx(2 * 4.302652729911275 * sd / 3 ** 0.5, rel=1e-9)  # t_{0.975, 2}
 
 
 @pytest.mark.parametrize("name, bits, ppl, top1, expected", [

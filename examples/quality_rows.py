@@ -119,15 +119,13 @@ def main() -> int:
     try:
         for text in args.policy_file:
             register_file(text)
-        ids = loaded.encode(kind_text(args.calibration_kind))
-        length = args.prefill + args.tokens
-        if len(ids) < (args.windows + 1) * length:
-            raise ValueError(f"--calibration-kind {args.calibration_kind}: {len(ids)} tokens hold no {length}-token "
-                             f"calibration window after {args.windows} windows")
-        calibration = torch.tensor(ids[-length:])
-
         def curvature(spec, block_size):
-            return curvature_policy(spec, loaded.model, calibration[None], block_size)
+            ids = loaded.encode(kind_text(args.calibration_kind))
+            length = args.prefill + args.tokens
+            if len(ids) < (args.windows + 1) * length:
+                raise ValueError(f"--calibration-kind {args.calibration_kind}: {len(ids)} tokens hold no "
+                                 f"{length}-token calibration window after {args.windows} windows")
+            return curvature_policy(spec, loaded.model, torch.tensor(ids[-length:])[None], block_size)
 
         rows = {text: parse_row(text, loaded.model.config, curvature) for text in args.rows}
     except ValueError as exc:

@@ -128,3 +128,41 @@ def test_beam_search_with_value_rotation_matches_fp32(tiny_model, prompts):
                                       past_key_values=AdaptiveCache(model.config, policy="uniform:fp32",
                                                                     block_size=8, value_rotation=rotation)))
     assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_backends_rotate_the_output_back(backend):
+    """The Triton kernel (on CPU under TRITON_INTERPRET=1) and the CUDA kernel (fp16 on a GPU) read the stored v S and
+    give o S; the layer rotates it back, so their tokens and logits are the native backend's with the same rotations,
+    and with float tiers those of the same kernel over values stored as given."""
+    import os
+
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernel needs a CUDA device or TRITON_INTERPRET=1 (set by scripts/test.sh)")
+    if backend == "cuda" and not (torch.cuda.is_available() and kvprec.cuda_kernels_available()):
+        pytest.skip("the CUDA kernel needs a GPU and a build with KVPREC_CUDA")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)  # head_dim 64
+    device, dtype = ("cuda", torch.float16) if backend == "cuda" else ("cpu", torch.float32)
+    model = LlamaForCausalLM(config).eval().to(device, dtype)
+    ids = torch.randint(3, 64, (1, 21), device=device)
+    block_size, tol = (16, 2e-2) if backend == "cuda" else (8, 1e-4)  # the CUDA kernel takes blocks >= 16
+    out = {}
+    runs = {"cpp": ("cpp", "sink_window:sinks=4,window=8,rest=int4", "orthogonal"),
+            backend: (backend, "sink_window:sinks=4,window=8,rest=int4", "orthogonal"),
+            "float": (backend, "uniform:fp32" if backend == "triton" else "uniform:fp16", "orthogonal"),
+            "float, values as given": (backend, "uniform:fp32" if backend == "triton" else "uniform:fp16", None)}
+    for name, (kernel, policy, value_rotation) in runs.items():
+        cache = AdaptiveCache(model.config, policy=policy, block_size=block_size, backend=kernel,
+                              key_rotation="hadamard", value_rotation=value_rotation)
+        with kvprec.enabled(model):
+            out[name] = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                       max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                       return_dict_in_generate=True, output_logits=True)
+    for a, b in (("cpp", backend), ("float", "float, values as given")):
+        assert torch.equal(out[a].sequences, out[b].sequences)
+        for x, y in zip(out[a].logits, out[b].logits):
+            torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol)

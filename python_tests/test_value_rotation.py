@@ -135,21 +135,9 @@ def test_kernel_backends_rotate_the_output_back(backend):
     """The Triton kernel (on CPU under TRITON_INTERPRET=1) and the CUDA kernel (fp16 on a GPU) read the stored v S and
     give o S; the layer rotates it back, so their tokens and logits are the native backend's with the same rotations,
     and with float tiers those of the same kernel over values stored as given."""
-    import os
+    from kernel_backend_model import kernel_backend_model
 
-    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernel needs a CUDA device or TRITON_INTERPRET=1 (set by scripts/test.sh)")
-    if backend == "cuda" and not (torch.cuda.is_available() and kvprec.cuda_kernels_available()):
-        pytest.skip("the CUDA kernel needs a GPU and a build with KVPREC_CUDA")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)  # head_dim 64
-    device, dtype = ("cuda", torch.float16) if backend == "cuda" else ("cpu", torch.float32)
-    model = LlamaForCausalLM(config).eval().to(device, dtype)
-    ids = torch.randint(3, 64, (1, 21), device=device)
-    block_size, tol = (16, 2e-2) if backend == "cuda" else (8, 1e-4)  # the CUDA kernel takes blocks >= 16
+    model, ids, block_size, tol = kernel_backend_model(backend)
     out = {}
     runs = {"cpp": ("cpp", "sink_window:sinks=4,window=8,rest=int4", "orthogonal"),
             backend: (backend, "sink_window:sinks=4,window=8,rest=int4", "orthogonal"),

@@ -9,6 +9,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kvprec
+from helpers import kernel_backend_model
 from kvprec.hf.attention import kvprec_attention_forward
 from kvprec.ops.reference.attention import ReadCounter, attend_blocks, attend_dense
 from kvprec.hf.cache import AdaptiveCache, KVHandle
@@ -241,22 +242,7 @@ def test_kernel_backend_matches_the_native_one_in_generate(backend, key_rotation
     over the cache's pools, backend="cuda" the CUDA one (fp16 on a GPU); each must produce the tokens and, within
     rounding, the logits of the native backend, with keys stored as given or rotated (the kernels then read k R
     and get q R)."""
-    import os
-
-    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernel needs a CUDA device or TRITON_INTERPRET=1 (set by scripts/test.sh)")
-    if backend == "cuda" and not (torch.cuda.is_available() and kvprec.cuda_kernels_available()):
-        pytest.skip("the CUDA kernel needs a GPU and a build with KVPREC_CUDA")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)  # head_dim 64
-    device, dtype = ("cuda", torch.float16) if backend == "cuda" else ("cpu", torch.float32)
-    model = LlamaForCausalLM(config).eval().to(device, dtype)
-    ids = torch.randint(3, 64, (1, 21), device=device)
-    # the CUDA kernel takes blocks of >= 16 positions
-    block_size, tol = (16, 2e-2) if backend == "cuda" else (8, 1e-4)
+    model, ids, block_size, tol = kernel_backend_model(backend)
     out = {}
     for name in ("cpp", backend):
         cache = kvprec.AdaptiveCache(model.config, policy="sink_window:sinks=4,window=8,rest=int4",

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kvprec
+from helpers import kernel_backend_model
 from kvprec.hf import prefill
 from kvprec.hf.cache import AdaptiveCache
 from kvprec.storage.rotation import rotation_matrix
@@ -135,7 +136,6 @@ def test_kernel_backends_rotate_the_output_back(backend):
     """The Triton kernel (on CPU under TRITON_INTERPRET=1) and the CUDA kernel (fp16 on a GPU) read the stored v S and
     give o S; the layer rotates it back, so their tokens and logits are the native backend's with the same rotations,
     and with float tiers those of the same kernel over values stored as given."""
-    from kernel_backend_model import kernel_backend_model
 
     model, ids, block_size, tol = kernel_backend_model(backend)
     out = {}

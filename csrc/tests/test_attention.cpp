@@ -381,13 +381,17 @@ void test_fused_cpu_kernel() {
     c.mask = true;
     stress(c);
   }
-  // GQA: MHA, MQA, groups of 3, and a group of 65 query heads (wider than a 64-row work item: one query per item).
-  for (auto [Hq, Hkv] : {std::array<int64_t, 2>{2, 2}, {6, 1}, {6, 2}, {65, 1}}) {
+  // GQA: MHA, MQA, groups of 3, and a group of 65 query heads (wider than a 64-row work item: one query per item);
+  // then the register blocks of the SIMD kernels at real head dims: 3 rows (SmolLM2's groups of 3 query heads at
+  // D = 64, one value group per head) and 7 = 4 + 3 rows (D = 80: INT4 score rows of 40 code bytes, value groups
+  // of 16).
+  for (auto [Hq, Hkv, D, VG] : {std::array<int64_t, 4>{2, 2, 8, 4}, {6, 1, 8, 4}, {6, 2, 8, 4}, {65, 1, 8, 4},
+                                {9, 3, 64, 64}, {7, 1, 80, 16}}) {
     Stress c;
     c.Hq = Hq;
     c.Hkv = Hkv;
-    c.D = 8;
-    c.VG = 4;
+    c.D = D;
+    c.VG = VG;
     c.tiers = all;
     c.L = 40;
     for (int64_t Q : {1, 5}) {
@@ -395,18 +399,6 @@ void test_fused_cpu_kernel() {
       c.mask = Q > 1;
       stress(c);
     }
-  }
-  // The register blocks of the SIMD kernels at real head dims: 3 rows (SmolLM2's groups of 3 query heads at D = 64, one
-  // value group per head) and 7 = 4 + 3 rows (D = 80: INT4 score rows of 40 code bytes, value groups of 16).
-  for (auto [Hq, Hkv, D, VG] : {std::array<int64_t, 4>{9, 3, 64, 64}, {7, 1, 80, 16}}) {
-    Stress c;
-    c.Hq = Hq;
-    c.Hkv = Hkv;
-    c.D = D;
-    c.VG = VG;
-    c.tiers = all;
-    c.L = 3 * c.T + 5;
-    stress(c);
   }
   // Sliding windows that skip blocks for some tiles only (Q = 100: tiles of 32 queries), window edges on block
   // edges, with and without masks; softcap and an explicit scale.

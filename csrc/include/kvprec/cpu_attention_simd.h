@@ -11,14 +11,18 @@
 //     the codes are unpacked in registers (shift and mask; INT4 / INT2 interleaved back with unpack instructions,
 //     which leaves the channels in natural order up to a permutation of 16-byte blocks that the query copy
 //     follows), and the integer dot product runs as u8 x s8 (INT4 / INT2: int16 partial sums over a few chunks, then
-//     widened) or u16 x s16 (INT8) multiply-adds into int32 lanes; 4 query rows share each unpacked code vector;
+//     widened) or u16 x s16 (INT8) multiply-adds into int32 lanes; the query rows of a register block (RB = 4, then
+//     one block of the 3, 2 or 1 left) share each unpacked code vector;
 //   values, integer pages: per page w[r, g, t] = p[r, t] vs[t, g] and zs[r, g] = sum_t p[r, t] vz[t, g]; INT4 / INT2
 //     (where PER W channels share a group): one widening load of W code bytes per position gives the channels
-//     c + PER j + k as the k-th bit field of lane j, two fields at a time multiply-added into 4 rows' accumulators and
-//     interleaved back to natural order at the end; INT8 (and the other group sizes): the codes of 2W channels of a
-//     position converted to FP32 once and multiply-added into 4 rows' accumulators. Either way each channel's sum
-//     runs over t in order, one FMA per position;
-//   float pages and the tail: converted in registers (F16C for FP16, a shift for BF16), FMA into 4 rows.
+//     c + PER j + k as the k-th bit field of lane j, two fields at a time multiply-added into the block's rows'
+//     accumulators and interleaved back to natural order at the end; INT8 (and the other group sizes): the codes of
+//     2W channels of a position converted to FP32 once and multiply-added into the rows' accumulators. Either way each
+//     channel's sum runs over t in order, one FMA per position, and a pass over the positions takes as many channels
+//     as keep 8 to 12 accumulators (independent FMA chains) whatever RB is;
+//   float pages and the tail: converted in registers (F16C for FP16, a shift for BF16), FMA into the block's rows.
+//   Horizontal sums of the scores: 4 at a time (V::hsum4), the 4 rows of one position or, for fewer rows, the 4
+//   positions of one row.
 // Pages whose scale / zero could reach the FP16 clamp, and value groups that are not a multiple of W channels, go
 // through the scalar dequantization (block_to_float) and the float kernels.
 #pragma once
@@ -145,8 +149,8 @@ inline void dot_float_position(const float* q, int64_t D, int64_t full, int rest
   }
 }
 
-// s[r, t] = scale * q_r . k_t for RB rows, float storage. Each dot product runs over the channels in order whatever
-// PB is, so the scores do not depend on how positions are grouped.
+// s[r, t] = scale * q_r . k_t for RB rows, float storage: each lane adds its channels' products in order, then the
+// lanes are summed by V::hsum4 (V::hsum for the last < PB positions); the contract allows either order.
 template <Elem E, int RB>
 void scores_float_rows(const float* q, int64_t D, const Rows& k, int64_t t0, int64_t t1, float scale, float* s,
                        int64_t lds) {
@@ -380,7 +384,8 @@ void scores_int_rows(const KeyQuery& kq, int64_t D, const Rows& k, int64_t t0, i
       V::hsum4_i(acc[0], acc[1], acc[2], acc[3], d);
       for (int i = 0; i < 4; ++i) dots[i * k.n + t] = d[i];
     } else {
-      for (int i = 0; i < RB; ++i) V::hsum4_i(acc[i], acc[RB + i], acc[2 * RB + i], acc[3 * RB + i], dots + i * k.n + t);
+      for (int i = 0; i < RB; ++i)
+        V::hsum4_i(acc[i], acc[RB + i], acc[2 * RB + i], acc[3 * RB + i], dots + i * k.n + t);
     }
   }
   for (; t < t1; ++t) {

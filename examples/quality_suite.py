@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -328,7 +329,8 @@ def main() -> int:
     config = loaded.model.config
     length = args.prefill + args.tokens
     name = Path(args.model).stem if args.model.endswith(".safetensors") else loaded.name
-    result = {"command": " ".join(["python"] + sys.argv), "args": vars(args), "model": name,
+    # quoted as a shell reads it: row names hold spaces (--row "uniform:int4 rot"), --hf-caches may be empty
+    result = {"command": shlex.join(["python"] + sys.argv), "args": vars(args), "model": name,
               "versions": {"torch": torch.__version__, "kvprec": kvprec.__version__, "python": platform.python_version()},
               "kinds": {}}
     dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8

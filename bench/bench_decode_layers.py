@@ -19,7 +19,6 @@ GB/s, % of the probe, and SDPA's median over ours. The summary gives, per tier, 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ import torch
 import kvprec
 from kvprec import Tier
 
+from bench_decode_attention import _interleaved
 from results_file import cpu_info, cpu_read_bandwidth, quantiles, write_results
 
 LAYERS, HKV, D, N, BLOCK = 30, 3, 64, 8192, 64
@@ -95,16 +95,7 @@ def test_cpu_decode_layers(benchmark, run, tier, hq):
         for k, v in layers:
             sdpa(q, k, v, enable_gqa=True)
 
-    fns = [ours, dense]
-    for f in fns:
-        f()
-    wall, cpu = [[] for _ in fns], [[] for _ in fns]
-    for _ in range(ROUNDS):
-        for f, w, c in zip(fns, wall, cpu):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            f()
-            c.append((time.thread_time() - c0) * 1e6)
-            w.append((time.perf_counter() - t0) * 1e6)
+    wall, cpu = _interleaved([ours, dense], ROUNDS)
     benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=0)
 
     mem = bufs[0].memory()

@@ -169,7 +169,8 @@ inline void prefetch_line(const void* p) {
 
 // Ask for an integer block's codes, scales and zeros to be brought into cache while the current block is computed.
 // Float blocks are left to the hardware prefetcher: asking for FP32 pages too made (1, 32, 8, 128, 16384) FP32
-// decode about 7% slower, INT4 about 13% faster (1 thread, AVX2 path).
+// decode about 7% slower, while INT4 ran about 11% faster (1 thread, AVX2 path, one buffer attended over and over;
+// over buffers larger than the cache, bench/bench_decode_attention.py, the INT4 gain is within the noise).
 void prefetch(const cpu::Rows& r, int64_t D, int64_t VG, bool keys) {
   if (!r.scale) return;
   const int64_t bytes = r.n * r.ld;
@@ -218,8 +219,8 @@ void attend_range(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1
     if (t_lo >= t_hi) continue;
     // Keys ahead before the scores, values ahead after them: two shorter bursts of prefetches (a long one stalls on
     // the cache's miss buffers).
-    const int64_t f_first = c == c_begin ? c + 1 : c + kPrefetchAhead, f_end = std::min({c + kPrefetchAhead + 1, c_end,
-                                                                                         p.sealed});
+    const int64_t f_first = c == c_begin ? c + 1 : c + kPrefetchAhead;
+    const int64_t f_end = std::min({c + kPrefetchAhead + 1, c_end, p.sealed});
     for (int64_t f = f_first; f < f_end; ++f) prefetch(block_rows(p, b, h, f, p.T, true), D, p.VG, true);
     // Scores of every row over the positions some row sees (a row's own range is applied below).
     K.scores(w.q.data(), rows, D, block_rows(p, b, h, c, len, true), t_lo, t_hi, p.scale, w.s.data(), p.T, w.w);

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from kvprec.models.chat import CHAT_MODES
+
 from .arguments import (UsageError, check_device, check_input_file, make_policy, policy_help, positive_float,
                         positive_int, power_of_two)
 from .model_args import (add_model_arguments, add_tp_argument, check_adaptive_cache, check_model_name,
@@ -26,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", metavar="TEXT", help="prompt text")
     g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this file")
-    p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--chat", default="auto", choices=CHAT_MODES,
                    help="put the prompt through the tokenizer's chat template as one user turn (auto: when the "
                         "model has one, e.g. SmolLM2-135M-Instruct; off: the text as it is)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
@@ -84,7 +86,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from kvprec.hf.distributed import gather_memory_reports, sum_reports
-    from kvprec.models.chat import prompt_token_ids, uses_chat
+    from kvprec.models.chat import chat_ids, uses_chat
 
     check_model_name(args.model)
     device = check_device(args.device)
@@ -110,7 +112,7 @@ def run(args) -> int:
         templated = uses_chat(loaded.tokenizer, args.chat)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    ids = torch.tensor([prompt_token_ids(loaded.tokenizer, loaded.encode, prompt, args.chat)], device=device)
+    ids = torch.tensor([chat_ids(loaded.tokenizer, prompt) if templated else loaded.encode(prompt)], device=device)
     check_prompt_tokens(config, args, ids.shape[1])
     cache = kvprec.AdaptiveCache(model.config, policy=policy, block_size=args.block_size,
                                  shadow=None if args.shadow == "none" else args.shadow, backend=args.backend,

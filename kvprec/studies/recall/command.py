@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from ...models.chat import CHAT_MODES
 from ..platform.rundir import Study, run_config
 from .analysis import analyze
 from .oracle import SIMULATED
@@ -52,7 +53,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="greedy decode steps per sample")
     q.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
                    help="longer prompts lose the middle of their passages (default 2048)")
-    q.add_argument("--chat", default=d.chat, choices=["auto", "on", "off"],
+    q.add_argument("--chat", default=d.chat, choices=CHAT_MODES,
                    help="chat template for instruct models (auto: when the tokenizer has one)")
     q.add_argument("--prompt-style", default=d.prompt_style, choices=["reason", "answer"],
                    help="reason: ask for step-by-step reasoning (longer answers); answer: LongBench's wording")

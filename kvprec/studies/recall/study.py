@@ -37,6 +37,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ...models.chat import CHAT_MODES
 from ..platform.rundir import StudyInputError
 from .eviction import EvictionOptions, default_rows, run_sample as evict_sample
 from .oracle import POLICY_NAMES, SIMULATED, OracleOptions, run_sample as oracle_sample
@@ -104,8 +105,8 @@ class RecallSettings:
             raise StudyInputError(f"--etr-bases {self.etr_bases}: a comma list of {', '.join(SELECTORS + SIMULATED)}")
         if self.gap_every == 0 and "best-nll" in self.etr_bases:
             raise StudyInputError("--etr-bases best-nll needs the entropy gap's re-runs (--gap-every >= 1)")
-        if self.chat not in ("auto", "on", "off"):
-            raise StudyInputError(f"--chat {self.chat!r}: auto, on or off")
+        if self.chat not in CHAT_MODES:
+            raise StudyInputError(f"--chat {self.chat!r}: {', '.join(CHAT_MODES[:-1])} or {CHAT_MODES[-1]}")
         if self.prompt_style not in ("reason", "answer"):
             raise StudyInputError(f"--prompt-style {self.prompt_style!r}: reason or answer")
         if not math.isfinite(self.etr_threshold) or self.etr_threshold < 0:

@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import inspect
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def main() -> int:
         rows = {text: parse_row(text, loaded.model.config, curvature) for text in args.rows}
     except ValueError as exc:
         p.error(str(exc))
-    result = {"command": " ".join(["python"] + sys.argv), "args": vars(args), "kinds": {}}
+    # quoted as a shell reads it, as quality_suite.py records it: row texts hold '|' and spaces
+    result = {"command": shlex.join(["python"] + sys.argv), "args": vars(args), "kinds": {}}
     for kind in kinds:
         tokens = windows(loaded.encode, kind_text(kind), args.windows, args.prefill + args.tokens)
         comparison = compare(loaded.model, tokens, args.prefill, rows, progress=True)

@@ -47,7 +47,7 @@ import kvprec
 from kvprec import ops
 from kvprec.storage.formats import BlockGeometry, Tier
 from kvprec.ops.reference import PagedKV
-from results_file import cpu_info, cpu_read_bandwidth, git_commit, quantiles, write_results
+from results_file import cpu_info, cpu_read_bandwidth, git_commit, quantiles, with_rate, write_results
 
 HAS_CUDA = torch.cuda.is_available()
 try:
@@ -329,20 +329,15 @@ def test_cpu_decode_attention(benchmark, cpu_run, shape, tier, threads):
     probe = _CPU["probe"][str(threads)]["gbps"]
     o, s32, s16 = quantiles(ours_t), quantiles(sdpa32_t), quantiles(sdpa16_t)
 
-    def rate(qq, nbytes):
-        gbps = nbytes / (qq["median_us"] * 1e-6) / 1e9
-        return {**qq, "bytes": nbytes, "gbps": gbps, "pct_of_probe": 100 * gbps / probe}
-
     info = {"shape": dict(zip(("B", "Hq", "Hkv", "D", "N"), shape)), "tier": tier, "threads": threads,
             "isa": kvprec._native.cpu_isa(), "input_sets": len(bufs), "rel_err_vs_sdpa_fp32_on_held_kv": rel,
-            **rate(o, bytes_ours),
-            "sdpa_fp32": rate(s32, kv * 4 + io), "sdpa_bf16": rate(s16, kv * 2 + io // 2),
+            **with_rate(o, bytes_ours, probe),
+            "sdpa_fp32": with_rate(s32, kv * 4 + io, probe), "sdpa_bf16": with_rate(s16, kv * 2 + io // 2, probe),
             "speedup_vs_sdpa_fp32": s32["median_us"] / o["median_us"],
             "speedup_vs_sdpa_bf16": s16["median_us"] / o["median_us"]}
     if threads == 1:  # the same calls in thread CPU time: what other processes on the cores do not inflate
         oc, c32, c16 = quantiles(ours_c), quantiles(sdpa32_c), quantiles(sdpa16_c)
-        gbps = bytes_ours / (oc["median_us"] * 1e-6) / 1e9
-        info["thread_cpu"] = {**oc, "gbps": gbps, "pct_of_probe": 100 * gbps / _CPU["probe_thread_cpu"]["gbps"],
+        info["thread_cpu"] = {**with_rate(oc, bytes_ours, _CPU["probe_thread_cpu"]["gbps"]),
                               "sdpa_fp32": c32, "sdpa_bf16": c16,
                               "speedup_vs_sdpa_fp32": c32["median_us"] / oc["median_us"],
                               "speedup_vs_sdpa_bf16": c16["median_us"] / oc["median_us"]}

@@ -27,7 +27,7 @@ import kvprec
 from kvprec import Tier
 
 from bench_decode_attention import _interleaved
-from results_file import cpu_info, cpu_read_bandwidth, quantiles, write_results
+from results_file import cpu_info, cpu_read_bandwidth, quantiles, with_rate, write_results
 
 LAYERS, HKV, D, N, BLOCK = 30, 3, 64, 8192, 64
 HQS = [3, 6, 9, 12]
@@ -103,17 +103,14 @@ def test_cpu_decode_layers(benchmark, run, tier, hq):
     bytes_ours = LAYERS * (sum(mem.tier_bytes.values()) + mem.table_bytes + bufs[0].tail_len * HKV * D * 4 * 2 + io)
     bytes_sdpa = LAYERS * (2 * HKV * N * D * 4 + io)
 
-    def rate(qq, nbytes, probe):
-        gbps = nbytes / (qq["median_us"] * 1e-6) / 1e9
-        return {**qq, "bytes": nbytes, "gbps": gbps, "pct_of_probe": 100 * gbps / probe}
-
     o, s = quantiles(wall[0]), quantiles(wall[1])
     oc, sc = quantiles(cpu[0]), quantiles(cpu[1])
     info = {"shape": {"layers": LAYERS, "B": 1, "Hq": hq, "Hkv": HKV, "D": D, "N": N}, "tier": tier,
             "isa": kvprec._native.cpu_isa(), "rel_err_vs_sdpa_fp32_on_held_kv": rel,
-            **rate(o, bytes_ours, _RUN["probe"]["gbps"]), "sdpa_fp32": rate(s, bytes_sdpa, _RUN["probe"]["gbps"]),
+            **with_rate(o, bytes_ours, _RUN["probe"]["gbps"]),
+            "sdpa_fp32": with_rate(s, bytes_sdpa, _RUN["probe"]["gbps"]),
             "speedup_vs_sdpa_fp32": s["median_us"] / o["median_us"],
-            "thread_cpu": {**rate(oc, bytes_ours, _RUN["probe_thread_cpu"]["gbps"]), "sdpa_fp32": sc,
+            "thread_cpu": {**with_rate(oc, bytes_ours, _RUN["probe_thread_cpu"]["gbps"]), "sdpa_fp32": sc,
                            "speedup_vs_sdpa_fp32": sc["median_us"] / oc["median_us"]}}
     benchmark.extra_info.update(info)
     _RUN["cases"].append(info)

@@ -21,6 +21,13 @@ def quantiles(times) -> dict:
     return {"median_us": t.median().item(), "p20_us": t.quantile(0.2).item(), "p80_us": t.quantile(0.8).item()}
 
 
+def with_rate(q: dict, nbytes: int, probe_gbps: float) -> dict:
+    """:func:`quantiles`' ``q`` of calls that each read ``nbytes``, with bytes, GB/s (bytes / median) and that rate
+    as a percentage of a read probe of ``probe_gbps`` (:func:`cpu_read_bandwidth` of the same run and clock)."""
+    gbps = nbytes / (q["median_us"] * 1e-6) / 1e9
+    return {**q, "bytes": nbytes, "gbps": gbps, "pct_of_probe": 100 * gbps / probe_gbps}
+
+
 def git_commit() -> str:
     """HEAD of the checkout the benchmark runs from ("" outside a git checkout)."""
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -20,7 +20,6 @@ at which the split is faster than the kernel (what prefill.MIN_QUERIES is set fr
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ import torch
 import kvprec
 from kvprec.hf import prefill
 from kvprec.storage.formats import Tier
+from bench_decode_attention import _interleaved
 from results_file import cpu_info, quantiles, write_results
 
 ROUNDS = int(os.environ.get("KVPREC_BENCH_ROUNDS", "5"))
@@ -60,18 +60,6 @@ def _crossover(cases) -> list:
     return out
 
 
-def _interleaved(fns, rounds):
-    for f in fns:
-        f()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for f, t in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            t.append((time.perf_counter() - t0) * 1e6)
-    return times
-
-
 @pytest.mark.parametrize("nq", CHUNKS)
 @pytest.mark.parametrize("earlier", EARLIER)
 @pytest.mark.parametrize("tier", TIERS)
@@ -98,7 +86,7 @@ def test_cpu_prefill_attention(benchmark, run, tier, earlier, nq):
     assert rel < (1e-5 if tier == "fp32" else 2e-2), f"{tier}: relative error {rel:.2e}"
 
     kernel_t, split_t, dense_t = _interleaved(
-        [lambda: buf.attend(q), split, lambda: sdpa(q, k, v, attn_mask=causal, enable_gqa=True)], ROUNDS)
+        [lambda: buf.attend(q), split, lambda: sdpa(q, k, v, attn_mask=causal, enable_gqa=True)], ROUNDS)[0]
     benchmark.pedantic(split, rounds=max(3, ROUNDS // 2), iterations=1, warmup_rounds=1)
     kq, sq, dq = quantiles(kernel_t), quantiles(split_t), quantiles(dense_t)
     info = {"tier": tier, "earlier": earlier, "Q": nq, "heads": dict(zip(("B", "Hq", "Hkv", "D"), HEADS)),
